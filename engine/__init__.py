@@ -1,0 +1,1 @@
+"""The generation engine: models, sizes, schedulers, safety and metadata. It knows nothing of Cog."""

@@ -1,0 +1,53 @@
+"""The one place for defaults: model ids, the aspect table, schedulers, limits and deploy-time settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Base models, each a diffusers folder under the weights root. The first is the default.
+MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
+DEFAULT_MODEL = "illustrious-xl"
+SAFETY_CHECKER_DIR = "safety-checker"
+
+# Flux's aspect table at 1 megapixel, width x height. Sizes scale with a model's native
+# resolution (1024 px for SDXL), so the table is exact on real weights.
+REFERENCE_RESOLUTION = 1024
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
+    "9:21": (640, 1536),
+}
+CUSTOM_ASPECT = "custom"
+MEGAPIXELS: dict[str, float] = {"1": 1.0, "0.5": 0.5, "0.25": 0.25}
+CUSTOM_SIZE_MIN = 256
+CUSTOM_SIZE_MAX = 1440
+# Flux rounds sizes to 16 at reference scale; diffusers' SDXL pipelines need multiples of 8.
+SIZE_MULTIPLE = 16
+PIPELINE_SIZE_MULTIPLE = 8
+
+DEFAULT_SCHEDULER = "Euler a"  # the choices live in engine/schedulers.py
+
+# Flux's `guidance` is distilled guidance (about 3); SDXL needs classifier-free guidance
+# around 5-7. CFG = guidance x this factor unless `cfg_scale` is given.
+FLUX_GUIDANCE_TO_CFG = 2.0
+
+MAX_OUTPUTS = 4
+MAX_STEPS = 50
+MAX_CLIP_SKIP = 4
+OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")
+
+
+def weights_root() -> Path:
+    """Where baked weights live: $WEIGHTS_DIR, else ./weights in the repo."""
+    return Path(os.environ.get("WEIGHTS_DIR") or REPO_ROOT / "weights")

@@ -1,0 +1,169 @@
+"""The engine: load every baked model once, then turn a GenerationRequest into checked images."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR
+from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
+from engine.metadata import GenerationParameters
+from engine.models import BaseModel, default_device, default_dtype
+from engine.request import GenerationRequest
+from engine.safety import SafetyChecker
+from engine.schedulers import make_scheduler
+from engine.sizes import reference_size, scale_to_model
+
+log = logging.getLogger(__name__)
+
+SEED_RANGE = 2**32
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    parameters: GenerationParameters
+
+
+class Engine:
+    """Every baked model and the safety checker, resident on one device."""
+
+    def __init__(self, models: dict[str, BaseModel], safety: SafetyChecker) -> None:
+        self.models = models
+        self.safety = safety
+
+    @classmethod
+    def load(cls, root: Path, device: torch.device | None = None) -> Engine:
+        """Load from the weights root only; fail fast, naming the fix, when something is missing."""
+        device = device or default_device()
+        dtype = default_dtype(device)
+        missing = [name for name in (*MODEL_IDS, SAFETY_CHECKER_DIR) if not (root / name).is_dir()]
+        if missing:
+            raise WeightsMissingError(
+                f"weights missing in {root}: {', '.join(missing)}. Build the tiny offline weights with "
+                "`make weights`, or bake the real ones into the image (see README, 'Weights')."
+            )
+        models = {model_id: BaseModel(model_id, root / model_id, device, dtype) for model_id in MODEL_IDS}
+        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype))
+
+    def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
+        """Run one request; images flagged by the safety checker are dropped one by one."""
+        req.validate()
+        if req.model not in self.models:
+            raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
+        if req.loras:
+            raise InputError(
+                "LoRAs (lora_weights, extra_lora) are not supported by this version yet; "
+                "remove them to generate without a LoRA"
+            )
+        model = self.models[req.model]
+        model.check_clip_skip(req.clip_skip)
+        ref = reference_size(
+            req.aspect_ratio,
+            req.megapixels,
+            req.width,
+            req.height,
+            image_size=req.image.size if req.image is not None else None,
+        )
+        width, height = scale_to_model(ref, model.native_resolution)
+        if req.seed is None or req.seed < 0:
+            seed = secrets.randbelow(SEED_RANGE)
+            log.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
+        else:
+            seed = req.seed
+            log.info("seed: %d", seed)
+
+        pipe, extra = self._pipeline_for(model, req, width, height)
+        pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
+        model.set_fast(req.go_fast)
+        mode = "inpaint" if req.mask is not None else "img2img" if req.image is not None else "txt2img"
+        log.info(
+            "%s: %s, %dx%d, %d output(s), %d steps, %s, cfg %g, go_fast %s",
+            mode,
+            req.model,
+            width,
+            height,
+            req.num_outputs,
+            req.num_inference_steps,
+            req.scheduler,
+            req.cfg_scale,
+            req.go_fast,
+        )
+        start = time.perf_counter()
+        images = pipe(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt or None,
+            num_inference_steps=req.num_inference_steps,
+            guidance_scale=req.cfg_scale,
+            num_images_per_prompt=req.num_outputs,
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(req.num_outputs)],
+            clip_skip=req.clip_skip or None,
+            callback_on_step_end=_log_step,
+            **extra,
+        ).images
+        log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
+
+        results = [
+            GeneratedImage(
+                image,
+                GenerationParameters(
+                    prompt=req.prompt,
+                    negative_prompt=req.negative_prompt,
+                    steps=req.num_inference_steps,
+                    sampler=req.scheduler,
+                    cfg_scale=req.cfg_scale,
+                    seed=seed + i,
+                    width=image.width,
+                    height=image.height,
+                    model=req.model,
+                    clip_skip=req.clip_skip,
+                    denoising_strength=req.prompt_strength if req.image is not None else None,
+                ),
+            )
+            for i, image in enumerate(images)
+        ]
+        return self._drop_flagged(results) if req.safety_checker else results
+
+    @staticmethod
+    def _pipeline_for(
+        model: BaseModel, req: GenerationRequest, width: int, height: int
+    ) -> tuple[Any, dict[str, Any]]:
+        """The pipeline for the request's mode and the arguments only that mode takes."""
+        if req.image is None:
+            return model.txt2img, {"width": width, "height": height}
+        image = req.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        if req.mask is None:
+            return model.img2img, {"image": image, "strength": req.prompt_strength}
+        mask = req.mask.convert("L").resize((width, height), Image.Resampling.LANCZOS)
+        return model.inpaint, {
+            "image": image,
+            "mask_image": mask,
+            "strength": req.prompt_strength,
+            "width": width,
+            "height": height,
+        }
+
+    def _drop_flagged(self, results: list[GeneratedImage]) -> list[GeneratedImage]:
+        flags = self.safety.flags([r.image for r in results])
+        kept = [r for r, flagged in zip(results, flags) if not flagged]
+        for r, flagged in zip(results, flags):
+            if flagged:
+                log.warning("output with seed %d was flagged by the safety checker and dropped", r.parameters.seed)
+        if not kept:
+            raise AllImagesFlaggedError(
+                f"all {len(results)} image(s) were flagged as NSFW by the safety checker. "
+                "Try a different prompt or seed, or set disable_safety_checker."
+            )
+        return kept
+
+
+def _log_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+    log.info("step %d/%d", step + 1, pipe.num_timesteps)
+    return callback_kwargs

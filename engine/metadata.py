@@ -1,0 +1,45 @@
+"""Generation parameters as the A1111 `parameters` text that image viewers and CivitAI read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationParameters:
+    """What made one image, enough to reproduce it. Holds no tokens."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    cfg_scale: float
+    seed: int
+    width: int
+    height: int
+    model: str
+    clip_skip: int = 0
+    denoising_strength: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()
+
+    def to_a1111(self) -> str:
+        """`prompt\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` in A1111's order."""
+        fields = [
+            ("Steps", self.steps),
+            ("Sampler", self.sampler),
+            ("CFG scale", f"{self.cfg_scale:g}"),
+            ("Seed", self.seed),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model", self.model),
+        ]
+        if self.clip_skip:
+            fields.append(("Clip skip", self.clip_skip))
+        if self.denoising_strength is not None:
+            fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
+        if self.loras:
+            fields.append(("Lora", ", ".join(f'"{src}: {scale:g}"' for src, scale in self.loras)))
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+        return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""A baked base model: one set of modules shared by the txt2img, img2img and inpaint pipelines."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPU (the VAE upcasts itself when its config asks to), fp32 on CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class BaseModel:
+    """One SDXL-family model folder loaded onto the device, with its three pipelines."""
+
+    def __init__(self, model_id: str, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        start = time.perf_counter()
+        self.model_id = model_id
+        self.txt2img = StableDiffusionXLPipeline.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, use_safetensors=True
+        ).to(device)
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.txt2img)
+        self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.txt2img)
+        for pipe in self.pipelines:
+            pipe.set_progress_bar_config(disable=True)
+        self.scheduler_config = dict(self.txt2img.scheduler.config)
+        self.native_resolution = self.txt2img.default_sample_size * self.txt2img.vae_scale_factor
+        self.max_clip_skip = min(
+            enc.config.num_hidden_layers - 1 for enc in (self.txt2img.text_encoder, self.txt2img.text_encoder_2)
+        )
+        self.fast = False
+        log.info(
+            "loaded %s from %s in %.1fs (native %d px, %s, %s)",
+            model_id,
+            folder,
+            time.perf_counter() - start,
+            self.native_resolution,
+            device,
+            dtype,
+        )
+
+    @property
+    def pipelines(self) -> tuple[DiffusionPipeline, ...]:
+        return (self.txt2img, self.img2img, self.inpaint)
+
+    def set_fast(self, on: bool) -> None:
+        """go_fast: fused QKV projections and channels_last memory layout, or the plain reference path.
+
+        Fusing is recomputed from the current weights each time it is turned on, so it never
+        serves stale projections; turning it off restores the original attention processors.
+        """
+        if on == self.fast:
+            return
+        pipe = self.txt2img
+        if on:
+            pipe.fuse_qkv_projections()
+        else:
+            pipe.unfuse_qkv_projections()
+        layout = torch.channels_last if on else torch.contiguous_format
+        for module in (pipe.unet, pipe.vae):
+            # nn.Module.to, not ModelMixin.to: only the layout changes, never the dtype it warns about.
+            torch.nn.Module.to(module, memory_format=layout)
+        self.fast = on
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        if clip_skip > self.max_clip_skip:
+            raise InputError(f"clip_skip {clip_skip} is too deep for {self.model_id}: at most {self.max_clip_skip}")

@@ -1,0 +1,71 @@
+"""The typed generation request, and the rules that turn Flux-style inputs into it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG
+from engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA as the user named it (URL, repo, URN ...) and the scale to apply it at."""
+
+    source: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one prediction needs, independent of how it arrived (Cog, a test, a script)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str = DEFAULT_MODEL
+    aspect_ratio: str = "1:1"
+    megapixels: str = "1"
+    width: int | None = None
+    height: int | None = None
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    prompt_strength: float = 0.8
+    num_outputs: int = 1
+    num_inference_steps: int = 28
+    cfg_scale: float = 3 * FLUX_GUIDANCE_TO_CFG
+    seed: int | None = None
+    scheduler: str = DEFAULT_SCHEDULER
+    clip_skip: int = 0
+    go_fast: bool = True
+    safety_checker: bool = True
+    loras: tuple[LoraSpec, ...] = ()
+
+    def validate(self) -> None:
+        """Refuse what the schema cannot express, with a message that says what to change."""
+        if not self.prompt.strip():
+            raise InputError("prompt is empty: describe the image you want")
+        if self.mask is not None and self.image is None:
+            raise InputError("mask needs an image: pass the image to inpaint together with its mask")
+        if self.num_outputs < 1:
+            raise InputError("num_outputs must be at least 1")
+
+
+def cfg_from_flux(guidance: float, cfg_scale: float | None) -> float:
+    """SDXL's classifier-free guidance: cfg_scale when given, else Flux's guidance x 2 (3 -> 6)."""
+    return cfg_scale if cfg_scale is not None else guidance * FLUX_GUIDANCE_TO_CFG
+
+
+def loras_from_flux(
+    lora_weights: str | None, lora_scale: float, extra_lora: str | None, extra_lora_scale: float
+) -> tuple[LoraSpec, ...]:
+    """Flux's rules: an extra LoRA equal to the main one is ignored; an extra LoRA alone acts as the main one."""
+    main = (lora_weights or "").strip()
+    extra = (extra_lora or "").strip()
+    if not main and extra:
+        return (LoraSpec(extra, extra_lora_scale),)
+    specs = [LoraSpec(main, lora_scale)] if main else []
+    if extra and extra != main:
+        specs.append(LoraSpec(extra, extra_lora_scale))
+    return tuple(specs)

@@ -1,0 +1,131 @@
+"""Cog adapter: the Flux-compatible schema, turned into one GenerationRequest for the engine.
+
+BasePredictor and predict() are used rather than cog 0.23's BaseRunner and run(): every
+Cog CLI and Replicate's hosted runtime accept them, at the cost of a DeprecationWarning.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import Optional
+
+from cog import BasePredictor, Input, Path, Secret
+
+from engine.config import (
+    ASPECT_RATIOS,
+    CUSTOM_ASPECT,
+    CUSTOM_SIZE_MAX,
+    CUSTOM_SIZE_MIN,
+    DEFAULT_MODEL,
+    DEFAULT_SCHEDULER,
+    FLUX_GUIDANCE_TO_CFG,
+    MAX_CLIP_SKIP,
+    MAX_OUTPUTS,
+    MAX_STEPS,
+    MEGAPIXELS,
+    MODEL_IDS,
+    OUTPUT_FORMATS,
+    weights_root,
+)
+from engine.generator import Engine
+from engine.request import GenerationRequest, cfg_from_flux, loras_from_flux
+from engine.schedulers import SCHEDULERS
+from utils import load_image, save_image
+
+log = logging.getLogger("predict")
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        """Load every baked model from the weights root; no network is used."""
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+        self.engine = Engine.load(weights_root())
+
+    def predict(
+        self,
+        prompt: str = Input(description="Prompt for the generated image"),
+        aspect_ratio: str = Input(
+            default="1:1",
+            choices=[*ASPECT_RATIOS, CUSTOM_ASPECT],
+            description="Aspect ratio (Flux's table at 1 megapixel). 'custom' uses width and height. "
+            "Ignored when an image is given: the output follows the image's proportions.",
+        ),
+        image: Optional[Path] = Input(
+            default=None, description="Input image for img2img, or the image to inpaint when a mask is given"
+        ),
+        prompt_strength: float = Input(
+            default=0.8, ge=0, le=1, description="How much the image changes in img2img/inpaint; 1 repaints fully"
+        ),
+        num_outputs: int = Input(default=1, ge=1, le=MAX_OUTPUTS, description="Number of images; output i uses seed+i"),
+        num_inference_steps: int = Input(default=28, ge=1, le=MAX_STEPS, description="Denoising steps"),
+        guidance: float = Input(
+            default=3,
+            ge=0,
+            le=10,
+            description=f"Flux-style guidance. SDXL's CFG scale is guidance x {FLUX_GUIDANCE_TO_CFG:g} "
+            "(3 gives 6), unless cfg_scale is set",
+        ),
+        seed: Optional[int] = Input(default=None, description="Random seed; unset or negative means random. 0 is a seed"),
+        output_format: str = Input(default="webp", choices=list(OUTPUT_FORMATS), description="Output image format"),
+        output_quality: int = Input(default=80, ge=0, le=100, description="Quality for jpg and webp; not used for png"),
+        disable_safety_checker: bool = Input(default=False, description="Skip the safety checker"),
+        go_fast: bool = Input(
+            default=True, description="Fused QKV attention projections and channels_last layout (see README)"
+        ),
+        lora_weights: Optional[str] = Input(default=None, description="LoRA to apply (not supported yet)"),
+        lora_scale: float = Input(default=1.0, ge=-1, le=3, description="Scale of lora_weights"),
+        extra_lora: Optional[str] = Input(default=None, description="A second LoRA (not supported yet)"),
+        extra_lora_scale: float = Input(default=1.0, ge=-1, le=3, description="Scale of extra_lora"),
+        megapixels: str = Input(default="1", choices=list(MEGAPIXELS), description="Approximate output size"),
+        hf_api_token: Optional[Secret] = Input(default=None, description="Hugging Face token for private LoRAs"),
+        civitai_api_token: Optional[Secret] = Input(default=None, description="CivitAI token for LoRAs that need one"),
+        negative_prompt: str = Input(default="", description="What the image should not contain"),
+        model: str = Input(default=DEFAULT_MODEL, choices=list(MODEL_IDS), description="Base model"),
+        use_standard_sdxl: bool = Input(default=False, description="Alias: true selects model 'sdxl'"),
+        width: Optional[int] = Input(
+            default=None, ge=CUSTOM_SIZE_MIN, le=CUSTOM_SIZE_MAX, description="Width for aspect_ratio 'custom'"
+        ),
+        height: Optional[int] = Input(
+            default=None, ge=CUSTOM_SIZE_MIN, le=CUSTOM_SIZE_MAX, description="Height for aspect_ratio 'custom'"
+        ),
+        scheduler: str = Input(default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS), description="Sampler"),
+        cfg_scale: Optional[float] = Input(
+            default=None, ge=0, le=20, description="SDXL classifier-free guidance; overrides guidance when set"
+        ),
+        clip_skip: int = Input(
+            default=0,
+            ge=0,
+            le=MAX_CLIP_SKIP,
+            description="CLIP layers to skip beyond SDXL's standard penultimate layer. "
+            "'Clip skip 2' on CivitAI SDXL/Illustrious pages is the standard, i.e. 0 here",
+        ),
+        mask: Optional[Path] = Input(default=None, description="Inpainting mask for image: white is repainted"),
+    ) -> list[Path]:
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            model="sdxl" if use_standard_sdxl else model,
+            aspect_ratio=aspect_ratio,
+            megapixels=megapixels,
+            width=width,
+            height=height,
+            image=load_image(image, "image") if image is not None else None,
+            mask=load_image(mask, "mask") if mask is not None else None,
+            prompt_strength=prompt_strength,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            cfg_scale=cfg_from_flux(guidance, cfg_scale),
+            seed=seed,
+            scheduler=scheduler,
+            clip_skip=clip_skip,
+            go_fast=go_fast,
+            safety_checker=not disable_safety_checker,
+            loras=loras_from_flux(lora_weights, lora_scale, extra_lora, extra_lora_scale),
+        )
+        results = self.engine.generate(request)
+        out_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
+        return [
+            Path(save_image(r.image, r.parameters.to_a1111(), output_format, output_quality, out_dir / f"out-{i}.{output_format}"))
+            for i, r in enumerate(results)
+        ]
