@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
@@ -42,6 +44,8 @@ class Engine:
     @classmethod
     def load(cls, root: Path, device: torch.device | None = None) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing."""
+        diffusers_logging.disable_progress_bar()  # the engine logs its own progress, one line a step
+        transformers_logging.disable_progress_bar()
         device = device or default_device()
         dtype = default_dtype(device)
         missing = [name for name in (*MODEL_IDS, SAFETY_CHECKER_DIR) if not (root / name).is_dir()]

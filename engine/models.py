@@ -35,8 +35,8 @@ class BaseModel:
         start = time.perf_counter()
         self.model_id = model_id
         self.txt2img = StableDiffusionXLPipeline.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, use_safetensors=True
-        ).to(device)
+            folder, dtype=dtype, device_map=str(device), local_files_only=True, use_safetensors=True
+        )
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.txt2img)
         self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.txt2img)
         for pipe in self.pipelines:

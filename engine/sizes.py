@@ -18,7 +18,7 @@ from engine.errors import InputError
 
 
 def _snap(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, int(value / multiple + 0.5) * multiple)  # half rounds up, as users expect
 
 
 def reference_size(

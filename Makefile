@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 5000
+HOST ?= 127.0.0.1
+WEIGHTS_DIR ?= weights
+export WEIGHTS_DIR
+
+.PHONY: install weights schema demo test serve lint
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
+	touch $@
+
+install: $(BIN)/.installed
+
+# Tiny SDXL-shaped weights, built offline for every model folder that is missing.
+weights: install
+	$(BIN)/python scripts/build_tiny_weights.py
+
+schema: install
+	$(BIN)/python scripts/cog_schema.py
+
+demo: weights
+	$(BIN)/python scripts/run_predictor.py -o outputs \
+		-i prompt="a lighthouse on a cliff at sunset, watercolor" -i aspect_ratio=16:9 -i seed=42
+
+test: weights
+	$(BIN)/python scripts/cog_schema.py --check
+	$(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The real Cog HTTP runtime. coglet starts its worker with `python` from PATH, so the venv goes first.
+serve: weights
+	PATH="$(CURDIR)/$(BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
+		$(BIN)/python -m cog.server.http --host $(HOST)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

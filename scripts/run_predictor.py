@@ -1,0 +1,79 @@
+"""Run predict.py's Predictor in-process, like `cog predict -i key=value`, without Docker.
+
+Inputs left out take their schema defaults (calling predict() directly would pass cog's
+FieldInfo objects instead). `-i image=@photo.png` passes a file, as `cog predict` does.
+Outputs are copied into the output folder and their paths printed.
+
+Usage: python scripts/run_predictor.py -i prompt="a cat" [-i seed=1 ...] [-o outputs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import shutil
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cog import Path as CogPath  # noqa: E402
+from cog import Secret  # noqa: E402
+from cog.input import FieldInfo  # noqa: E402
+
+from predict import Predictor  # noqa: E402
+
+
+def _coerce(raw: str, annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    target = args[0] if args else annotation
+    if target is bool:
+        if raw.lower() not in ("true", "false"):
+            raise SystemExit(f"expected true or false, got {raw!r}")
+        return raw.lower() == "true"
+    if target in (int, float):
+        return target(raw)
+    if target is CogPath:
+        return CogPath(raw.removeprefix("@"))
+    if target is Secret:
+        return Secret(raw)
+    return raw
+
+
+def predict_with_defaults(predictor: Predictor, inputs: dict[str, Any]) -> list[Path]:
+    """Call predict() with every input filled: given values, else the Input() default."""
+    signature = inspect.signature(Predictor.predict, eval_str=True)
+    unknown = set(inputs) - set(signature.parameters)
+    if unknown:
+        raise SystemExit(f"unknown input(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, param in signature.parameters.items():
+        if name == "self":
+            continue
+        if name in inputs:
+            value = inputs[name]
+            kwargs[name] = _coerce(value, param.annotation) if isinstance(value, str) else value
+        elif isinstance(param.default, FieldInfo):
+            kwargs[name] = param.default.default
+    return predictor.predict(**kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-i", dest="inputs", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("-o", dest="out", type=Path, default=Path("outputs"), help="folder for the outputs")
+    args = parser.parse_args()
+    inputs = dict(item.split("=", 1) for item in args.inputs)
+    predictor = Predictor()
+    predictor.setup()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in predict_with_defaults(predictor, inputs):
+        target = args.out / Path(path).name
+        shutil.copyfile(path, target)
+        print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny weights built once per session, the engine, and the real Cog server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine.generator import Engine  # noqa: E402
+from scripts.build_tiny_weights import build_all  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the tiny weights, so tests never depend on or touch ./weights."""
+    root = tmp_path_factory.mktemp("weights")
+    build_all(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def engine(weights_dir: Path) -> Engine:
+    return Engine.load(weights_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CogServer:
+    """`python -m cog.server.http` on a loopback port, as `make serve` runs it."""
+
+    def __init__(self, weights: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update(
+            PORT=str(self.port),
+            WEIGHTS_DIR=str(weights),
+            COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+            # coglet starts its worker with `python` from PATH: the venv's must come first.
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        )
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 180) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cog server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                health = self.get("/health-check")
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+                continue
+            if health["status"] in ("READY", "SETUP_FAILED"):
+                return health
+            time.sleep(0.5)
+        raise TimeoutError(f"cog server not ready after {timeout}s; see {self.log.name}")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def predict(self, inputs: dict[str, Any], timeout: float = 300) -> tuple[int, dict[str, Any]]:
+        """POST /predictions; retries briefly on coglet's spurious 409 'At capacity'."""
+        body = json.dumps({"input": inputs}).encode()
+        for _ in range(50):
+            req = urllib.request.Request(
+                self.url + "/predictions", data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                if err.code == 409:
+                    time.sleep(0.2)
+                    continue
+                return err.code, json.loads(err.read() or b"{}")
+        raise RuntimeError("server stayed at capacity")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def cog_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    server = CogServer(weights_dir, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        health = server.wait_ready()
+        assert health["status"] == "READY", health
+        yield server
+    finally:
+        server.stop()
+
+
+def decode_data_uri(uri: str) -> tuple[str, bytes]:
+    header, payload = uri.split(",", 1)
+    return header.removeprefix("data:").split(";")[0], base64.b64decode(payload)
+
+
+def image_data_uri(image: Image.Image, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()

@@ -1,0 +1,205 @@
+"""Engine-level generation on the tiny model: seeds, modes, safety, models and clear errors.
+
+Runnable directly: python test_folder/test_local_generation.py
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+from PIL import Image
+
+from engine.errors import AllImagesFlaggedError, InputError
+from engine.generator import Engine
+from engine.request import GenerationRequest, LoraSpec, cfg_from_flux, loras_from_flux
+
+BASE = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=2, seed=7)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def one(engine: Engine, req: GenerationRequest) -> Image.Image:
+    [result] = engine.generate(req)
+    return result.image
+
+
+def test_same_seed_same_image(engine: Engine) -> None:
+    assert max_diff(one(engine, BASE), one(engine, BASE)) == 0
+
+
+def test_different_seed_different_image(engine: Engine) -> None:
+    assert max_diff(one(engine, BASE), one(engine, replace(BASE, seed=8))) > 10
+
+
+def test_seed_zero_is_a_seed(engine: Engine) -> None:
+    a = one(engine, replace(BASE, seed=0))
+    assert max_diff(a, one(engine, replace(BASE, seed=0))) == 0
+
+
+def test_unset_seed_is_random_and_reported(engine: Engine) -> None:
+    a, b = (engine.generate(replace(BASE, seed=None))[0] for _ in range(2))
+    assert a.parameters.seed != b.parameters.seed
+    again = one(engine, replace(BASE, seed=a.parameters.seed))
+    assert max_diff(a.image, again) == 0
+
+
+def test_output_i_uses_seed_plus_i(engine: Engine) -> None:
+    results = engine.generate(replace(BASE, num_outputs=3))
+    assert [r.parameters.seed for r in results] == [7, 8, 9]
+    alone = one(engine, replace(BASE, seed=9))
+    # Same noise; batching may change the last bit of a few float ops.
+    assert max_diff(results[2].image, alone) <= 2
+    assert max_diff(results[0].image, results[2].image) > 10
+
+
+def test_models_differ(engine: Engine) -> None:
+    assert max_diff(one(engine, BASE), one(engine, replace(BASE, model="sdxl"))) > 10
+
+
+def test_switching_models_back_gives_the_same_image(engine: Engine) -> None:
+    first = one(engine, BASE)
+    one(engine, replace(BASE, model="sdxl"))
+    assert max_diff(first, one(engine, BASE)) == 0
+
+
+@pytest.mark.parametrize("scheduler", ["Euler", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "DDIM", "UniPC"])
+def test_schedulers_run_and_differ(engine: Engine, scheduler: str) -> None:
+    base = one(engine, replace(BASE, num_inference_steps=3))
+    other = one(engine, replace(BASE, num_inference_steps=3, scheduler=scheduler))
+    assert other.size == base.size
+    assert max_diff(base, other) > 0
+
+
+def test_clip_skip_changes_the_image(engine: Engine) -> None:
+    assert max_diff(one(engine, BASE), one(engine, replace(BASE, clip_skip=2))) > 0
+
+
+def test_clip_skip_too_deep_is_refused(engine: Engine) -> None:
+    with pytest.raises(InputError, match="clip_skip"):
+        engine.generate(replace(BASE, clip_skip=50))
+
+
+def test_go_fast_changes_little_and_returns_exactly(engine: Engine) -> None:
+    slow = one(engine, replace(BASE, go_fast=False))
+    fast = one(engine, replace(BASE, go_fast=True))
+    assert max_diff(slow, fast) <= 2  # same maths, different kernels
+    assert max_diff(slow, one(engine, replace(BASE, go_fast=False))) == 0
+
+
+def test_img2img_uses_the_image_and_its_proportions(engine: Engine) -> None:
+    red = Image.new("RGB", (300, 150), (200, 30, 30))
+    blue = Image.new("RGB", (300, 150), (30, 30, 200))
+    req = replace(BASE, image=red, prompt_strength=0.5, num_inference_steps=4)
+    out = one(engine, req)
+    assert abs(out.width / out.height - 2) < 0.1
+    assert max_diff(out, one(engine, req)) == 0
+    assert max_diff(out, one(engine, replace(req, image=blue))) > 10
+    assert max_diff(out, one(engine, replace(req, prompt_strength=0.9))) > 0
+
+
+def test_inpaint_repaints_only_the_mask(engine: Engine) -> None:
+    source = Image.new("RGB", (128, 128), (20, 160, 40))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 64, 128))
+    req = replace(BASE, image=source, mask=mask, prompt_strength=1.0, num_inference_steps=4)
+    a, b = pixels(one(engine, req)), pixels(one(engine, replace(req, seed=99)))
+    # The seed changes the masked (left) half; the right half comes from the source image.
+    left = np.abs(a[:, :48] - b[:, :48]).mean()
+    right = np.abs(a[:, 96:] - b[:, 96:]).mean()
+    assert left > 5 * right, (left, right)
+
+
+def test_metadata_holds_what_made_the_image(engine: Engine) -> None:
+    [r] = engine.generate(replace(BASE, negative_prompt="blurry", cfg_scale=5.5, scheduler="DDIM"))
+    text = r.parameters.to_a1111()
+    assert text.splitlines()[0] == BASE.prompt
+    assert "Negative prompt: blurry" in text
+    for part in ("Steps: 2", "Sampler: DDIM", "CFG scale: 5.5", "Seed: 7", "Size: 128x128", "Model: illustrious-xl"):
+        assert part in text
+
+
+def _force_flags(engine: Engine, flag: list[bool], images: list[Image.Image]) -> None:
+    """Set the concept thresholds so exactly the images marked in `flag` score above them."""
+    checker = engine.safety
+    with torch.no_grad():
+        pix = checker.processor(images, return_tensors="pt").pixel_values
+        embeds = checker.model.visual_projection(checker.model.vision_model(pix)[1])
+        top = cosine_distance(embeds, checker.model.concept_embeds).max(dim=1).values
+    flagged_min = min(float(t) for t, f in zip(top, flag) if f)
+    clean_max = max((float(t) for t, f in zip(top, flag) if not f), default=-1.0)
+    assert clean_max < flagged_min, "images too alike to separate"
+    with torch.no_grad():
+        checker.model.concept_embeds_weights.fill_((clean_max + flagged_min) / 2)
+
+
+@pytest.fixture
+def restore_safety(engine: Engine):
+    weights = engine.safety.model.concept_embeds_weights.clone()
+    yield
+    with torch.no_grad():
+        engine.safety.model.concept_embeds_weights.copy_(weights)
+
+
+def test_safety_checker_drops_flagged_images_one_by_one(engine: Engine, restore_safety: None) -> None:
+    req = replace(BASE, num_outputs=2)
+    images = [r.image for r in engine.generate(req)]
+    top = [True, False]
+    try:
+        _force_flags(engine, top, images)
+    except AssertionError:
+        top = [False, True]
+        _force_flags(engine, top, images)
+    kept = engine.generate(req)
+    assert len(kept) == 1
+    assert max_diff(kept[0].image, images[top.index(False)]) == 0
+
+
+def test_all_flagged_fails_clearly_unless_disabled(engine: Engine, restore_safety: None) -> None:
+    with torch.no_grad():
+        engine.safety.model.concept_embeds_weights.fill_(-1.0)
+    with pytest.raises(AllImagesFlaggedError, match="flagged as NSFW"):
+        engine.generate(BASE)
+    assert len(engine.generate(replace(BASE, safety_checker=False))) == 1
+
+
+def test_mask_without_image(engine: Engine) -> None:
+    with pytest.raises(InputError, match="mask needs an image"):
+        engine.generate(replace(BASE, mask=Image.new("L", (64, 64))))
+
+
+def test_empty_prompt(engine: Engine) -> None:
+    with pytest.raises(InputError, match="prompt is empty"):
+        engine.generate(replace(BASE, prompt="   "))
+
+
+def test_loras_are_refused_until_supported(engine: Engine) -> None:
+    with pytest.raises(InputError, match="not supported"):
+        engine.generate(replace(BASE, loras=(LoraSpec("owner/repo", 1.0),)))
+
+
+def test_flux_lora_rules() -> None:
+    assert loras_from_flux("a/b", 0.5, "a/b", 0.7) == (LoraSpec("a/b", 0.5),)
+    assert loras_from_flux(None, 0.5, "c/d", 0.7) == (LoraSpec("c/d", 0.7),)
+    assert loras_from_flux("a/b", 0.5, "c/d", 0.7) == (LoraSpec("a/b", 0.5), LoraSpec("c/d", 0.7))
+    assert loras_from_flux("", 1, "  ", 1) == ()
+
+
+def test_flux_guidance_maps_to_cfg() -> None:
+    assert cfg_from_flux(3, None) == 6
+    assert cfg_from_flux(3.5, None) == 7
+    assert cfg_from_flux(3, 4.5) == 4.5
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
