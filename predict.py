@@ -66,7 +66,9 @@ class Predictor(BasePredictor):
             description=f"Flux-style guidance. SDXL's CFG scale is guidance x {FLUX_GUIDANCE_TO_CFG:g} "
             "(3 gives 6), unless cfg_scale is set",
         ),
-        seed: Optional[int] = Input(default=None, description="Random seed; unset or negative means random. 0 is a seed"),
+        seed: Optional[int] = Input(
+            default=None, description="Random seed; unset or negative means random. 0 is a seed"
+        ),
         output_format: str = Input(default="webp", choices=list(OUTPUT_FORMATS), description="Output image format"),
         output_quality: int = Input(default=80, ge=0, le=100, description="Quality for jpg and webp; not used for png"),
         disable_safety_checker: bool = Input(default=False, description="Skip the safety checker"),
@@ -126,6 +128,14 @@ class Predictor(BasePredictor):
         results = self.engine.generate(request)
         out_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
         return [
-            Path(save_image(r.image, r.parameters.to_a1111(), output_format, output_quality, out_dir / f"out-{i}.{output_format}"))
+            Path(
+                save_image(
+                    r.image,
+                    r.parameters.to_a1111(),
+                    output_format,
+                    output_quality,
+                    out_dir / f"out-{i}.{output_format}",
+                )
+            )
             for i, r in enumerate(results)
         ]

@@ -136,9 +136,7 @@ class Engine:
         return self._drop_flagged(results) if req.safety_checker else results
 
     @staticmethod
-    def _pipeline_for(
-        model: BaseModel, req: GenerationRequest, width: int, height: int
-    ) -> tuple[Any, dict[str, Any]]:
+    def _pipeline_for(model: BaseModel, req: GenerationRequest, width: int, height: int) -> tuple[Any, dict[str, Any]]:
         """The pipeline for the request's mode and the arguments only that mode takes."""
         if req.image is None:
             return model.txt2img, {"width": width, "height": height}
@@ -156,8 +154,8 @@ class Engine:
 
     def _drop_flagged(self, results: list[GeneratedImage]) -> list[GeneratedImage]:
         flags = self.safety.flags([r.image for r in results])
-        kept = [r for r, flagged in zip(results, flags) if not flagged]
-        for r, flagged in zip(results, flags):
+        kept = [r for r, flagged in zip(results, flags, strict=True) if not flagged]
+        for r, flagged in zip(results, flags, strict=True):
             if flagged:
                 log.warning("output with seed %d was flagged by the safety checker and dropped", r.parameters.seed)
         if not kept:

@@ -34,7 +34,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR, weights_root  # noqa: E402
+from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR, weights_root
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408
@@ -56,7 +56,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
 def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -153,7 +153,12 @@ def build_safety_checker() -> tuple[StableDiffusionSafetyChecker, CLIPImageProce
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1},
         vision_config=CLIPVisionConfig(
-            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1, image_size=32, patch_size=8
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            image_size=32,
+            patch_size=8,
         ).to_dict(),
         projection_dim=16,
     )

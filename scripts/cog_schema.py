@@ -129,9 +129,7 @@ def build_schema() -> dict[str, Any]:
         "HTTPValidationError": {
             "title": "HTTPValidationError",
             "type": "object",
-            "properties": {
-                "detail": {"title": "Detail", "type": "array", "items": {"$ref": ref + "ValidationError"}}
-            },
+            "properties": {"detail": {"title": "Detail", "type": "array", "items": {"$ref": ref + "ValidationError"}}},
         },
         "ValidationError": {
             "title": "ValidationError",

@@ -19,11 +19,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cog import Path as CogPath  # noqa: E402
-from cog import Secret  # noqa: E402
-from cog.input import FieldInfo  # noqa: E402
+from cog import Path as CogPath
+from cog import Secret
+from cog.input import FieldInfo
 
-from predict import Predictor  # noqa: E402
+from predict import Predictor
 
 
 def _coerce(raw: str, annotation: Any) -> Any:

@@ -136,8 +136,8 @@ def _force_flags(engine: Engine, flag: list[bool], images: list[Image.Image]) ->
         pix = checker.processor(images, return_tensors="pt").pixel_values
         embeds = checker.model.visual_projection(checker.model.vision_model(pix)[1])
         top = cosine_distance(embeds, checker.model.concept_embeds).max(dim=1).values
-    flagged_min = min(float(t) for t, f in zip(top, flag) if f)
-    clean_max = max((float(t) for t, f in zip(top, flag) if not f), default=-1.0)
+    flagged_min = min(float(t) for t, f in zip(top, flag, strict=True) if f)
+    clean_max = max((float(t) for t, f in zip(top, flag, strict=True) if not f), default=-1.0)
     assert clean_max < flagged_min, "images too alike to separate"
     with torch.no_grad():
         checker.model.concept_embeds_weights.fill_((clean_max + flagged_min) / 2)
