@@ -1,5 +1,8 @@
 """Build tiny, deterministic SDXL-shaped weights offline, in the layout real baked weights use.
 
+With --full-size the same code builds real-size SDXL shapes with random fp16 weights, for
+benchmarks on a GPU host (never for images anyone should look at).
+
 The result is `weights/<model-id>/` (a diffusers folder that
 `StableDiffusionXLPipeline.from_pretrained` loads) for every model id, plus
 `weights/safety-checker/`. The tokenizers use the real CLIP BPE vocabulary
@@ -17,6 +20,7 @@ import importlib.util
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,11 +42,59 @@ from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR, weights_root
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408
-# The two encoders must differ in width: single-file loaders tell them apart that way.
-TEXT_ENCODER_WIDTH = 32
-TEXT_ENCODER_2_WIDTH = 64
-POOLED_DIM = 32
-ADDITION_TIME_DIM = 8
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of every component; TINY for tests, FULL for real-size benchmarks with random weights."""
+
+    unet_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    unet_transformer_layers: tuple[int, ...]
+    unet_head_dims: tuple[int, ...]
+    unet_norm_groups: int
+    addition_time_dim: int
+    vae_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+    # (width, layers, heads, mlp width, projection, activation) for each text encoder. The two
+    # widths must differ: single-file loaders tell the encoders apart that way.
+    text_encoder: tuple[int, int, int, int, int, str]
+    text_encoder_2: tuple[int, int, int, int, int, str]
+    # (width, layers, heads, mlp width, image size, patch, projection) of the checker's ViT.
+    checker_vision: tuple[int, int, int, int, int, int, int]
+
+
+TINY = Shape(
+    unet_channels=(32, 64),
+    unet_layers_per_block=1,
+    unet_transformer_layers=(1, 2),
+    unet_head_dims=(2, 4),
+    unet_norm_groups=8,
+    addition_time_dim=8,
+    vae_channels=(8, 16, 16, 16),  # four blocks: the VAE scales by 8 like SDXL's
+    vae_layers_per_block=1,
+    vae_norm_groups=8,
+    text_encoder=(32, 6, 4, 64, 32, "gelu"),
+    text_encoder_2=(64, 6, 4, 128, 32, "gelu"),
+    checker_vision=(16, 1, 2, 32, 32, 8, 16),
+)
+FULL = Shape(
+    unet_channels=(320, 640, 1280),
+    unet_layers_per_block=2,
+    unet_transformer_layers=(1, 2, 10),
+    unet_head_dims=(5, 10, 20),
+    unet_norm_groups=32,
+    addition_time_dim=256,
+    vae_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    vae_norm_groups=32,
+    text_encoder=(768, 12, 12, 3072, 768, "quick_gelu"),
+    text_encoder_2=(1280, 32, 20, 5120, 1280, "gelu"),
+    checker_vision=(1024, 24, 16, 4096, 224, 14, 768),
+)
+# The UNet's latent size: native resolution / 8, i.e. 128 px for TINY and 1024 px for FULL.
+SAMPLE_SIZE = {TINY: 16, FULL: 128}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -78,56 +130,58 @@ def _tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: 
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
 
 
-def _text_config(width: int, projection_dim: int) -> CLIPTextConfig:
+def _text_config(spec: tuple[int, int, int, int, int, str]) -> CLIPTextConfig:
+    width, layers, heads, mlp, projection, act = spec
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=width,
-        intermediate_size=width * 2,
-        num_attention_heads=4,
-        num_hidden_layers=6,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
         max_position_embeddings=77,
-        projection_dim=projection_dim,
-        hidden_act="gelu",
+        projection_dim=projection,
+        hidden_act=act,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
 
 
-def build_model(seed: int) -> StableDiffusionXLPipeline:
-    """A complete SDXL pipeline: 2-level UNet, two CLIP encoders, a 4-block (x8) VAE."""
+def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
+    """A complete SDXL pipeline with random weights: UNet, two CLIP encoders, an x8 VAE."""
     torch.manual_seed(seed)
+    levels = len(shape.unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=16,  # x8 VAE: native resolution 128 px (real SDXL: 128 latent, 1024 px)
+        sample_size=SAMPLE_SIZE[shape],
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
+        block_out_channels=shape.unet_channels,
+        layers_per_block=shape.unet_layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        attention_head_dim=shape.unet_head_dims,
+        transformer_layers_per_block=shape.unet_transformer_layers,
         use_linear_projection=True,
         addition_embed_type="text_time",
-        addition_time_embed_dim=ADDITION_TIME_DIM,
-        projection_class_embeddings_input_dim=6 * ADDITION_TIME_DIM + POOLED_DIM,
-        cross_attention_dim=TEXT_ENCODER_WIDTH + TEXT_ENCODER_2_WIDTH,
-        norm_num_groups=8,
+        addition_time_embed_dim=shape.addition_time_dim,
+        projection_class_embeddings_input_dim=6 * shape.addition_time_dim + shape.text_encoder_2[4],
+        cross_attention_dim=shape.text_encoder[0] + shape.text_encoder_2[0],
+        norm_num_groups=shape.unet_norm_groups,
     )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=shape.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
+        layers_per_block=shape.vae_layers_per_block,
+        norm_num_groups=shape.vae_norm_groups,
+        sample_size=SAMPLE_SIZE[shape] * 8,
         scaling_factor=0.13025,
     )
-    text_encoder = CLIPTextModel(_text_config(TEXT_ENCODER_WIDTH, TEXT_ENCODER_WIDTH))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(TEXT_ENCODER_2_WIDTH, POOLED_DIM))
+    text_encoder = CLIPTextModel(_text_config(shape.text_encoder))
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(shape.text_encoder_2))
     vocab, merges = clip_vocab()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -147,20 +201,21 @@ def build_model(seed: int) -> StableDiffusionXLPipeline:
     )
 
 
-def build_safety_checker() -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]:
-    """A tiny checker whose concept thresholds (1.0) can never be exceeded by a cosine."""
+def build_safety_checker(shape: Shape = TINY) -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]:
+    """A checker whose concept thresholds (1.0) can never be exceeded by a cosine."""
     torch.manual_seed(0)
+    width, layers, heads, mlp, image_size, patch, projection = shape.checker_vision
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1},
         vision_config=CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            image_size=32,
-            patch_size=8,
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            image_size=image_size,
+            patch_size=patch,
         ).to_dict(),
-        projection_dim=16,
+        projection_dim=projection,
     )
     checker = StableDiffusionSafetyChecker(config)
     with torch.no_grad():
@@ -168,7 +223,8 @@ def build_safety_checker() -> tuple[StableDiffusionSafetyChecker, CLIPImageProce
         checker.special_care_embeds.normal_()
         checker.concept_embeds_weights.fill_(1.0)
         checker.special_care_embeds_weights.fill_(1.0)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    crop = {"height": image_size, "width": image_size}
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
     return checker, processor
 
 
@@ -185,19 +241,24 @@ def _save_atomically(target: Path, save: callable) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_all(root: Path, force: bool = False) -> list[Path]:
+def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path]:
     """Build every missing model folder (all of them with force); return what was written."""
     written = []
     for model_id in MODEL_IDS:
         target = root / model_id
         if target.exists() and not force:
             continue
-        pipe = build_model(MODEL_SEEDS[model_id])
+        # Random init of 3.5B parameters is slow on a CPU: build on the GPU when there is one.
+        with torch.device("cuda" if shape is FULL and torch.cuda.is_available() else "cpu"):
+            pipe = build_model(MODEL_SEEDS[model_id], shape)
+        if shape is FULL:
+            pipe.to(torch.float16)  # what real baked weights hold
         _save_atomically(target, lambda d, p=pipe: p.save_pretrained(d, safe_serialization=True))
+        del pipe
         written.append(target)
     target = root / SAFETY_CHECKER_DIR
     if force or not target.exists():
-        checker, processor = build_safety_checker()
+        checker, processor = build_safety_checker(shape)
 
         def save(d: Path) -> None:
             checker.save_pretrained(d, safe_serialization=True)
@@ -212,9 +273,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="weights root (default: $WEIGHTS_DIR or ./weights)")
     parser.add_argument("--force", action="store_true", help="rebuild folders that already exist")
+    parser.add_argument(
+        "--full-size", action="store_true", help="real SDXL shapes, random fp16 weights (~7 GB a model), for benchmarks"
+    )
     args = parser.parse_args()
     root = args.out or weights_root()
-    written = build_all(root, force=args.force)
+    written = build_all(root, force=args.force, shape=FULL if args.full_size else TINY)
     for path in written:
         print(f"built {path}")
     if not written:

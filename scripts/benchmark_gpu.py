@@ -1,0 +1,101 @@
+"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, model switch, memory.
+
+Builds the full-size random weights first when the folder is empty (see build_tiny_weights.py
+--full-size), then drives the real engine. Prints a Markdown table for the README.
+
+Usage: python scripts/benchmark_gpu.py --weights /tmp/full-weights [--steps 30] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import MODEL_IDS
+from engine.generator import Engine
+from engine.request import GenerationRequest
+from scripts.build_tiny_weights import FULL, build_all
+
+
+def _timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    rows: list[tuple[str, str]] = [("GPU", torch.cuda.get_device_name()), ("torch", torch.__version__)]
+
+    build_s, _ = _timed(lambda: build_all(args.weights, shape=FULL))
+    rows.append(("build random full-size weights (s, skipped if present)", f"{build_s:.1f}"))
+
+    files = sorted(p for m in MODEL_IDS for p in (args.weights / m).rglob("*.safetensors"))
+    size_gb = sum(p.stat().st_size for p in files) / 1e9
+    raw_s, _ = _timed(lambda: [load_file(p, device="cuda") for p in files])
+    torch.cuda.empty_cache()
+    rows.append((f"raw safetensors read to GPU, {size_gb:.1f} GB (s)", f"{raw_s:.2f}"))
+
+    setup_s, engine = _timed(lambda: Engine.load(args.weights))
+    rows.append(("Engine.load, both models + checker (s)", f"{setup_s:.2f}"))
+    rows.append(("setup / raw read", f"{setup_s / raw_s:.2f}x"))
+
+    req = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=args.steps, seed=1)
+    outputs = {}
+    for fast in (False, True):
+        run = replace(req, go_fast=fast)
+        toggle_s, _ = _timed(lambda r=run: engine.models[r.model].set_fast(r.go_fast))
+        _timed(lambda r=run: engine.generate(r))  # warm-up
+        times = []
+        for _ in range(args.runs):
+            t, result = _timed(lambda r=run: engine.generate(r))
+            times.append(t)
+        outputs[fast] = np.asarray(result[0].image, dtype=np.int16)
+        label = "on" if fast else "off"
+        rows.append(
+            (
+                f"1024x1024, {args.steps} steps, go_fast {label}: median of {args.runs} (s)",
+                f"{statistics.median(times):.3f}",
+            )
+        )
+        rows.append((f"switching go_fast {label} (s)", f"{toggle_s:.3f}"))
+    rows.append(("go_fast speed-up", f"{float(rows[-4][1]) / float(rows[-2][1]):.3f}x"))
+    rows.append(
+        ("max pixel difference go_fast on vs off (0-255)", str(int(np.abs(outputs[True] - outputs[False]).max())))
+    )
+
+    switch_s, _ = _timed(lambda: engine.generate(replace(req, model="sdxl")))
+    back_s, _ = _timed(lambda: engine.generate(req))
+    rows.append(("first request on the other model, both resident (s)", f"{switch_s:.3f}"))
+    rows.append(("and back (s)", f"{back_s:.3f}"))
+    rows.append(("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
+
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    if args.json:
+        args.json.write_text(json.dumps(dict(rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
