@@ -42,12 +42,12 @@ class Engine:
         self.safety = safety
 
     @classmethod
-    def load(cls, root: Path, device: torch.device | None = None) -> Engine:
+    def load(cls, root: Path, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing."""
         diffusers_logging.disable_progress_bar()  # the engine logs its own progress, one line a step
         transformers_logging.disable_progress_bar()
         device = device or default_device()
-        dtype = default_dtype(device)
+        dtype = dtype or default_dtype(device)
         missing = [name for name in (*MODEL_IDS, SAFETY_CHECKER_DIR) if not (root / name).is_dir()]
         if missing:
             raise WeightsMissingError(

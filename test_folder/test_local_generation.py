@@ -6,6 +6,7 @@ Runnable directly: python test_folder/test_local_generation.py
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 from PIL import Image
 
-from engine.errors import AllImagesFlaggedError, InputError
+from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec, cfg_from_flux, loras_from_flux
 
@@ -171,6 +172,20 @@ def test_all_flagged_fails_clearly_unless_disabled(engine: Engine, restore_safet
     with pytest.raises(AllImagesFlaggedError, match="flagged as NSFW"):
         engine.generate(BASE)
     assert len(engine.generate(replace(BASE, safety_checker=False))) == 1
+
+
+def test_every_pipeline_keeps_the_requested_dtype(weights_dir: Path) -> None:
+    half = Engine.load(weights_dir, device=torch.device("cpu"), dtype=torch.bfloat16)
+    for model in half.models.values():
+        for pipe in model.pipelines:
+            for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+                assert getattr(pipe, name).dtype == torch.bfloat16, (model.model_id, name)
+    assert half.safety.model.dtype == torch.bfloat16
+
+
+def test_missing_weights_name_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(WeightsMissingError, match="make weights"):
+        Engine.load(tmp_path)
 
 
 def test_mask_without_image(engine: Engine) -> None:
