@@ -42,6 +42,9 @@ DEFAULT_SCHEDULER = "Euler a"  # the choices live in engine/schedulers.py
 # around 5-7. CFG = guidance x this factor unless `cfg_scale` is given.
 FLUX_GUIDANCE_TO_CFG = 2.0
 
+# go_fast: classifier-free guidance stops after this fraction of the steps (see engine/steps.py).
+GO_FAST_CFG_CUTOFF = 0.6
+
 MAX_OUTPUTS = 4
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4

@@ -14,7 +14,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR
+from engine.config import GO_FAST_CFG_CUTOFF, MODEL_IDS, SAFETY_CHECKER_DIR
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
@@ -22,6 +22,7 @@ from engine.request import GenerationRequest
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
+from engine.steps import StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Engine:
 
         pipe, extra = self._pipeline_for(model, req, width, height)
         pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
-        model.set_fast(req.go_fast)
+        on_step = StepCallback(GO_FAST_CFG_CUTOFF if req.go_fast else None)
         mode = "inpaint" if req.mask is not None else "img2img" if req.image is not None else "txt2img"
         log.info(
             "%s: %s, %dx%d, %d output(s), %d steps, %s, cfg %g, go_fast %s",
@@ -109,7 +110,8 @@ class Engine:
             num_images_per_prompt=req.num_outputs,
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(req.num_outputs)],
             clip_skip=req.clip_skip or None,
-            callback_on_step_end=_log_step,
+            callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
             **extra,
         ).images
         log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
@@ -129,6 +131,7 @@ class Engine:
                     model=req.model,
                     clip_skip=req.clip_skip,
                     denoising_strength=req.prompt_strength if req.image is not None else None,
+                    cfg_cutoff=GO_FAST_CFG_CUTOFF if req.go_fast else None,
                 ),
             )
             for i, image in enumerate(images)
@@ -164,8 +167,3 @@ class Engine:
                 "Try a different prompt or seed, or set disable_safety_checker."
             )
         return kept
-
-
-def _log_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-    log.info("step %d/%d", step + 1, pipe.num_timesteps)
-    return callback_kwargs

@@ -20,6 +20,7 @@ class GenerationParameters:
     model: str
     clip_skip: int = 0
     denoising_strength: float | None = None
+    cfg_cutoff: float | None = None
     loras: tuple[tuple[str, float], ...] = ()
 
     def to_a1111(self) -> str:
@@ -34,6 +35,8 @@ class GenerationParameters:
         ]
         if self.clip_skip:
             fields.append(("Clip skip", self.clip_skip))
+        if self.cfg_cutoff is not None:
+            fields.append(("CFG cutoff", f"{self.cfg_cutoff:g}"))
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.loras:

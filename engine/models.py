@@ -47,7 +47,6 @@ class BaseModel:
         self.max_clip_skip = min(
             enc.config.num_hidden_layers - 1 for enc in (self.txt2img.text_encoder, self.txt2img.text_encoder_2)
         )
-        self.fast = False
         log.info(
             "loaded %s from %s in %.1fs (native %d px, %s, %s)",
             model_id,
@@ -61,25 +60,6 @@ class BaseModel:
     @property
     def pipelines(self) -> tuple[DiffusionPipeline, ...]:
         return (self.txt2img, self.img2img, self.inpaint)
-
-    def set_fast(self, on: bool) -> None:
-        """go_fast: fused QKV projections and channels_last memory layout, or the plain reference path.
-
-        Fusing is recomputed from the current weights each time it is turned on, so it never
-        serves stale projections; turning it off restores the original attention processors.
-        """
-        if on == self.fast:
-            return
-        pipe = self.txt2img
-        if on:
-            pipe.fuse_qkv_projections()
-        else:
-            pipe.unfuse_qkv_projections()
-        layout = torch.channels_last if on else torch.contiguous_format
-        for module in (pipe.unet, pipe.vae):
-            # nn.Module.to, not ModelMixin.to: only the layout changes, never the dtype it warns about.
-            torch.nn.Module.to(module, memory_format=layout)
-        self.fast = on
 
     def check_clip_skip(self, clip_skip: int) -> None:
         if clip_skip > self.max_clip_skip:

@@ -179,6 +179,7 @@ def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
         norm_num_groups=shape.vae_norm_groups,
         sample_size=SAMPLE_SIZE[shape] * 8,
         scaling_factor=0.13025,
+        force_upcast=shape is TINY,  # FULL stands for the fp16-fix VAE that real fp16 runs use
     )
     text_encoder = CLIPTextModel(_text_config(shape.text_encoder))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(shape.text_encoder_2))

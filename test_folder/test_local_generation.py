@@ -6,8 +6,8 @@ Runnable directly: python test_folder/test_local_generation.py
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,11 +91,44 @@ def test_clip_skip_too_deep_is_refused(engine: Engine) -> None:
         engine.generate(replace(BASE, clip_skip=50))
 
 
-def test_go_fast_changes_little_and_returns_exactly(engine: Engine) -> None:
-    slow = one(engine, replace(BASE, go_fast=False))
-    fast = one(engine, replace(BASE, go_fast=True))
-    assert max_diff(slow, fast) <= 2  # same maths, different kernels
-    assert max_diff(slow, one(engine, replace(BASE, go_fast=False))) == 0
+def unet_batches(engine: Engine, req: GenerationRequest) -> list[int]:
+    """The batch size of every UNet call one request makes, read by a forward hook."""
+    seen: list[int] = []
+    unet = engine.models[req.model].txt2img.unet
+    handle = unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        engine.generate(req)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("extra", [{}, {"image": Image.new("RGB", (128, 128), "red")}])
+def test_go_fast_stops_guidance_after_60_percent(engine: Engine, extra: dict) -> None:
+    req = replace(BASE, num_inference_steps=10, num_outputs=2, prompt_strength=1.0, **extra)
+    assert unet_batches(engine, replace(req, go_fast=False)) == [4] * 10
+    assert unet_batches(engine, replace(req, go_fast=True)) == [4] * 6 + [2] * 4
+
+
+def test_go_fast_inpaint_halves_the_mask_too(engine: Engine) -> None:
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 64, 128))
+    req = replace(
+        BASE, image=Image.new("RGB", (128, 128), "red"), mask=mask, prompt_strength=1.0, num_inference_steps=5
+    )
+    assert unet_batches(engine, req) == [2] * 3 + [1] * 2
+
+
+def test_go_fast_changes_the_image_and_off_is_exact(engine: Engine) -> None:
+    req = replace(BASE, num_inference_steps=6)
+    slow = one(engine, replace(req, go_fast=False))
+    assert max_diff(slow, one(engine, replace(req, go_fast=True))) > 0
+    assert max_diff(slow, one(engine, replace(req, go_fast=False))) == 0
+
+
+def test_go_fast_without_guidance_changes_nothing(engine: Engine) -> None:
+    req = replace(BASE, cfg_scale=1.0, num_inference_steps=4)
+    assert max_diff(one(engine, replace(req, go_fast=True)), one(engine, replace(req, go_fast=False))) == 0
 
 
 def test_img2img_uses_the_image_and_its_proportions(engine: Engine) -> None:
