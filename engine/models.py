@@ -37,9 +37,10 @@ class BaseModel:
         self.txt2img = StableDiffusionXLPipeline.from_pretrained(
             folder, dtype=dtype, device_map=str(device), local_files_only=True, use_safetensors=True
         )
-        # from_pipe casts the shared modules to fp32 unless told the dtype.
-        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.txt2img, dtype=dtype)
-        self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.txt2img, dtype=dtype)
+        # Built on the same module objects, nothing copied or cast (from_pipe would cast to fp32
+        # unless told the dtype, and warns while doing it).
+        self.img2img = StableDiffusionXLImg2ImgPipeline(**self.txt2img.components)
+        self.inpaint = StableDiffusionXLInpaintPipeline(**self.txt2img.components)
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = dict(self.txt2img.scheduler.config)

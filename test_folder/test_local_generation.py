@@ -213,6 +213,7 @@ def test_every_pipeline_keeps_the_requested_dtype(weights_dir: Path) -> None:
         for pipe in model.pipelines:
             for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
                 assert getattr(pipe, name).dtype == torch.bfloat16, (model.model_id, name)
+                assert getattr(pipe, name) is getattr(model.txt2img, name), "modules must be shared, not copied"
     assert half.safety.model.dtype == torch.bfloat16
 
 
