@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run directly
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 from PIL import Image
 
