@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
@@ -191,3 +194,40 @@ def test_clear_failures(cog_server: CogServer, extra: dict, message: str) -> Non
     assert status == 200
     assert body["status"] == "failed"
     assert message in body["error"]
+
+
+def test_unset_seed_is_random_and_logged(cog_server: CogServer) -> None:
+    req = {k: v for k, v in FLUX_JSON.items() if k != "seed"}
+    seeds = []
+    for _ in range(2):
+        _, body = cog_server.predict(req)
+        seeds.append(int(re.search(r"seed: (\d+) \(random; pass seed=\1 to reproduce\)", body["logs"]).group(1)))
+    assert seeds[0] != seeds[1]
+
+
+@pytest.fixture(scope="module")
+def flagging_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A server whose safety checker flags everything: thresholds below any cosine."""
+    root = tmp_path_factory.mktemp("flagging-weights")
+    for entry in weights_dir.iterdir():
+        (root / entry.name).symlink_to(entry)
+    (root / "safety-checker").unlink()
+    shutil.copytree(weights_dir / "safety-checker", root / "safety-checker")
+    path = root / "safety-checker" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["concept_embeds_weights"] = torch.full_like(tensors["concept_embeds_weights"], -1.0)
+    save_file(tensors, path, metadata={"format": "pt"})
+    server = CogServer(root, tmp_path_factory.mktemp("flagging-server") / "server.log")
+    try:
+        assert server.wait_ready()["status"] == "READY"
+        yield server
+    finally:
+        server.stop()
+
+
+def test_safety_checker_failure_and_opt_out_through_cog(flagging_server: CogServer) -> None:
+    _, body = flagging_server.predict({**FLUX_JSON, "num_outputs": 2})
+    assert body["status"] == "failed"
+    assert "all 2 image(s) were flagged as NSFW" in body["error"]
+    _, body = flagging_server.predict({**FLUX_JSON, "num_outputs": 2, "disable_safety_checker": True})
+    assert len(images_of(body)) == 2
