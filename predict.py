@@ -7,6 +7,7 @@ Cog CLI and Replicate's hosted runtime accept them, at the cost of a Deprecation
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from typing import Optional
 
@@ -41,6 +42,7 @@ class Predictor(BasePredictor):
         """Load every baked model from the weights root; no network is used."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
         self.engine = Engine.load(weights_root())
+        self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
 
     def predict(
         self,
@@ -126,7 +128,9 @@ class Predictor(BasePredictor):
             loras=loras_from_flux(lora_weights, lora_scale, extra_lora, extra_lora_scale),
         )
         results = self.engine.generate(request)
-        out_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
+        # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+        self.output_dir.mkdir()
         return [
             Path(
                 save_image(
@@ -134,7 +138,7 @@ class Predictor(BasePredictor):
                     r.parameters.to_a1111(),
                     output_format,
                     output_quality,
-                    out_dir / f"out-{i}.{output_format}",
+                    self.output_dir / f"out-{i}.{output_format}",
                 )
             )
             for i, r in enumerate(results)
