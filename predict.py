@@ -30,7 +30,7 @@ from engine.config import (
     weights_root,
 )
 from engine.generator import Engine
-from engine.request import GenerationRequest, cfg_from_flux, loras_from_flux
+from engine.request import GenerationRequest, Tokens, cfg_from_flux, loras_from_flux
 from engine.schedulers import SCHEDULERS
 from utils import load_image, save_image
 
@@ -77,9 +77,14 @@ class Predictor(BasePredictor):
         go_fast: bool = Input(
             default=True, description="Fused QKV attention projections and channels_last layout (see README)"
         ),
-        lora_weights: Optional[str] = Input(default=None, description="LoRA to apply (not supported yet)"),
+        lora_weights: Optional[str] = Input(
+            default=None,
+            description="LoRA: Hugging Face (huggingface.co/owner/repo[/blob/main/x.safetensors], "
+            "owner/repo/x.safetensors), CivitAI (civitai.com/models/<id>, api/download/models/<version>, "
+            "AIR URN), Replicate (owner/model, .tar URL), any https URL, or a data: URI",
+        ),
         lora_scale: float = Input(default=1.0, ge=-1, le=3, description="Scale of lora_weights"),
-        extra_lora: Optional[str] = Input(default=None, description="A second LoRA (not supported yet)"),
+        extra_lora: Optional[str] = Input(default=None, description="A second LoRA, in any form lora_weights takes"),
         extra_lora_scale: float = Input(default=1.0, ge=-1, le=3, description="Scale of extra_lora"),
         megapixels: str = Input(default="1", choices=list(MEGAPIXELS), description="Approximate output size"),
         hf_api_token: Optional[Secret] = Input(default=None, description="Hugging Face token for private LoRAs"),
@@ -126,6 +131,10 @@ class Predictor(BasePredictor):
             go_fast=go_fast,
             safety_checker=not disable_safety_checker,
             loras=loras_from_flux(lora_weights, lora_scale, extra_lora, extra_lora_scale),
+            tokens=Tokens(
+                hf=hf_api_token.get_secret_value() if hf_api_token else None,
+                civitai=civitai_api_token.get_secret_value() if civitai_api_token else None,
+            ),
         )
         results = self.engine.generate(request)
         # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.

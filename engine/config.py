@@ -54,3 +54,27 @@ OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")
 def weights_root() -> Path:
     """Where baked weights live: $WEIGHTS_DIR, else ./weights in the repo."""
     return Path(os.environ.get("WEIGHTS_DIR") or REPO_ROOT / "weights")
+
+
+# LoRA cache (deploy-time overrides: LORA_CACHE_DIR, LORA_CACHE_MAX_BYTES, LORA_CACHE_MIN_FREE_BYTES,
+# LORA_MAX_FILE_BYTES, LORA_ALIAS_TTL_SECONDS; read in weights.py).
+LORA_CACHE_DIR = "/tmp/lora-cache"
+LORA_CACHE_MAX_BYTES = 20 * 2**30
+LORA_CACHE_MIN_FREE_BYTES = 2 * 2**30
+LORA_MAX_FILE_BYTES = 2 * 2**30
+# How long "owner/repo" (HF main) or a CivitAI model page keeps pointing at what it resolved to.
+LORA_ALIAS_TTL_SECONDS = 24 * 3600
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_CIVITAI_ENDPOINT = "https://civitai.com"
+DEFAULT_REPLICATE_ENDPOINT = "https://replicate.com"
+# CivitAI base models this predictor can apply LoRAs for.
+SDXL_FAMILY_BASES = (
+    "SDXL 1.0",
+    "SDXL 0.9",
+    "SDXL Lightning",
+    "SDXL Turbo",
+    "SDXL Hyper",
+    "Illustrious",
+    "Pony",
+    "NoobAI",
+)

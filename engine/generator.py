@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from engine.config import GO_FAST_CFG_CUTOFF, MODEL_IDS, SAFETY_CHECKER_DIR
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
+from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
 from engine.request import GenerationRequest
@@ -23,6 +24,7 @@ from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
 from engine.steps import StepCallback
+from weights import LoraStore
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,10 @@ class GeneratedImage:
 class Engine:
     """Every baked model and the safety checker, resident on one device."""
 
-    def __init__(self, models: dict[str, BaseModel], safety: SafetyChecker) -> None:
+    def __init__(self, models: dict[str, BaseModel], safety: SafetyChecker, store: LoraStore) -> None:
         self.models = models
         self.safety = safety
+        self.store = store
 
     @classmethod
     def load(cls, root: Path, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Engine:
@@ -56,19 +59,16 @@ class Engine:
                 "`make weights`, or bake the real ones into the image (see README, 'Weights')."
             )
         models = {model_id: BaseModel(model_id, root / model_id, device, dtype) for model_id in MODEL_IDS}
-        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype))
+        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), LoraStore())
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one."""
         req.validate()
         if req.model not in self.models:
             raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
-        if req.loras:
-            raise InputError(
-                "LoRAs (lora_weights, extra_lora) are not supported by this version yet; "
-                "remove them to generate without a LoRA"
-            )
         model = self.models[req.model]
+        loras = self._fetch_loras(req)
+        model.loras.apply(loras)
         model.check_clip_skip(req.clip_skip)
         ref = reference_size(
             req.aspect_ratio,
@@ -132,11 +132,24 @@ class Engine:
                     clip_skip=req.clip_skip,
                     denoising_strength=req.prompt_strength if req.image is not None else None,
                     cfg_cutoff=GO_FAST_CFG_CUTOFF if req.go_fast else None,
+                    loras=tuple((lora.name, lora.scale) for lora in loras),
                 ),
             )
             for i, image in enumerate(images)
         ]
         return self._drop_flagged(results) if req.safety_checker else results
+
+    def _fetch_loras(self, req: GenerationRequest) -> list[LocalLora]:
+        """Local files for the request's LoRAs; two names for one file become one adapter."""
+        fetched: dict[str, LocalLora] = {}
+        for spec in req.loras:
+            lora = self.store.fetch(spec.source, spec.scale, req.tokens, in_use=set(fetched))
+            if lora.key in fetched:
+                same = fetched[lora.key]
+                lora = replace(same, scale=same.scale + lora.scale)
+                log.info("%s and %s are the same file: applied once at scale %g", same.name, spec.source, lora.scale)
+            fetched[lora.key] = lora
+        return list(fetched.values())
 
     @staticmethod
     def _pipeline_for(model: BaseModel, req: GenerationRequest, width: int, height: int) -> tuple[Any, dict[str, Any]]:

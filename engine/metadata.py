@@ -21,6 +21,7 @@ class GenerationParameters:
     clip_skip: int = 0
     denoising_strength: float | None = None
     cfg_cutoff: float | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # display names: tokens are stripped before this point
 
     def to_a1111(self) -> str:
         """`prompt\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` in A1111's order."""
@@ -38,6 +39,8 @@ class GenerationParameters:
             fields.append(("CFG cutoff", f"{self.cfg_cutoff:g}"))
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
+        if self.loras:
+            fields.append(("Lora", ", ".join(f'"{name}: {scale:g}"' for name, scale in self.loras)))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")

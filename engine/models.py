@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from engine.errors import InputError
+from engine.loras import LoraSet
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class BaseModel:
         self.inpaint = StableDiffusionXLInpaintPipeline(**self.txt2img.components)
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
+        self.loras = LoraSet(self.txt2img, model_id)  # on the shared modules: all three pipelines see it
         self.scheduler_config = dict(self.txt2img.scheduler.config)
         self.native_resolution = self.txt2img.default_sample_size * self.txt2img.vae_scale_factor
         self.max_clip_skip = min(

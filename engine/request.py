@@ -19,6 +19,17 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """Per-request credentials for LoRA downloads. repr hides them so they never reach a log."""
+
+    hf: str | None = None
+    civitai: str | None = None
+
+    def __repr__(self) -> str:
+        return "Tokens(***)"
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Everything one prediction needs, independent of how it arrived (Cog, a test, a script)."""
 
@@ -41,6 +52,7 @@ class GenerationRequest:
     go_fast: bool = True
     safety_checker: bool = True
     loras: tuple[LoraSpec, ...] = ()
+    tokens: Tokens = Tokens()
 
     def validate(self) -> None:
         """Refuse what the schema cannot express, with a message that says what to change."""

@@ -26,6 +26,19 @@ from engine.generator import Engine  # noqa: E402
 from scripts.build_tiny_weights import build_all  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def lora_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every engine and server of the session caches LoRAs here, never in the machine's cache."""
+    root = tmp_path_factory.mktemp("lora-cache")
+    old = os.environ.get("LORA_CACHE_DIR")
+    os.environ["LORA_CACHE_DIR"] = str(root)
+    yield root
+    if old is None:
+        del os.environ["LORA_CACHE_DIR"]
+    else:
+        os.environ["LORA_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the tiny weights, so tests never depend on or touch ./weights."""

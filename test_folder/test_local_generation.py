@@ -234,11 +234,6 @@ def test_empty_prompt(engine: Engine) -> None:
         engine.generate(replace(BASE, prompt="   "))
 
 
-def test_loras_are_refused_until_supported(engine: Engine) -> None:
-    with pytest.raises(InputError, match="not supported"):
-        engine.generate(replace(BASE, loras=(LoraSpec("owner/repo", 1.0),)))
-
-
 def test_flux_lora_rules() -> None:
     assert loras_from_flux("a/b", 0.5, "a/b", 0.7) == (LoraSpec("a/b", 0.5),)
     assert loras_from_flux(None, 0.5, "c/d", 0.7) == (LoraSpec("c/d", 0.7),)

@@ -186,7 +186,6 @@ def test_missing_prompt_gets_422(cog_server: CogServer) -> None:
         ({"prompt": "   "}, "prompt is empty"),
         ({"mask": image_data_uri(Image.new("L", (64, 64)))}, "mask needs an image"),
         ({"image": "data:image/png;base64," + "bm90IGFuIGltYWdl"}, "image could not be read as an image"),
-        ({"lora_weights": "owner/repo"}, "not supported"),
     ],
 )
 def test_clear_failures(cog_server: CogServer, extra: dict, message: str) -> None:
