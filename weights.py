@@ -246,7 +246,7 @@ def _python_download(url: str, dest: Path, headers: dict[str, str], name: str, s
                 if expected and received != expected:
                     raise requests.ConnectionError(f"truncated: {received} of {expected} bytes")
                 return
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             if attempt == RETRIES - 1:
                 raise WeightsError(f"could not download {name} after {RETRIES} tries: {exc}") from exc
             delay = 0.2 * 2**attempt

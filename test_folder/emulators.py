@@ -1,0 +1,218 @@
+"""Loopback emulators of the hosts LoRAs come from: Hugging Face, CivitAI, a plain file host
+and Replicate's delivery. Real HTTP servers on 127.0.0.1 that count every request, so tests
+can prove what went over the wire (a cache hit makes none).
+
+The Hugging Face side speaks the protocol facts in DESIGN.md §8: X-Repo-Commit and ETag on
+resolve, X-Error-Code to pick the client's exception, 401 + RepoNotFound for an anonymous
+request to a private repo, model_info at /api/models/<repo>[/revision/<rev>], no Xet headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    declared_length: int | None = None  # announce more than is sent: a truncated body
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # names lower-cased
+
+
+class Loopback:
+    """A threaded HTTP server on a free loopback port; `route` decides every answer."""
+
+    def __init__(self, route: Callable[[Request], Reply]) -> None:
+        self.hits: Counter[str] = Counter()
+        self.auth: list[str | None] = []
+        self.faults: dict[str, list[Reply]] = {}  # path -> replies to give first, in order
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._answer(send_body=False)
+
+            def do_GET(self) -> None:
+                self._answer(send_body=True)
+
+            def _answer(self, send_body: bool) -> None:
+                parts = urlsplit(self.path)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                req = Request(self.command, unquote(parts.path), parse_qs(parts.query), headers)
+                server.hits[f"{self.command} {req.path}"] += 1
+                server.auth.append(self.headers.get("Authorization"))
+                queued = server.faults.get(req.path)
+                reply = queued.pop(0) if queued else route(req)
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                length = reply.declared_length if reply.declared_length is not None else len(reply.body)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(reply.body)
+                if reply.declared_length is not None:
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def total(self) -> int:
+        return sum(self.hits.values())
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _json(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+
+@dataclass
+class HfRepo:
+    files: dict[str, bytes]
+    token: str | None = None  # set: private, readable with this token only
+    commit: str = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hugging_face(repos: dict[str, HfRepo]) -> Loopback:
+    def route(req: Request) -> Reply:
+        parts = req.path.strip("/").split("/")
+        api = parts[:2] == ["api", "models"]
+        repo_id = "/".join(parts[2:4] if api else parts[:2])
+        repo = repos.get(repo_id)
+        auth = req.headers.get("authorization")
+        if repo is None or (repo.token and auth != f"Bearer {repo.token}"):
+            return _json({"error": "Repository not found"}, 401, {"X-Error-Code": "RepoNotFound"})
+        if api:
+            rev = parts[5] if len(parts) > 5 and parts[4] == "revision" else "main"
+            if rev not in ("main", repo.commit):
+                return _json({"error": "Invalid rev id"}, 404, {"X-Error-Code": "RevisionNotFound"})
+            siblings = [{"rfilename": name} for name in repo.files]
+            return _json({"id": repo_id, "sha": repo.commit, "siblings": siblings, "private": bool(repo.token)})
+        if len(parts) < 5 or parts[2] != "resolve":
+            return Reply(404)
+        rev, filename = parts[3], "/".join(parts[4:])
+        if rev not in ("main", repo.commit):
+            return _json({}, 404, {"X-Error-Code": "RevisionNotFound"})
+        if filename not in repo.files:
+            return _json({}, 404, {"X-Error-Code": "EntryNotFound"})
+        data = repo.files[filename]
+        etag = '"' + hashlib.sha256(data).hexdigest() + '"'
+        return Reply(200, data, {"X-Repo-Commit": repo.commit, "ETag": etag})
+
+    return Loopback(route)
+
+
+@dataclass
+class CivitaiVersion:
+    id: int
+    base_model: str
+    data: bytes
+    token: str | None = None  # set: the download needs this token
+    login_redirect: bool = False  # refuse by redirecting to a login page, as CivitAI sometimes does
+
+
+def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
+    """/api/v1/models, /api/v1/model-versions, /api/download/models -> 307 to signed storage."""
+    by_version = {v.id: (mid, v) for mid, versions in models.items() for v in versions}
+    holder: dict[str, Loopback] = {}
+
+    def version_json(v: CivitaiVersion) -> dict:
+        base = holder["server"].url
+        return {
+            "id": v.id,
+            "baseModel": v.base_model,
+            "files": [
+                {"name": f"training-{v.id}.zip", "type": "Training Data", "primary": False, "metadata": {}},
+                {
+                    "name": f"lora-{v.id}.safetensors",
+                    "type": "Model",
+                    "primary": True,
+                    "metadata": {"format": "SafeTensor"},
+                    "downloadUrl": f"{base}/api/download/models/{v.id}",
+                },
+            ],
+        }
+
+    def route(req: Request) -> Reply:
+        parts = req.path.strip("/").split("/")
+        if parts[:3] == ["api", "v1", "models"] and len(parts) == 4 and int(parts[3]) in models:
+            return _json({"id": int(parts[3]), "modelVersions": [version_json(v) for v in models[int(parts[3])]]})
+        if parts[:3] == ["api", "v1", "model-versions"] and len(parts) == 4 and int(parts[3]) in by_version:
+            mid, v = by_version[int(parts[3])]
+            return _json({**version_json(v), "modelId": mid})
+        if parts[:3] == ["api", "download", "models"] and len(parts) == 4 and int(parts[3]) in by_version:
+            _, v = by_version[int(parts[3])]
+            if v.token and req.headers.get("authorization") != f"Bearer {v.token}":
+                if v.login_redirect:
+                    return Reply(307, headers={"Location": f"{holder['server'].url}/login?returnUrl=/x"})
+                return _json({"error": "Unauthorized"}, 401)
+            return Reply(307, headers={"Location": f"{holder['server'].url}/storage/{v.id}.safetensors?X-Sig=abc"})
+        if parts[:1] == ["storage"]:
+            vid = int(parts[1].split(".")[0])
+            data = by_version[vid][1].data
+            return Reply(200, data, {"Content-Disposition": f'attachment; filename="lora-{vid}.safetensors"'})
+        if parts[:1] == ["login"]:
+            return Reply(200, b"<!DOCTYPE html><html>log in</html>", {"Content-Type": "text/html"})
+        return _json({"error": "Not found"}, 404)
+
+    holder["server"] = Loopback(route)
+    return holder["server"]
+
+
+def trained_tar(lora: bytes, embeddings: bool = False) -> bytes:
+    """Replicate's SDXL trainer output: lora.safetensors (+ embeddings.pti, special_params.json)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        members = {"lora.safetensors": lora}
+        if embeddings:
+            members["embeddings.pti"] = b"\0" * 16
+            members["special_params.json"] = b'{"TOK": "<s0><s1>"}'
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def file_host(files: dict[str, bytes]) -> Loopback:
+    """Plain files at /<name>, Replicate's `/<owner>/<model>/_weights` redirecting to a tar."""
+    holder: dict[str, Loopback] = {}
+
+    def route(req: Request) -> Reply:
+        path = req.path.strip("/")
+        if path.endswith("/_weights"):
+            target = path.removesuffix("/_weights").replace("/", "-") + "/trained_model.tar"
+            if target in files:
+                return Reply(307, headers={"Location": f"{holder['server'].url}/{target}"})
+        if path in files:
+            kind = "text/html" if files[path].lstrip().startswith(b"<") else "application/octet-stream"
+            return Reply(200, files[path], {"Content-Type": kind})
+        return Reply(404, b"not found")
+
+    holder["server"] = Loopback(route)
+    return holder["server"]

@@ -1,0 +1,416 @@
+"""LoRAs from every source, against loopback emulators, applied exactly on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.errors import InputError
+from engine.generator import Engine
+from engine.request import GenerationRequest, LoraSpec, Tokens
+from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, file_host, hugging_face, trained_tar
+from test_folder.lora_factory import diffusers_lora, kohya_lora, loha_file, sd15_like_lora
+from weights import LoraStore, WeightsError, parse_lora
+
+HF_TOKEN = "hf_secret_token_abc123"
+CIVITAI_TOKEN = "civitai_secret_token_xyz789"
+BASE = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=2, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: every form users paste, without a network request.
+
+PARSE_TABLE = [
+    ("huggingface.co/acme/style", "hf", {"repo_id": "acme/style", "filename": None}),
+    ("https://huggingface.co/acme/style", "hf", {"repo_id": "acme/style", "filename": None}),
+    (
+        "https://huggingface.co/acme/style/blob/main/x.safetensors",
+        "hf",
+        {"repo_id": "acme/style", "filename": "x.safetensors", "revision": "main"},
+    ),
+    (
+        "https://huggingface.co/acme/style/resolve/v2/sub/x.safetensors?download=true",
+        "hf",
+        {"repo_id": "acme/style", "filename": "sub/x.safetensors", "revision": "v2"},
+    ),
+    ("acme/style/x.safetensors", "hf", {"repo_id": "acme/style", "filename": "x.safetensors"}),
+    ("hf://acme/style", "hf", {"repo_id": "acme/style", "filename": None}),
+    ("civitai.com/models/1234", "civitai-model", {"model_id": 1234}),
+    ("https://civitai.com/models/1234/some-slug", "civitai-model", {"model_id": 1234}),
+    ("https://civitai.com/models/1234?modelVersionId=99", "civitai-version", {"model_id": 1234, "version_id": 99}),
+    ("https://civitai.com/api/download/models/99?type=Model&format=SafeTensor", "civitai-version", {"version_id": 99}),
+    ("urn:air:sdxl:lora:civitai:1234@99", "civitai-version", {"model_id": 1234, "version_id": 99}),
+    ("https://replicate.delivery/abc/trained_model.tar", "replicate-tar", {}),
+    ("acme/my-lora", "replicate-model", {"revision": "latest"}),
+    ("acme/my-lora/" + "a" * 64, "replicate-model", {"revision": "a" * 64}),
+    ("https://example.com/x.safetensors", "url", {}),
+    ("data:application/octet-stream;base64,AAAA", "data", {}),
+]
+
+
+@pytest.mark.parametrize(("source", "kind", "fields"), PARSE_TABLE)
+def test_parse(source: str, kind: str, fields: dict) -> None:
+    ref = parse_lora(source)
+    assert ref.kind == kind
+    for name, value in fields.items():
+        assert getattr(ref, name) == value, name
+
+
+def test_tokens_in_urls_never_reach_the_display_name() -> None:
+    ref = parse_lora("https://example.com/x.safetensors?token=s3cret&v=1")
+    assert "s3cret" not in ref.display and "v=1" in ref.display
+
+
+def test_unparseable() -> None:
+    with pytest.raises(WeightsError, match="cannot tell where LoRA"):
+        parse_lora("just-a-word")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: LoRA files for the tiny model, emulated hosts, a fresh cache per test.
+
+
+@pytest.fixture(scope="session")
+def lora_files(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    pipe = engine.models["illustrious-xl"].txt2img
+    root = tmp_path_factory.mktemp("loras")
+    made = {
+        "a": diffusers_lora(pipe, root / "a", seed=11),
+        "b": kohya_lora(pipe, root / "b.safetensors", seed=22),
+        "te": diffusers_lora(pipe, root / "te", seed=33, text=True),
+        "kohya_te": kohya_lora(pipe, root / "kte.safetensors", seed=44, text=True),
+        "loha": loha_file(root / "loha.safetensors"),
+        "sd15": sd15_like_lora(root / "sd15.safetensors"),
+    }
+    return {name: path.read_bytes() for name, path in made.items()}
+
+
+@pytest.fixture
+def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Loopback]]:
+    a, b = lora_files["a"], lora_files["b"]
+    hf = hugging_face(
+        {
+            "acme/style": HfRepo({"style.safetensors": a, "README.md": b"# style"}),
+            "acme/nested": HfRepo({"sub/dir/x.safetensors": b, "other/y.safetensors": a}),
+            "acme/many": HfRepo({"v1.safetensors": a, "v2.safetensors": b}),
+            "acme/private": HfRepo({"p.safetensors": b}, token=HF_TOKEN),
+        }
+    )
+    civ = civitai(
+        {
+            100: [CivitaiVersion(1002, "SD 1.5", lora_files["sd15"]), CivitaiVersion(1001, "SDXL 1.0", a)],
+            200: [CivitaiVersion(2001, "Illustrious", b, token=CIVITAI_TOKEN)],
+            300: [CivitaiVersion(3001, "Flux.1 D", a)],
+            400: [CivitaiVersion(4001, "Pony", a, token=CIVITAI_TOKEN, login_redirect=True)],
+        }
+    )
+    files = file_host(
+        {
+            "a.safetensors": a,
+            "b.safetensors": b,
+            "te.safetensors": lora_files["te"],
+            "kohya_te.safetensors": lora_files["kohya_te"],
+            "loha.safetensors": lora_files["loha"],
+            "sd15.safetensors": lora_files["sd15"],
+            "page.safetensors": b"<!DOCTYPE html><html>not a file</html>",
+            "acme-trained/trained_model.tar": trained_tar(b),
+            "acme-pivotal/trained_model.tar": trained_tar(b, embeddings=True),
+        }
+    )
+    monkeypatch.setenv("HF_ENDPOINT", hf.url)
+    monkeypatch.setenv("CIVITAI_ENDPOINT", civ.url)
+    monkeypatch.setenv("REPLICATE_ENDPOINT", files.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    yield {"hf": hf, "civitai": civ, "files": files}
+    for server in (hf, civ, files):
+        server.close()
+
+
+@pytest.fixture
+def store(engine: Engine, tmp_path: Path) -> Iterator[LoraStore]:
+    """A fresh, private cache for each test, so hit and miss counts are the test's own."""
+    old = engine.store
+    engine.store = LoraStore(tmp_path / "cache")
+    yield engine.store
+    engine.store = old
+    engine.generate(BASE)  # leave the shared engine without adapters
+
+
+def pixels(engine: Engine, req: GenerationRequest) -> np.ndarray:
+    return np.asarray(engine.generate(req)[0].image, dtype=np.int16)
+
+
+def with_loras(*specs: tuple[str, float], tokens: Tokens | None = None) -> GenerationRequest:
+    return replace(BASE, loras=tuple(LoraSpec(s, w) for s, w in specs), tokens=tokens or Tokens())
+
+
+@pytest.fixture(scope="session")
+def baseline(engine: Engine) -> np.ndarray:
+    return pixels(engine, BASE)
+
+
+def local_reference(engine: Engine, tmp_path: Path, data: bytes, scale: float = 1.0) -> np.ndarray:
+    path = tmp_path / "reference.safetensors"
+    path.write_bytes(data)
+    return pixels(engine, with_loras((str(path), scale)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying: pixels change, scale matters, and the baseline comes back exactly.
+
+
+def test_lora_changes_pixels_scale_matters_and_baseline_returns(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray
+) -> None:
+    url = hosts["files"].url + "/a.safetensors"
+    full = pixels(engine, with_loras((url, 1.0)))
+    half = pixels(engine, with_loras((url, 0.5)))
+    assert np.abs(full - baseline).max() > 10
+    assert np.abs(full - half).max() > 5
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+@pytest.mark.parametrize("name", ["b", "te", "kohya_te"])
+def test_formats_load_and_change_the_image(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray, name: str
+) -> None:
+    out = pixels(engine, with_loras((f"{hosts['files'].url}/{name}.safetensors", 1.0)))
+    assert np.abs(out - baseline).max() > 10
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_two_loras_and_scale_only_change_reloads_nothing(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/b.safetensors"
+    only_a = pixels(engine, with_loras((a, 1.0)))
+    both = pixels(engine, with_loras((a, 1.0), (b, 1.0)))
+    assert np.abs(both - only_a).max() > 5
+    served = hosts["files"].total()
+    with caplog.at_level(logging.INFO):
+        rescaled = pixels(engine, with_loras((a, 1.0), (b, 0.3)))
+    assert hosts["files"].total() == served, "a scale-only change must not download"
+    assert "loaded LoRA" not in caplog.text, "a scale-only change must not reload"
+    assert np.abs(rescaled - both).max() > 0
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_loras_never_leak_into_the_other_model(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    sdxl = replace(BASE, model="sdxl")
+    sdxl_base = pixels(engine, sdxl)
+    pixels(engine, with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    assert np.array_equal(pixels(engine, sdxl), sdxl_base)
+    assert engine.models["sdxl"].loras.loaded == {}
+
+
+def test_switching_many_times_keeps_adapters_and_parameters_flat(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray
+) -> None:
+    unet = engine.models["illustrious-xl"].txt2img.unet
+    a, b = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/b.safetensors"
+    pixels(engine, BASE)
+    params = sum(p.numel() for p in unet.parameters())
+    for i in range(10):
+        engine.generate(replace(with_loras((a if i % 2 else b, 1.0)), num_inference_steps=1))
+    assert len(engine.models["illustrious-xl"].loras.loaded) == 1
+    assert np.array_equal(pixels(engine, BASE), baseline)
+    assert sum(p.numel() for p in unet.parameters()) == params
+
+
+def test_unsupported_formats_are_refused_by_name(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    with pytest.raises(InputError, match="LyCORIS LoHa"):
+        engine.generate(with_loras((hosts["files"].url + "/loha.safetensors", 1.0)))
+    with pytest.raises(InputError, match="does not fit illustrious-xl"):
+        engine.generate(with_loras((hosts["files"].url + "/sd15.safetensors", 1.0)))
+    assert engine.models["illustrious-xl"].loras.loaded == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "huggingface.co/acme/style",
+        "{hf}/acme/style/blob/main/style.safetensors",
+        "{hf}/acme/style/resolve/main/style.safetensors?download=true",
+        "acme/style/style.safetensors",
+        "hf://acme/style",
+    ],
+)
+def test_hugging_face_forms(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict, tmp_path: Path, form: str
+) -> None:
+    source = form.format(hf=hosts["hf"].url).replace("huggingface.co", hosts["hf"].url.removeprefix("http://"), 1)
+    if source.startswith("127.0.0.1"):
+        source = "http://" + source
+    expected = local_reference(engine, tmp_path, lora_files["a"])
+    assert np.array_equal(pixels(engine, with_loras((source, 1.0))), expected)
+
+
+def test_hugging_face_subfolder_and_several_files(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    engine.generate(with_loras((f"{hosts['hf'].url}/acme/nested/blob/main/sub/dir/x.safetensors", 1.0)))
+    with pytest.raises(WeightsError, match=r"several \.safetensors files \(v1\.safetensors, v2\.safetensors\)"):
+        engine.generate(with_loras(("hf://acme/many", 1.0)))
+
+
+def test_hugging_face_private_repo(
+    engine: Engine, store: LoraStore, hosts: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(WeightsError, match="pass an hf_api_token") as err:
+        engine.generate(with_loras(("hf://acme/private", 1.0)))
+    with caplog.at_level(logging.DEBUG):
+        engine.generate(with_loras(("hf://acme/private", 1.0), tokens=Tokens(hf=HF_TOKEN)))
+    assert HF_TOKEN not in str(err.value) and HF_TOKEN not in caplog.text
+    assert not any(HF_TOKEN in p.name for p in store.root.rglob("*"))
+    assert HF_TOKEN not in (store.root / "index.json").read_text()
+    # Cached now, yet a caller without the token is asked for it, not served the file.
+    with pytest.raises(WeightsError, match="pass an hf_api_token"):
+        engine.generate(with_loras(("hf://acme/private", 1.0)))
+
+
+def test_cache_hit_makes_no_request_and_survives_a_restart(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    req = with_loras(("hf://acme/style", 1.0))
+    first = pixels(engine, req)
+    served = hosts["hf"].total()
+    assert np.array_equal(pixels(engine, req), first)
+    assert hosts["hf"].total() == served
+    engine.store = LoraStore(store.root)  # a new process reading the same index
+    assert np.array_equal(pixels(engine, req), first)
+    assert hosts["hf"].total() == served
+
+
+# ---------------------------------------------------------------------------------------------
+# CivitAI
+
+
+def test_civitai_model_page_picks_the_newest_sdxl_version(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict, tmp_path: Path
+) -> None:
+    expected = local_reference(engine, tmp_path, lora_files["a"])
+    page = hosts["civitai"].url + "/models/100/some-slug"
+    assert np.array_equal(pixels(engine, with_loras((page, 1.0))), expected)
+    assert "GET /api/download/models/1001" in hosts["civitai"].hits
+    assert "GET /api/download/models/100" not in hosts["civitai"].hits, "a page id is not a version id"
+
+
+@pytest.mark.parametrize(
+    "form", ["{c}/models/100?modelVersionId=1001", "{c}/api/download/models/1001", "urn:air:sdxl:lora:civitai:100@1001"]
+)
+def test_civitai_version_forms(engine: Engine, store: LoraStore, hosts: dict, form: str) -> None:
+    engine.generate(with_loras((form.format(c=hosts["civitai"].url), 1.0)))
+    served = hosts["civitai"].total()
+    engine.generate(with_loras((form.format(c=hosts["civitai"].url), 1.0)))
+    assert hosts["civitai"].total() == served, "a version id is immutable: the second request is a pure cache hit"
+
+
+def test_civitai_other_base_model_is_refused(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    with pytest.raises(WeightsError, match=r"LoRA for Flux\.1 D, not for SDXL"):
+        engine.generate(with_loras((hosts["civitai"].url + "/models/300", 1.0)))
+    with pytest.raises(WeightsError, match=r"LoRA for SD 1\.5"):
+        engine.generate(with_loras((hosts["civitai"].url + "/api/download/models/1002", 1.0)))
+
+
+@pytest.mark.parametrize("model", [200, 400])
+def test_civitai_token(engine: Engine, store: LoraStore, hosts: dict, model: int) -> None:
+    page = f"{hosts['civitai'].url}/models/{model}"
+    with pytest.raises(WeightsError, match="needs a CivitAI token: pass civitai_api_token") as err:
+        engine.generate(with_loras((page, 1.0)))
+    engine.generate(with_loras((page, 1.0), tokens=Tokens(civitai=CIVITAI_TOKEN)))
+    assert CIVITAI_TOKEN not in str(err.value)
+    assert not list(store.files.glob(".part-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain URLs, Replicate, data: URIs and faults
+
+
+def test_replicate_tar_and_shorthand(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict, tmp_path: Path
+) -> None:
+    expected = local_reference(engine, tmp_path, lora_files["b"])
+    tar_url = hosts["files"].url + "/acme-trained/trained_model.tar"
+    assert np.array_equal(pixels(engine, with_loras((tar_url, 1.0))), expected)
+    assert np.array_equal(pixels(engine, with_loras(("acme/trained", 1.0))), expected)
+    with pytest.raises(WeightsError, match="pivotal-tuning"):
+        engine.generate(with_loras(("acme/pivotal", 1.0)))
+
+
+def test_data_uri(engine: Engine, store: LoraStore, lora_files: dict, tmp_path: Path) -> None:
+    expected = local_reference(engine, tmp_path, lora_files["a"])
+    uri = "data:application/octet-stream;base64," + base64.b64encode(lora_files["a"]).decode()
+    assert np.array_equal(pixels(engine, with_loras((uri, 1.0))), expected)
+
+
+def test_server_error_then_success_is_retried(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    hosts["files"].faults["/a.safetensors"] = [Reply(500), Reply(503)]
+    engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    assert hosts["files"].hits["GET /a.safetensors"] == 3
+
+
+def test_client_errors_are_not_retried(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    with pytest.raises(WeightsError, match="not found \\(HTTP 404\\)"):
+        engine.generate(with_loras((hosts["files"].url + "/missing.safetensors", 1.0)))
+    assert hosts["files"].hits["GET /missing.safetensors"] == 1
+    hosts["files"].faults["/a.safetensors"] = [Reply(403)]
+    with pytest.raises(WeightsError, match="HTTP 403"):
+        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+
+
+def test_truncated_body_is_retried_then_refused(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict
+) -> None:
+    cut = Reply(200, lora_files["a"][:1000], declared_length=len(lora_files["a"]))
+    hosts["files"].faults["/a.safetensors"] = [cut] * 5
+    with pytest.raises(WeightsError, match="after 5 tries"):
+        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    assert list(store.files.iterdir()) == []
+
+
+def test_html_instead_of_a_file(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    with pytest.raises(WeightsError, match="HTML page instead of a file"):
+        engine.generate(with_loras((hosts["files"].url + "/page.safetensors", 1.0)))
+    assert list(store.files.iterdir()) == []
+
+
+def test_oversize_and_disk_full(engine: Engine, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_MAX_FILE_BYTES", "1000")
+    with pytest.raises(WeightsError, match="over the 1000-byte limit"):
+        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    monkeypatch.delenv("LORA_MAX_FILE_BYTES")
+    store.min_free = 10**18  # a disk that is always full
+    with pytest.raises(WeightsError, match="not enough disk space"):
+        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    assert list(store.files.iterdir()) == []
+
+
+def test_lru_eviction_by_bytes(store: LoraStore, hosts: dict, lora_files: dict) -> None:
+    store.max_bytes = len(lora_files["a"]) + len(lora_files["b"]) - 1  # room for one of the two
+    a = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
+    b = store.fetch(hosts["files"].url + "/b.safetensors", 1.0, Tokens())
+    assert not a.path.exists() and b.path.exists()
+    served = hosts["files"].total()
+    store.fetch(hosts["files"].url + "/b.safetensors", 1.0, Tokens())
+    assert hosts["files"].total() == served
+
+
+def test_concurrent_requests_download_once(store: LoraStore, hosts: dict) -> None:
+    url = hosts["files"].url + "/b.safetensors"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.fetch(url, 1.0, Tokens()))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.path for r in results}) == 1 and len(results) == 4
+    assert hosts["files"].hits["GET /b.safetensors"] == 1
