@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine.generator import Engine  # noqa: E402
 from scripts.build_tiny_weights import build_all  # noqa: E402
+from test_folder.lora_factory import diffusers_lora, kohya_lora, loha_file, sd15_like_lora  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,6 +51,21 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def engine(weights_dir: Path) -> Engine:
     return Engine.load(weights_dir)
+
+
+@pytest.fixture(scope="session")
+def lora_files(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    pipe = engine.models["illustrious-xl"].txt2img
+    root = tmp_path_factory.mktemp("loras")
+    made = {
+        "a": diffusers_lora(pipe, root / "a", seed=11),
+        "b": kohya_lora(pipe, root / "b.safetensors", seed=22),
+        "te": diffusers_lora(pipe, root / "te", seed=33, text=True),
+        "kohya_te": kohya_lora(pipe, root / "kte.safetensors", seed=44, text=True),
+        "loha": loha_file(root / "loha.safetensors"),
+        "sd15": sd15_like_lora(root / "sd15.safetensors"),
+    }
+    return {name: path.read_bytes() for name, path in made.items()}
 
 
 def free_port() -> int:

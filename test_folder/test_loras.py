@@ -16,7 +16,6 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec, Tokens
 from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, file_host, hugging_face, trained_tar
-from test_folder.lora_factory import diffusers_lora, kohya_lora, loha_file, sd15_like_lora
 from weights import LoraStore, WeightsError, parse_lora
 
 HF_TOKEN = "hf_secret_token_abc123"
@@ -75,21 +74,6 @@ def test_unparseable() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: LoRA files for the tiny model, emulated hosts, a fresh cache per test.
-
-
-@pytest.fixture(scope="session")
-def lora_files(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    pipe = engine.models["illustrious-xl"].txt2img
-    root = tmp_path_factory.mktemp("loras")
-    made = {
-        "a": diffusers_lora(pipe, root / "a", seed=11),
-        "b": kohya_lora(pipe, root / "b.safetensors", seed=22),
-        "te": diffusers_lora(pipe, root / "te", seed=33, text=True),
-        "kohya_te": kohya_lora(pipe, root / "kte.safetensors", seed=44, text=True),
-        "loha": loha_file(root / "loha.safetensors"),
-        "sd15": sd15_like_lora(root / "sd15.safetensors"),
-    }
-    return {name: path.read_bytes() for name, path in made.items()}
 
 
 @pytest.fixture
