@@ -33,9 +33,11 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -62,6 +64,7 @@ _TOKEN_QUERY_KEYS = {"token", "access_token", "api_key", "apikey", "key", "sig",
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _AIR = re.compile(r"^urn:air:[^:]+:[^:]+:civitai:(\d+)@(\d+)$")
 RETRIES = 5
+T = TypeVar("T")
 
 
 class WeightsError(RuntimeError):
@@ -219,39 +222,118 @@ def _http_error(status: int, name: str, service: str) -> WeightsError:
     return WeightsError(f"{name}: HTTP {status} from {service}")
 
 
-def _python_download(url: str, dest: Path, headers: dict[str, str], name: str, service: str) -> None:
-    """Stream into dest with retries on connection errors and 5xx; never retry a 4xx."""
-    max_bytes = int(_env("LORA_MAX_FILE_BYTES", config.LORA_MAX_FILE_BYTES))
+_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class _NoRanges(Exception):
+    """The server ignored a Range request: download in one stream instead."""
+
+
+def _with_retries(name: str, attempt_once: Callable[[], T]) -> T:
+    """Retry connection errors, timeouts, truncation and 5xx with backoff; a 4xx raises at once."""
     for attempt in range(RETRIES):
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as resp:
-                if "/login" in urlsplit(resp.url).path:
-                    raise _http_error(401, name, service)
-                if resp.status_code >= 500:
-                    raise requests.ConnectionError(f"HTTP {resp.status_code}")
-                if resp.status_code >= 400:
-                    raise _http_error(resp.status_code, name, service)
-                if "text/html" in resp.headers.get("Content-Type", ""):
-                    raise WeightsError(f"{name} answered with an HTML page instead of a file: check the URL or token")
-                expected = int(resp.headers.get("Content-Length") or 0)
-                if expected > max_bytes:
-                    raise WeightsError(f"{name} is {expected} bytes, over the {max_bytes}-byte limit")
-                received = 0
-                with open(dest, "wb") as out:
-                    for chunk in resp.iter_content(1 << 20):
-                        received += len(chunk)
-                        if received > max_bytes:
-                            raise WeightsError(f"{name} is over the {max_bytes}-byte limit")
-                        out.write(chunk)
-                if expected and received != expected:
-                    raise requests.ConnectionError(f"truncated: {received} of {expected} bytes")
-                return
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            return attempt_once()
+        except _TRANSIENT as exc:
             if attempt == RETRIES - 1:
                 raise WeightsError(f"could not download {name} after {RETRIES} tries: {exc}") from exc
             delay = 0.2 * 2**attempt
             log.info("download of %s failed (%s); retrying in %.1fs", name, exc, delay)
             time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _check(resp: requests.Response, name: str, service: str) -> None:
+    if "/login" in urlsplit(resp.url).path:
+        raise _http_error(401, name, service)
+    if resp.status_code >= 500:
+        raise requests.ConnectionError(f"HTTP {resp.status_code}")
+    if resp.status_code >= 400:
+        raise _http_error(resp.status_code, name, service)
+    if "text/html" in resp.headers.get("Content-Type", ""):
+        raise WeightsError(f"{name} answered with an HTML page instead of a file: check the URL or token")
+
+
+def _copy(resp: requests.Response, fd: int, offset: int, expected: int, max_bytes: int, name: str) -> None:
+    """Write the body at offset; a body shorter than announced is a (retryable) truncation."""
+    received = 0
+    for chunk in resp.iter_content(1 << 20):
+        if offset + received + len(chunk) > max_bytes:
+            raise WeightsError(f"{name} is over the {max_bytes}-byte limit")
+        os.pwrite(fd, chunk, offset + received)
+        received += len(chunk)
+    if expected and received != expected:
+        raise requests.ConnectionError(f"truncated: {received} of {expected} bytes")
+
+
+def _python_download(url: str, dest: Path, headers: dict[str, str], name: str, service: str) -> None:
+    """Parallel Range requests when the server takes them and the file is large, else one stream."""
+    max_bytes = int(_env("LORA_MAX_FILE_BYTES", config.LORA_MAX_FILE_BYTES))
+    timeout = (10, float(_env("LORA_DOWNLOAD_TIMEOUT", config.LORA_DOWNLOAD_TIMEOUT)))
+    connections = int(_env("LORA_DOWNLOAD_CONNECTIONS", config.LORA_DOWNLOAD_CONNECTIONS))
+    min_parallel = int(_env("LORA_PARALLEL_MIN_BYTES", config.LORA_PARALLEL_MIN_BYTES))
+
+    def probe() -> requests.Response:
+        resp = requests.head(url, headers=headers, allow_redirects=True, timeout=timeout)
+        _check(resp, name, service)
+        return resp
+
+    head = _with_retries(name, probe) if connections > 1 else None
+    size = int(head.headers.get("Content-Length") or 0) if head is not None else 0
+    if size > max_bytes:
+        raise WeightsError(f"{name} is {size} bytes, over the {max_bytes}-byte limit")
+    with open(dest, "wb") as out:
+        fd = out.fileno()
+        if head is not None and head.headers.get("Accept-Ranges") == "bytes" and size >= min_parallel:
+            # Credentials stay with the host they were meant for, as a redirect would drop them.
+            final = head.url
+            part_headers = headers if _host(final) == _host(url) else {}
+            try:
+                _parallel(final, part_headers, fd, size, connections, timeout, max_bytes, name, service)
+                return
+            except _NoRanges:
+                log.info("%s ignores Range requests; downloading in one stream", name)
+                os.ftruncate(fd, 0)
+
+        def stream() -> None:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
+                _check(resp, name, service)
+                expected = int(resp.headers.get("Content-Length") or 0)
+                if expected > max_bytes:
+                    raise WeightsError(f"{name} is {expected} bytes, over the {max_bytes}-byte limit")
+                _copy(resp, fd, 0, expected, max_bytes, name)
+
+        _with_retries(name, stream)
+
+
+def _parallel(
+    url: str,
+    headers: dict[str, str],
+    fd: int,
+    size: int,
+    connections: int,
+    timeout: tuple[float, float],
+    max_bytes: int,
+    name: str,
+    service: str,
+) -> None:
+    step = -(-size // connections)
+    spans = [(start, min(start + step, size) - 1) for start in range(0, size, step)]
+
+    def fetch(span: tuple[int, int]) -> None:
+        def once() -> None:
+            ranged = {**headers, "Range": f"bytes={span[0]}-{span[1]}"}
+            with requests.get(url, headers=ranged, stream=True, timeout=timeout) as resp:
+                _check(resp, name, service)
+                if resp.status_code != 206:
+                    raise _NoRanges
+                _copy(resp, fd, span[0], span[1] - span[0] + 1, max_bytes, name)
+
+        _with_retries(name, once)
+
+    with ThreadPoolExecutor(max_workers=len(spans)) as pool:
+        for future in [pool.submit(fetch, span) for span in spans]:
+            future.result()
 
 
 def download(url: str, dest: Path, headers: dict[str, str], name: str, service: str) -> None:

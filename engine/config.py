@@ -56,12 +56,16 @@ def weights_root() -> Path:
     return Path(os.environ.get("WEIGHTS_DIR") or REPO_ROOT / "weights")
 
 
-# LoRA cache (deploy-time overrides: LORA_CACHE_DIR, LORA_CACHE_MAX_BYTES, LORA_CACHE_MIN_FREE_BYTES,
-# LORA_MAX_FILE_BYTES, LORA_ALIAS_TTL_SECONDS; read in weights.py).
+# LoRA cache and downloads. Each is overridable by the environment variable of the same name,
+# read in weights.py.
 LORA_CACHE_DIR = "/tmp/lora-cache"
 LORA_CACHE_MAX_BYTES = 20 * 2**30
 LORA_CACHE_MIN_FREE_BYTES = 2 * 2**30
 LORA_MAX_FILE_BYTES = 2 * 2**30
+# Python downloader: parallel Range requests for files at least this large, read timeout in seconds.
+LORA_DOWNLOAD_CONNECTIONS = 4
+LORA_PARALLEL_MIN_BYTES = 16 * 2**20
+LORA_DOWNLOAD_TIMEOUT = 60
 # How long "owner/repo" (HF main) or a CivitAI model page keeps pointing at what it resolved to.
 LORA_ALIAS_TTL_SECONDS = 24 * 3600
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"

@@ -14,6 +14,7 @@ import io
 import json
 import tarfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,10 @@ class Loopback:
     def __init__(self, route: Callable[[Request], Reply]) -> None:
         self.hits: Counter[str] = Counter()
         self.auth: list[str | None] = []
-        self.faults: dict[str, list[Reply]] = {}  # path -> replies to give first, in order
+        self.faults: dict[str, list[Reply]] = {}  # "GET /path" -> replies to give first, in order
+        self.ranges = "honoured"  # or "ignored": advertise Range support, then answer 200 in full
+        self.range_requests: list[str] = []
+        self.delay = 0.0  # seconds before each answer: a slow server
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,8 +66,19 @@ class Loopback:
                 req = Request(self.command, unquote(parts.path), parse_qs(parts.query), headers)
                 server.hits[f"{self.command} {req.path}"] += 1
                 server.auth.append(self.headers.get("Authorization"))
-                queued = server.faults.get(req.path)
+                queued = server.faults.get(f"{self.command} {req.path}")
                 reply = queued.pop(0) if queued else route(req)
+                time.sleep(server.delay)
+                wanted = req.headers.get("range")
+                if reply.status == 200 and reply.declared_length is None and "Location" not in reply.headers:
+                    reply.headers.setdefault("Accept-Ranges", "bytes")
+                    if wanted and server.ranges == "honoured":
+                        server.range_requests.append(wanted)
+                        start, end = (int(x) for x in wanted.removeprefix("bytes=").split("-"))
+                        total = len(reply.body)
+                        reply = Reply(
+                            206, reply.body[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{total}"}
+                        )
                 self.send_response(reply.status)
                 for k, v in reply.headers.items():
                     self.send_header(k, v)

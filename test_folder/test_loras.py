@@ -337,7 +337,7 @@ def test_data_uri(engine: Engine, store: LoraStore, lora_files: dict, tmp_path: 
 
 
 def test_server_error_then_success_is_retried(engine: Engine, store: LoraStore, hosts: dict) -> None:
-    hosts["files"].faults["/a.safetensors"] = [Reply(500), Reply(503)]
+    hosts["files"].faults["GET /a.safetensors"] = [Reply(500), Reply(503)]
     engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
     assert hosts["files"].hits["GET /a.safetensors"] == 3
 
@@ -345,8 +345,8 @@ def test_server_error_then_success_is_retried(engine: Engine, store: LoraStore, 
 def test_client_errors_are_not_retried(engine: Engine, store: LoraStore, hosts: dict) -> None:
     with pytest.raises(WeightsError, match="not found \\(HTTP 404\\)"):
         engine.generate(with_loras((hosts["files"].url + "/missing.safetensors", 1.0)))
-    assert hosts["files"].hits["GET /missing.safetensors"] == 1
-    hosts["files"].faults["/a.safetensors"] = [Reply(403)]
+    assert hosts["files"].hits["HEAD /missing.safetensors"] + hosts["files"].hits["GET /missing.safetensors"] == 1
+    hosts["files"].faults["GET /a.safetensors"] = [Reply(403)]
     with pytest.raises(WeightsError, match="HTTP 403"):
         engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
 
@@ -355,7 +355,7 @@ def test_truncated_body_is_retried_then_refused(
     engine: Engine, store: LoraStore, hosts: dict, lora_files: dict
 ) -> None:
     cut = Reply(200, lora_files["a"][:1000], declared_length=len(lora_files["a"]))
-    hosts["files"].faults["/a.safetensors"] = [cut] * 5
+    hosts["files"].faults["GET /a.safetensors"] = [cut] * 5
     with pytest.raises(WeightsError, match="after 5 tries"):
         engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
     assert list(store.files.iterdir()) == []
@@ -398,3 +398,29 @@ def test_concurrent_requests_download_once(store: LoraStore, hosts: dict) -> Non
         t.join()
     assert len({r.path for r in results}) == 1 and len(results) == 4
     assert hosts["files"].hits["GET /b.safetensors"] == 1
+
+
+def test_parallel_range_download(
+    store: LoraStore, hosts: dict, lora_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORA_PARALLEL_MIN_BYTES", "1000")
+    lora = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
+    assert lora.path.read_bytes() == lora_files["a"]
+    assert len(hosts["files"].range_requests) == 4
+
+
+def test_server_ignoring_ranges_falls_back_to_one_stream(
+    store: LoraStore, hosts: dict, lora_files: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORA_PARALLEL_MIN_BYTES", "1000")
+    hosts["files"].ranges = "ignored"
+    lora = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
+    assert lora.path.read_bytes() == lora_files["a"]
+
+
+def test_slow_server_times_out_clearly(store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "0.2")
+    hosts["files"].delay = 0.5
+    with pytest.raises(WeightsError, match=r"could not download .* after 5 tries"):
+        store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
+    assert list(store.files.iterdir()) == []
