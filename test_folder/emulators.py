@@ -48,6 +48,7 @@ class Loopback:
         self.ranges = "honoured"  # or "ignored": advertise Range support, then answer 200 in full
         self.range_requests: list[str] = []
         self.delay = 0.0  # seconds before each answer: a slow server
+        self.rate = 0  # bytes per second per connection when set: a throttled link
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,7 +86,11 @@ class Loopback:
                 length = reply.declared_length if reply.declared_length is not None else len(reply.body)
                 self.send_header("Content-Length", str(length))
                 self.end_headers()
-                if send_body:
+                if send_body and server.rate:
+                    for i in range(0, len(reply.body), 1 << 16):
+                        self.wfile.write(reply.body[i : i + (1 << 16)])
+                        time.sleep((1 << 16) / server.rate)
+                elif send_body:
                     self.wfile.write(reply.body)
                 if reply.declared_length is not None:
                     self.close_connection = True
