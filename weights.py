@@ -65,6 +65,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _AIR = re.compile(r"^urn:air:[^:]+:[^:]+:civitai:(\d+)@(\d+)$")
 RETRIES = 5
 T = TypeVar("T")
+# Writes a LoRA into the given path; returns the pivotal trigger map when there is one.
+Fetcher = Callable[[Path], "dict[str, str] | None"]
 
 
 class WeightsError(RuntimeError):
@@ -479,11 +481,9 @@ class LoraStore:
         token = self._token_for(ref, tokens)
         hit = self._lookup_alias(alias, token)
         if hit:
-            key, path = hit
-            log.info(
-                "LoRA cache hit: %s (%d bytes, %.3fs)", ref.display, path.stat().st_size, time.perf_counter() - start
-            )
-            return LocalLora(key, path, scale, ref.display)
+            key, entry = hit
+            log.info("LoRA cache hit: %s (%d bytes, %.3fs)", ref.display, entry["size"], time.perf_counter() - start)
+            return self._local(key, entry, scale, ref.display)
         key, fetcher = self._resolve(ref, tokens)
         with self._locked():
             index = self._read_index()
@@ -496,27 +496,45 @@ class LoraStore:
                     index["aliases"][alias] = {"key": key, "at": time.time()}
                 self._write_index(index)
                 log.info("LoRA cache hit: %s (%d bytes)", ref.display, entry["size"])
-                return LocalLora(key, path, scale, ref.display)
+                return self._local(key, entry, scale, ref.display)
             tmp = Path(tempfile.mkstemp(dir=self.files, prefix=".part-")[1])
+            tmp_embeddings = _embeddings_of(tmp)
             try:
-                fetcher(tmp)
+                trigger = fetcher(tmp) or {}
                 validate_safetensors(tmp, ref.display)
-                size = tmp.stat().st_size
+                size = tmp.stat().st_size + (tmp_embeddings.stat().st_size if tmp_embeddings.exists() else 0)
                 self._make_room(index, size, (in_use or set()) | {key})
+                if tmp_embeddings.exists():
+                    os.replace(tmp_embeddings, _embeddings_of(path))
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            index["entries"][key] = {
+                tmp_embeddings.unlink(missing_ok=True)
+            entry = {
                 "size": size,
                 "last_used": time.time(),
                 "auth": self._auth_tag(token),
                 "name": ref.display,
+                "trigger": trigger,
             }
+            index["entries"][key] = entry
             if alias:
                 index["aliases"][alias] = {"key": key, "at": time.time()}
             self._write_index(index)
         log.info("LoRA cache miss: %s downloaded, %d bytes in %.2fs", ref.display, size, time.perf_counter() - start)
-        return LocalLora(key, path, scale, ref.display)
+        return self._local(key, entry, scale, ref.display)
+
+    def _local(self, key: str, entry: dict, scale: float, name: str) -> LocalLora:
+        path = self.files / self._file_name(key)
+        embeddings = _embeddings_of(path)
+        return LocalLora(
+            key,
+            path,
+            scale,
+            name,
+            embeddings=embeddings if embeddings.exists() else None,
+            trigger=tuple((entry.get("trigger") or {}).items()),
+        )
 
     def _token_for(self, ref: LoraRef, tokens: Tokens) -> str | None:
         if ref.kind == "hf":
@@ -525,7 +543,7 @@ class LoraStore:
             return tokens.civitai or os.environ.get("CIVITAI_API_TOKEN")
         return None
 
-    def _lookup_alias(self, alias: str | None, token: str | None) -> tuple[str, Path] | None:
+    def _lookup_alias(self, alias: str | None, token: str | None) -> tuple[str, dict] | None:
         if alias is None:
             return None
         with self._locked():
@@ -542,7 +560,7 @@ class LoraStore:
                 return None
             entry["last_used"] = time.time()
             self._write_index(index)
-            return link["key"], path
+            return link["key"], entry
 
     def _make_room(self, index: dict, incoming: int, keep: set[str]) -> None:
         """Evict least-recently-used entries until the new file fits both bounds."""
@@ -554,7 +572,9 @@ class LoraStore:
                 return
             if key in keep:
                 continue
-            (self.files / self._file_name(key)).unlink(missing_ok=True)
+            path = self.files / self._file_name(key)
+            path.unlink(missing_ok=True)
+            _embeddings_of(path).unlink(missing_ok=True)
             del entries[key]
             index["aliases"] = {a: v for a, v in index["aliases"].items() if v["key"] != key}
             log.info("LoRA cache evicted %s", key.split(":", 1)[0])
@@ -563,7 +583,7 @@ class LoraStore:
 
     # -- resolution -------------------------------------------------------------------------
 
-    def _resolve(self, ref: LoraRef, tokens: Tokens):
+    def _resolve(self, ref: LoraRef, tokens: Tokens) -> tuple[str, Fetcher]:
         """The immutable cache key, and a function that writes the bytes into a given path."""
         if ref.kind == "data":
             assert ref.url is not None
@@ -572,7 +592,11 @@ class LoraStore:
                 data = base64.b64decode(payload, validate=True)
             except ValueError as exc:
                 raise WeightsError("the LoRA data: URI is not valid base64") from exc
-            return f"data:{hashlib.sha256(data).hexdigest()}", lambda dest: dest.write_bytes(data)
+
+            def write(dest: Path) -> None:
+                dest.write_bytes(data)
+
+            return f"data:{hashlib.sha256(data).hexdigest()}", write
         if ref.kind == "hf":
             return self._resolve_hf(ref, tokens)
         if ref.kind.startswith("civitai"):
@@ -587,7 +611,7 @@ class LoraStore:
             return f"replicate:{ref.display}", lambda dest: self._fetch_tar(url, dest, ref.display)
         return key, lambda dest: download(url, dest, {}, ref.display, "the host")
 
-    def _resolve_hf(self, ref: LoraRef, tokens: Tokens):
+    def _resolve_hf(self, ref: LoraRef, tokens: Tokens) -> tuple[str, Fetcher]:
         assert ref.repo_id is not None
         token = _hf_token(tokens.hf)
         try:
@@ -630,7 +654,7 @@ class LoraStore:
         token = tokens.civitai or os.environ.get("CIVITAI_API_TOKEN")
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _resolve_civitai(self, ref: LoraRef, tokens: Tokens):
+    def _resolve_civitai(self, ref: LoraRef, tokens: Tokens) -> tuple[str, Fetcher]:
         if ref.kind == "civitai-model":
             model = self._civitai_get(f"/api/v1/models/{ref.model_id}", tokens, ref.display)
             versions = model.get("modelVersions") or []
@@ -659,25 +683,40 @@ class LoraStore:
         name = f"civitai version {vid}"
         return f"civitai:{vid}", lambda dest: download(url, dest, headers, name, "CivitAI")
 
-    def _fetch_tar(self, url: str, dest: Path, name: str) -> None:
-        """Replicate's trained_model.tar: take lora.safetensors; refuse what would be silently lost."""
+    def _fetch_tar(self, url: str, dest: Path, name: str) -> dict[str, str] | None:
+        """Replicate's trained_model.tar: lora.safetensors, and for pivotal tuning its token
+        embeddings (beside dest) and the trigger map of special_params.json, which is returned."""
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".tar-") as tmp:
             archive = Path(tmp) / "weights.tar"
             download(url, archive, {}, name, "Replicate")
             try:
                 with tarfile.open(archive) as tar:
                     members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-                    if "embeddings.pti" in members:
-                        raise WeightsError(
-                            f"{name} is a pivotal-tuning LoRA (embeddings.pti): its trigger tokens are not "
-                            "supported yet, so it is refused rather than applied without them"
-                        )
-                    member = members.get("lora.safetensors")
-                    if member is None:
+                    if "lora.safetensors" not in members:
                         raise WeightsError(f"{name} holds no lora.safetensors (found: {', '.join(members)})")
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    with source, open(dest, "wb") as out:
-                        shutil.copyfileobj(source, out)
-            except tarfile.TarError as exc:
-                raise WeightsError(f"{name} is not a readable tar archive: {exc}") from exc
+                    _extract(tar, members["lora.safetensors"], dest)
+                    if "embeddings.pti" not in members:
+                        return None
+                    _extract(tar, members["embeddings.pti"], _embeddings_of(dest))
+                    params = members.get("special_params.json")
+                    source = tar.extractfile(params) if params else None
+                    trigger = json.load(source) if source else {}
+            except (tarfile.TarError, json.JSONDecodeError) as exc:
+                raise WeightsError(f"{name} is not a readable trained-model tar: {exc}") from exc
+        validate_safetensors(_embeddings_of(dest), f"{name} (embeddings.pti)")
+        if not trigger:
+            raise WeightsError(f"{name} has embeddings.pti but no special_params.json naming its trigger tokens")
+        return {str(word): str(tokens) for word, tokens in trigger.items()}
+
+
+def _embeddings_of(path: Path) -> Path:
+    """Where the pivotal-tuning embeddings of a cached LoRA file live."""
+    return path.with_name(path.name + ".pti")
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    source = tar.extractfile(member)
+    if source is None:
+        raise WeightsError(f"{member.name} in the tar is not a regular file")
+    with source, open(dest, "wb") as out:
+        shutil.copyfileobj(source, out)

@@ -103,8 +103,8 @@ class Engine:
         )
         start = time.perf_counter()
         images = pipe(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
+            prompt=model.loras.rewrite(req.prompt),
+            negative_prompt=model.loras.rewrite(req.negative_prompt) or None,
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.cfg_scale,
             num_images_per_prompt=req.num_outputs,

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from engine.errors import InputError
 
@@ -33,6 +35,8 @@ class LocalLora:
     path: Path
     scale: float
     name: str  # what the user passed, for messages (never holds a token)
+    embeddings: Path | None = None  # pivotal tuning: safetensors with text_encoders_0 / text_encoders_1
+    trigger: tuple[tuple[str, str], ...] = ()  # e.g. (("TOK", "<s0><s1>"),) from special_params.json
 
 
 def check_format(path: Path, name: str) -> None:
@@ -61,6 +65,8 @@ class LoraSet:
         self.pipe = pipe
         self.model_id = model_id
         self.loaded: dict[str, str] = {}  # cache key -> adapter name
+        self.tokens: dict[str, list[str]] = {}  # adapter name -> its pivotal tokens in the tokenizers
+        self.triggers: list[tuple[str, str]] = []  # (what the user writes, the tokens it stands for)
 
     def apply(self, loras: list[LocalLora]) -> None:
         """Make exactly these adapters active at these scales."""
@@ -68,10 +74,19 @@ class LoraSet:
         stale = [name for key, name in self.loaded.items() if key not in wanted]
         if stale:
             self.pipe.delete_adapters(stale)
+            for name in stale:
+                self._unload_tokens(name)
             self.loaded = {k: n for k, n in self.loaded.items() if k in wanted}
         for lora in loras:
             if lora.key not in self.loaded:
                 self._load(lora)
+        self.triggers = [
+            (text, "".join(self.tokens[self.loaded[lora.key]]))
+            for lora in loras
+            if self.loaded[lora.key] in self.tokens
+            for word, original in lora.trigger
+            for text in (word, original)
+        ]
         if loras:
             names = [self.loaded[lora.key] for lora in loras]
             self.pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
@@ -90,7 +105,47 @@ class LoraSet:
                 f"for another base model such as SD 1.5 or Flux. Loader said: {str(exc)[:300]}"
             ) from exc
         self.loaded[lora.key] = name
+        if lora.embeddings is not None:
+            self._load_tokens(lora, name)
         log.info("loaded LoRA %s in %.2fs", lora.name, time.perf_counter() - start)
+
+    def rewrite(self, prompt: str) -> str:
+        """Swap pivotal trigger words (TOK, <s0><s1>) for the active LoRA's own tokens."""
+        for text, tokens in self.triggers:
+            if text.isalnum():
+                prompt = re.sub(rf"\b{re.escape(text)}\b", tokens, prompt)
+            else:
+                prompt = prompt.replace(text, tokens)
+        return prompt
+
+    def _load_tokens(self, lora: LocalLora, name: str) -> None:
+        """Pivotal-tuning embeddings, under tokens unique to this adapter so two never collide."""
+        embeddings = load_file(str(lora.embeddings))
+        pairs = (
+            ("text_encoders_0", self.pipe.text_encoder, self.pipe.tokenizer),
+            ("text_encoders_1", self.pipe.text_encoder_2, self.pipe.tokenizer_2),
+        )
+        count = embeddings["text_encoders_0"].shape[0]
+        tokens = [f"<{name}_{i}>" for i in range(count)]
+        try:
+            for key, encoder, tokenizer in pairs:
+                self.pipe.load_textual_inversion(
+                    embeddings[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
+                )
+        except (KeyError, ValueError) as exc:
+            self.pipe.delete_adapters([name])
+            del self.loaded[lora.key]
+            raise InputError(f"LoRA {lora.name} has embeddings that do not fit {self.model_id}: {exc}") from exc
+        self.tokens[name] = tokens
+
+    def _unload_tokens(self, name: str) -> None:
+        tokens = self.tokens.pop(name, None)
+        if tokens:
+            for encoder, tokenizer in (
+                (self.pipe.text_encoder, self.pipe.tokenizer),
+                (self.pipe.text_encoder_2, self.pipe.tokenizer_2),
+            ):
+                self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
 
     def _forget(self, name: str) -> None:
         """A failed load can leave a half-made adapter behind: remove it."""

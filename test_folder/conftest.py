@@ -24,7 +24,13 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine.generator import Engine  # noqa: E402
 from scripts.build_tiny_weights import build_all  # noqa: E402
-from test_folder.lora_factory import diffusers_lora, kohya_lora, loha_file, sd15_like_lora  # noqa: E402
+from test_folder.lora_factory import (  # noqa: E402
+    diffusers_lora,
+    kohya_lora,
+    loha_file,
+    pivotal_embeddings,
+    sd15_like_lora,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,7 +71,9 @@ def lora_files(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict
         "loha": loha_file(root / "loha.safetensors"),
         "sd15": sd15_like_lora(root / "sd15.safetensors"),
     }
-    return {name: path.read_bytes() for name, path in made.items()}
+    files = {name: path.read_bytes() for name, path in made.items()}
+    files["pti"] = pivotal_embeddings(pipe, seed=55)
+    return files
 
 
 def free_port() -> int:

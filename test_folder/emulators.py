@@ -204,13 +204,13 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
     return holder["server"]
 
 
-def trained_tar(lora: bytes, embeddings: bool = False) -> bytes:
+def trained_tar(lora: bytes, embeddings: bytes | None = None) -> bytes:
     """Replicate's SDXL trainer output: lora.safetensors (+ embeddings.pti, special_params.json)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         members = {"lora.safetensors": lora}
-        if embeddings:
-            members["embeddings.pti"] = b"\0" * 16
+        if embeddings is not None:
+            members["embeddings.pti"] = embeddings
             members["special_params.json"] = b'{"TOK": "<s0><s1>"}'
         for name, data in members.items():
             info = tarfile.TarInfo(name)

@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -81,3 +81,13 @@ def sd15_like_lora(path: Path) -> Path:
         path,
     )
     return path
+
+
+def pivotal_embeddings(pipe: StableDiffusionXLPipeline, seed: int, count: int = 2) -> bytes:
+    """embeddings.pti as Replicate's SDXL trainer writes it: one row per token for each encoder."""
+    torch.manual_seed(seed)
+    tensors = {
+        "text_encoders_0": torch.randn(count, pipe.text_encoder.config.hidden_size),
+        "text_encoders_1": torch.randn(count, pipe.text_encoder_2.config.hidden_size),
+    }
+    return save(tensors)

@@ -105,7 +105,7 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
             "sd15.safetensors": lora_files["sd15"],
             "page.safetensors": b"<!DOCTYPE html><html>not a file</html>",
             "acme-trained/trained_model.tar": trained_tar(b),
-            "acme-pivotal/trained_model.tar": trained_tar(b, embeddings=True),
+            "acme-pivotal/trained_model.tar": trained_tar(b, embeddings=lora_files["pti"]),
         }
     )
     monkeypatch.setenv("HF_ENDPOINT", hf.url)
@@ -326,8 +326,26 @@ def test_replicate_tar_and_shorthand(
     tar_url = hosts["files"].url + "/acme-trained/trained_model.tar"
     assert np.array_equal(pixels(engine, with_loras((tar_url, 1.0))), expected)
     assert np.array_equal(pixels(engine, with_loras(("acme/trained", 1.0))), expected)
-    with pytest.raises(WeightsError, match="pivotal-tuning"):
-        engine.generate(with_loras(("acme/pivotal", 1.0)))
+
+
+def test_pivotal_tuning_tokens(engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray) -> None:
+    """TOK in the prompt becomes the tar's trained tokens; without TOK only the LoRA acts."""
+    tok = replace(BASE, prompt="a photo of TOK at dusk")
+    plain = replace(BASE, prompt="a photo of a man at dusk")
+
+    def run(req: GenerationRequest, source: str) -> np.ndarray:
+        return pixels(engine, replace(req, loras=(LoraSpec(source, 1.0),)))
+
+    tokenizer = engine.models["illustrious-xl"].txt2img.tokenizer
+    vocab = len(tokenizer)
+    assert np.array_equal(run(plain, "acme/pivotal"), run(plain, "acme/trained"))
+    assert np.abs(run(tok, "acme/pivotal") - run(tok, "acme/trained")).max() > 0
+    literal = replace(BASE, prompt="a photo of <s0><s1> at dusk")
+    assert np.array_equal(run(literal, "acme/pivotal"), run(tok, "acme/pivotal"))
+    [result] = engine.generate(replace(tok, loras=(LoraSpec("acme/pivotal", 1.0),)))
+    assert result.parameters.prompt == "a photo of TOK at dusk", "metadata keeps the prompt as written"
+    assert np.array_equal(pixels(engine, BASE), baseline)
+    assert len(tokenizer) == vocab, "the trained tokens leave the tokenizer with the LoRA"
 
 
 def test_data_uri(engine: Engine, store: LoraStore, lora_files: dict, tmp_path: Path) -> None:
