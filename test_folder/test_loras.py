@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.config import REPO_ROOT
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec, Tokens
@@ -442,3 +445,23 @@ def test_slow_server_times_out_clearly(store: LoraStore, hosts: dict, monkeypatc
     with pytest.raises(WeightsError, match=r"could not download .* after 5 tries"):
         store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
     assert list(store.files.iterdir()) == []
+
+
+def test_two_processes_download_once(store: LoraStore, hosts: dict, lora_files: dict) -> None:
+    """The file lock holds across processes, not only threads."""
+    url = hosts["files"].url + "/a.safetensors"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+        "from weights import LoraStore, Tokens; "
+        "print(LoraStore(Path(sys.argv[2])).fetch(sys.argv[3], 1.0, Tokens()).path)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(REPO_ROOT), str(store.root), url], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    paths = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1 and Path(paths.pop()).read_bytes() == lora_files["a"]
+    assert hosts["files"].hits["GET /a.safetensors"] == 1
