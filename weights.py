@@ -125,7 +125,7 @@ def parse_lora(source: str) -> LoraRef:
     if s.startswith("hf://"):
         return _hf_ref(s.removeprefix("hf://").strip("/").split("/"), s)
     if not re.match(r"^[a-z]+://", s):
-        if Path(s).expanduser().is_file():
+        if s.endswith(".safetensors") and Path(s).expanduser().is_file():  # never any other local file
             path = Path(s).expanduser().resolve()
             return LoraRef("local", path.name, path=path)
         if "." in s.split("/", 1)[0]:
