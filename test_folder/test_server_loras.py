@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from test_folder.conftest import CogServer, decode_data_uri
-from test_folder.emulators import CivitaiVersion, HfRepo, civitai, hugging_face
+from test_folder.emulators import CivitaiVersion, HfRepo, civitai, file_host, hugging_face, trained_tar
 from test_folder.test_server import FLUX_JSON
 
 HF_TOKEN = "hf_server_secret_42"
@@ -28,19 +28,27 @@ def lora_server(
         }
     )
     civ = civitai({100: [CivitaiVersion(1001, "Illustrious", lora_files["b"])]})
+    files = file_host(
+        {
+            "a.safetensors": lora_files["a"],
+            "acme-trained/trained_model.tar": trained_tar(lora_files["b"]),
+            "acme-pivotal/trained_model.tar": trained_tar(lora_files["b"], embeddings=lora_files["pti"]),
+        }
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_ENDPOINT", hf.url)
         mp.setenv("CIVITAI_ENDPOINT", civ.url)
+        mp.setenv("REPLICATE_ENDPOINT", files.url)
         mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         mp.setenv("LORA_CACHE_DIR", str(tmp_path_factory.mktemp("server-lora-cache")))
         server = CogServer(weights_dir, tmp_path_factory.mktemp("lora-server") / "server.log")
     try:
         assert server.wait_ready()["status"] == "READY"
-        yield server, {"hf": hf, "civitai": civ}
+        yield server, {"hf": hf, "civitai": civ, "files": files}
     finally:
         server.stop()
-        hf.close()
-        civ.close()
+        for host in (hf, civ, files):
+            host.close()
 
 
 def png(server: CogServer, **inputs: object) -> tuple[np.ndarray, dict]:
@@ -83,3 +91,28 @@ def test_private_lora_needs_token_and_it_never_shows(lora_server: tuple[CogServe
     assert HF_TOKEN not in body["logs"] and HF_TOKEN not in str(body.get("input", ""))
     _, data = decode_data_uri(body["output"][0])
     assert HF_TOKEN.encode() not in data
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "{hf}/acme/style",
+        "{hf}/acme/style/resolve/main/style.safetensors?download=true",
+        "acme/style/style.safetensors",
+        "hf://acme/style",
+        "{civitai}/models/100/slug",
+        "{civitai}/models/100?modelVersionId=1001",
+        "{civitai}/api/download/models/1001?type=Model&format=SafeTensor",
+        "urn:air:sdxl:lora:civitai:100@1001",
+        "{files}/a.safetensors",
+        "{files}/acme-trained/trained_model.tar",
+        "acme/trained",
+        "acme/pivotal",
+    ],
+)
+def test_every_form_through_cog(lora_server: tuple[CogServer, dict], form: str) -> None:
+    server, hosts = lora_server
+    source = form.format(**{name: host.url for name, host in hosts.items()})
+    base, _ = png(server, prompt="a photo of TOK", num_inference_steps=1)
+    out, _ = png(server, prompt="a photo of TOK", num_inference_steps=1, lora_weights=source)
+    assert np.abs(out - base).max() > 10
