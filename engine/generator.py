@@ -103,8 +103,9 @@ class Engine:
         )
         start = time.perf_counter()
         images = pipe(
-            prompt=model.loras.rewrite(req.prompt),
-            negative_prompt=model.loras.rewrite(req.negative_prompt) or None,
+            **model.prompts.kwargs(
+                model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt), req.clip_skip
+            ),
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.cfg_scale,
             num_images_per_prompt=req.num_outputs,

@@ -16,6 +16,7 @@ from diffusers import (
 
 from engine.errors import InputError
 from engine.loras import LoraSet
+from engine.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class BaseModel:
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self.loras = LoraSet(self.txt2img, model_id)  # on the shared modules: all three pipelines see it
+        self.prompts = PromptEncoder(self.txt2img)
         self.scheduler_config = dict(self.txt2img.scheduler.config)
         self.native_resolution = self.txt2img.default_sample_size * self.txt2img.vae_scale_factor
         self.max_clip_skip = min(
