@@ -112,6 +112,10 @@ class PromptEncoder:
 
     def __init__(self, pipe: StableDiffusionXLPipeline) -> None:
         self.pipe = pipe
+        for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+            # transformers warns once that long token lists "will result in indexing errors": not
+            # here, where long prompts are chunked on purpose. Mark that warning as already given.
+            tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
         self.compel_1 = Compel(
             tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, returned_embeddings_type=kind,
