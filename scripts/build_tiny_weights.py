@@ -184,13 +184,14 @@ def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
     text_encoder = CLIPTextModel(_text_config(shape.text_encoder))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(shape.text_encoder_2))
     vocab, merges = clip_vocab()
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    with torch.device("cpu"):  # its tables are numpy-backed, whatever device the modules are built on
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+        )
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
