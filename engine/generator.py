@@ -19,6 +19,7 @@ from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
+from engine.prompts import check_syntax
 from engine.request import GenerationRequest
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
@@ -67,9 +68,10 @@ class Engine:
         if req.model not in self.models:
             raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
         model = self.models[req.model]
-        loras = self._fetch_loras(req)
-        model.loras.apply(loras)
+        # Everything that can be refused is checked before any LoRA is downloaded.
         model.check_clip_skip(req.clip_skip)
+        check_syntax(req.prompt)
+        check_syntax(req.negative_prompt)
         ref = reference_size(
             req.aspect_ratio,
             req.megapixels,
@@ -78,6 +80,8 @@ class Engine:
             image_size=req.image.size if req.image is not None else None,
         )
         width, height = scale_to_model(ref, model.native_resolution)
+        loras = self._fetch_loras(req)
+        model.loras.apply(loras)
         if req.seed is None or req.seed < 0:
             seed = secrets.randbelow(SEED_RANGE)
             log.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)

@@ -90,6 +90,12 @@ def a1111_to_compel(text: str) -> str:
     return "".join(out)
 
 
+def check_syntax(text: str) -> None:
+    """Raise the InputError a malformed prompt would raise, before any work is done for it."""
+    for segment in _BREAK.split(text):
+        to_compel(segment)
+
+
 def to_compel(text: str) -> str:
     return text if is_compel_syntax(text) else a1111_to_compel(text)
 

@@ -465,3 +465,11 @@ def test_two_processes_download_once(store: LoraStore, hosts: dict, lora_files: 
     assert all(p.returncode == 0 for p in procs)
     assert len(paths) == 1 and Path(paths.pop()).read_bytes() == lora_files["a"]
     assert hosts["files"].hits["GET /a.safetensors"] == 1
+
+
+def test_bad_inputs_are_refused_before_any_download(engine: Engine, store: LoraStore, hosts: dict) -> None:
+    url = hosts["files"].url + "/a.safetensors"
+    for bad in (replace(with_loras((url, 1.0)), clip_skip=50), replace(with_loras((url, 1.0)), prompt="a (cat")):
+        with pytest.raises(InputError):
+            engine.generate(bad)
+    assert hosts["files"].total() == 0
