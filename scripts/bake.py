@@ -142,7 +142,7 @@ def _convert(staging: Path, single: dict[str, str], out: Path) -> Path:
         torch_dtype=torch.float16,
     )
     if (staging / "vae" / "config.json").is_file():
-        pipe.vae = AutoencoderKL.from_pretrained(staging / "vae", torch_dtype=torch.float16)
+        pipe.vae = AutoencoderKL.from_pretrained(staging / "vae", dtype=torch.float16)
     shutil.rmtree(out, ignore_errors=True)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file, save
 
 from engine.config import REPO_ROOT
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from scripts.bake import MANIFEST, bake
 from test_folder.emulators import HfRepo, Loopback, Reply, hugging_face
+from test_folder.single_file import to_original
 from weights import WeightsError
 
 REPOS = {"sdxl": "acme/sdxl-base", "illustrious-xl": "acme/illustrious", "safety-checker": "acme/checker"}
@@ -117,3 +122,45 @@ def test_dry_run_checks_the_real_manifest_without_network() -> None:
         assert f"{model_id}: http://127.0.0.1:9/" in out.stdout
     assert "unet/diffusion_pytorch_model.fp16.safetensors -> unet/diffusion_pytorch_model.safetensors" in out.stdout
     assert "problem" not in out.stdout
+
+
+def test_single_file_checkpoint_is_converted_once_at_bake_time(
+    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Illustrious ships as one SGM-layout file: the bake converts it with a config folder."""
+    source = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl")
+    checkpoint = save(to_original(source))
+    config = tmp_path / "config"
+    shutil.copytree(weights_dir / "illustrious-xl", config, ignore=shutil.ignore_patterns("*.safetensors"))
+    vae = {p.name: p.read_bytes() for p in (weights_dir / "sdxl" / "vae").iterdir()}
+    server = hugging_face(
+        {"acme/illustrious-single": HfRepo({"Illustrious.safetensors": checkpoint}), "acme/vae-fix": HfRepo(vae)}
+    )
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    manifest = tmp_path / "manifest.json"
+    entry = {
+        "sources": [
+            {
+                "hf": "acme/illustrious-single",
+                "files": [{"path": "Illustrious.safetensors", "target": "checkpoint.safetensors"}],
+            },
+            {"hf": "acme/vae-fix", "files": [{"path": name, "target": f"vae/{name}"} for name in vae]},
+        ],
+        "single_file": {"checkpoint": "checkpoint.safetensors", "config": str(config)},
+    }
+    manifest.write_text(json.dumps({"models": {"illustrious-xl": entry}}))
+    root = tmp_path / "weights"
+    try:
+        assert bake(root, manifest) == ["illustrious-xl"]
+    finally:
+        server.close()
+    baked = StableDiffusionXLPipeline.from_pretrained(root / "illustrious-xl")
+    assert not (root / "illustrious-xl" / "checkpoint.safetensors").exists(), "only the converted folder is kept"
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        want = {k: v.half() for k, v in getattr(source, name).state_dict().items()}
+        got = getattr(baked, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k].half()) for k in want), name
+    stored = load_file(root / "illustrious-xl" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}, "baked as fp16, as real runs load it"
+    sdxl_vae = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl").vae.state_dict()
+    assert all(torch.equal(v.half(), baked.vae.state_dict()[k]) for k, v in sdxl_vae.items()), "the VAE override"
