@@ -16,6 +16,7 @@ from cog import BasePredictor, Input, Path, Secret
 from engine.config import (
     ASPECT_RATIOS,
     CUSTOM_ASPECT,
+    CUSTOM_MODEL_ID,
     CUSTOM_SIZE_MAX,
     CUSTOM_SIZE_MIN,
     DEFAULT_MODEL,
@@ -90,7 +91,11 @@ class Predictor(BasePredictor):
         hf_api_token: Optional[Secret] = Input(default=None, description="Hugging Face token for private LoRAs"),
         civitai_api_token: Optional[Secret] = Input(default=None, description="CivitAI token for LoRAs that need one"),
         negative_prompt: str = Input(default="", description="What the image should not contain"),
-        model: str = Input(default=DEFAULT_MODEL, choices=list(MODEL_IDS), description="Base model"),
+        model: str = Input(
+            default=DEFAULT_MODEL,
+            choices=[*MODEL_IDS, CUSTOM_MODEL_ID],
+            description="Base model; 'custom' is the checkpoint baked with CUSTOM_CHECKPOINT_URL, if any",
+        ),
         use_standard_sdxl: bool = Input(default=False, description="Alias: true selects model 'sdxl'"),
         width: Optional[int] = Input(
             default=None, ge=CUSTOM_SIZE_MIN, le=CUSTOM_SIZE_MAX, description="Width for aspect_ratio 'custom'"

@@ -9,6 +9,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Base models, each a diffusers folder under the weights root. The first is the default.
 MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
+# Baked only on request (scripts/bake.py with CUSTOM_CHECKPOINT_URL), loaded when present.
+CUSTOM_MODEL_ID = "custom"
 DEFAULT_MODEL = "illustrious-xl"
 SAFETY_CHECKER_DIR = "safety-checker"
 

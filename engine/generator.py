@@ -14,7 +14,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from engine.config import GO_FAST_CFG_CUTOFF, MODEL_IDS, SAFETY_CHECKER_DIR
+from engine.config import CUSTOM_MODEL_ID, GO_FAST_CFG_CUTOFF, MODEL_IDS, SAFETY_CHECKER_DIR
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
@@ -59,12 +59,18 @@ class Engine:
                 f"weights missing in {root}: {', '.join(missing)}. Build the tiny offline weights with "
                 "`make weights`, or bake the real ones into the image (see README, 'Weights')."
             )
-        models = {model_id: BaseModel(model_id, root / model_id, device, dtype) for model_id in MODEL_IDS}
+        present = [*MODEL_IDS, *([CUSTOM_MODEL_ID] if (root / CUSTOM_MODEL_ID).is_dir() else [])]
+        models = {model_id: BaseModel(model_id, root / model_id, device, dtype) for model_id in present}
         return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), LoraStore())
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one."""
         req.validate()
+        if req.model == CUSTOM_MODEL_ID and req.model not in self.models:
+            raise InputError(
+                "no custom checkpoint is baked into this image: bake one with CUSTOM_CHECKPOINT_URL "
+                "(see README, 'Weights'), or choose illustrious-xl or sdxl"
+            )
         if req.model not in self.models:
             raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
         model = self.models[req.model]

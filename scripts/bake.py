@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import REPO_ROOT, weights_root
-from weights import WeightsError, download, hf_endpoint
+from engine.config import CUSTOM_MODEL_ID, REPO_ROOT, weights_root
+from weights import WeightsError, download, hf_endpoint, redact_url
 
 MANIFEST = REPO_ROOT / "bake" / "manifest.json"
 log = logging.getLogger("bake")
@@ -49,7 +49,33 @@ def entry_digest(entry: dict[str, Any]) -> str:
 
 
 def file_url(source: dict[str, Any], path: str) -> str:
+    """A Hugging Face file, or a source given by plain URL (one file)."""
+    if "url" in source:
+        return source["url"]
     return f"{hf_endpoint()}/{source['hf']}/resolve/{source.get('revision', 'main')}/{path}"
+
+
+def with_custom_checkpoint(manifest: dict[str, Any]) -> dict[str, Any]:
+    """CUSTOM_CHECKPOINT_URL adds model 'custom': an SDXL-family single file (a CivitAI checkpoint,
+    say), baked like Illustrious: converted with the SDXL config folder (or CUSTOM_CHECKPOINT_CONFIG)
+    and the fp16-fix VAE."""
+    url = os.environ.get("CUSTOM_CHECKPOINT_URL")
+    if not url:
+        return manifest
+    vae = next(
+        ([s] for entry in manifest["models"].values() for s in entry["sources"]
+         if any((f.get("target") or "").startswith("vae/") for f in s["files"])),
+        [],
+    )  # fmt: skip
+    custom = {
+        "sources": [{"url": url, "files": [{"path": "checkpoint.safetensors"}]}, *vae],
+        # Another config folder for checkpoints that differ from SDXL base (a v-prediction one, say).
+        "single_file": {
+            "checkpoint": "checkpoint.safetensors",
+            "config": os.environ.get("CUSTOM_CHECKPOINT_CONFIG") or "bake/configs/sdxl",
+        },
+    }
+    return {**manifest, "models": {**manifest["models"], CUSTOM_MODEL_ID: custom}}
 
 
 def plan(manifest: dict[str, Any], only: list[str] | None) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -85,9 +111,13 @@ def _fetch(url: str, target: Path, spec: dict[str, Any], name: str) -> str:
     """Download into target (via .part), verify what the manifest states, return the sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    token = os.environ.get("HF_TOKEN")
+    service, token = (
+        ("CivitAI", os.environ.get("CIVITAI_API_TOKEN"))
+        if "civitai" in url
+        else ("Hugging Face", os.environ.get("HF_TOKEN"))
+    )
     try:
-        download(url, part, {"Authorization": f"Bearer {token}"} if token else {}, name, "Hugging Face")
+        download(url, part, {"Authorization": f"Bearer {token}"} if token else {}, name, service)
         size, digest = part.stat().st_size, sha256_of(part)
         if spec.get("size") is not None and size != spec["size"]:
             raise WeightsError(f"{name}: {size} bytes where the manifest says {spec['size']}")
@@ -112,7 +142,7 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
     for source in entry["sources"]:
         for f in source["files"]:
             target = staging / (f.get("target") or f["path"])
-            name = f"{source['hf']}/{f['path']}"
+            name = redact_url(source["url"]) if "url" in source else f"{source['hf']}/{f['path']}"
             if target.is_file():  # complete: files only appear here by rename
                 record[str(target.relative_to(staging))] = sha256_of(target)
                 continue
@@ -149,7 +179,7 @@ def _convert(staging: Path, single: dict[str, str], out: Path) -> Path:
 
 
 def bake(root: Path, manifest_path: Path = MANIFEST, only: list[str] | None = None) -> list[str]:
-    manifest = json.loads(manifest_path.read_text())
+    manifest = with_custom_checkpoint(json.loads(manifest_path.read_text()))
     problems = check_manifest(manifest)
     if problems:
         raise WeightsError("manifest problems: " + "; ".join(problems))
@@ -167,11 +197,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model ids to bake (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = json.loads(args.manifest.read_text())
+    manifest = with_custom_checkpoint(json.loads(args.manifest.read_text()))
     if args.dry_run:
         for model_id, url, target, spec in plan(manifest, args.only):
             stated = f"size={spec.get('size')} sha256={spec.get('sha256') or 'unstated'}"
-            print(f"{model_id}: {url} -> {target} ({stated})")
+            print(f"{model_id}: {redact_url(url)} -> {target} ({stated})")
         problems = check_manifest(manifest)
         for problem in problems:
             print(f"problem: {problem}")

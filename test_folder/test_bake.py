@@ -17,10 +17,11 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save
 
 from engine.config import REPO_ROOT
+from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from scripts.bake import MANIFEST, bake
-from test_folder.emulators import HfRepo, Loopback, Reply, hugging_face
+from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
 from test_folder.single_file import to_original
 from weights import WeightsError
 
@@ -164,3 +165,30 @@ def test_single_file_checkpoint_is_converted_once_at_bake_time(
     assert {t.dtype for t in stored.values()} == {torch.float16}, "baked as fp16, as real runs load it"
     sdxl_vae = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl").vae.state_dict()
     assert all(torch.equal(v.half(), baked.vae.state_dict()[k]) for k, v in sdxl_vae.items()), "the VAE override"
+
+
+def test_custom_checkpoint_by_url(
+    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: Engine
+) -> None:
+    """CUSTOM_CHECKPOINT_URL bakes a single-file checkpoint as model 'custom', selectable per request."""
+    req = GenerationRequest(prompt="a lighthouse", num_inference_steps=2, seed=1, model="custom")
+    with pytest.raises(InputError, match="no custom checkpoint is baked"):
+        engine.generate(req)
+    source = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl")
+    host = file_host({"my-checkpoint.safetensors": save(to_original(source))})
+    monkeypatch.setenv("CUSTOM_CHECKPOINT_URL", host.url + "/my-checkpoint.safetensors?token=secret123")
+    config = tmp_path / "config"
+    shutil.copytree(weights_dir / "sdxl", config, ignore=shutil.ignore_patterns("*.safetensors"))
+    monkeypatch.setenv("CUSTOM_CHECKPOINT_CONFIG", str(config))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": {}}))
+    root = tmp_path / "weights"
+    try:
+        assert bake(root, manifest) == ["custom"]
+    finally:
+        host.close()
+    assert "secret123" not in (root / "custom" / ".baked").read_text()
+    for model_id in ("illustrious-xl", "sdxl", "safety-checker"):
+        shutil.copytree(weights_dir / model_id, root / model_id)
+    [result] = Engine.load(root).generate(req)
+    assert result.image.size == (128, 128) and result.parameters.model == "custom"

@@ -67,7 +67,7 @@ def test_choices(schema: dict) -> None:
     ]  # fmt: skip
     assert schemas["output_format"]["enum"] == ["webp", "jpg", "png"]
     assert {"1", "0.25", "0.5"} <= set(schemas["megapixels"]["enum"])
-    assert schemas["model"]["enum"] == ["illustrious-xl", "sdxl"]
+    assert schemas["model"]["enum"] == ["illustrious-xl", "sdxl", "custom"]
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "DDIM", "UniPC"} <= set(
         schemas["scheduler"]["enum"]
     )
