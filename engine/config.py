@@ -44,6 +44,12 @@ DEFAULT_SCHEDULER = "Euler a"  # the choices live in engine/schedulers.py
 # around 5-7. CFG = guidance x this factor unless `cfg_scale` is given.
 FLUX_GUIDANCE_TO_CFG = 2.0
 
+# Base models on the GPU: "resident" keeps all there, "swap" keeps the idle ones in CPU RAM and
+# moves the requested one in, "auto" picks resident when GPU memory holds them all with headroom.
+# Deploy-time override: MODEL_RESIDENCY.
+MODEL_RESIDENCY = "auto"
+RESIDENCY_HEADROOM_BYTES = 8 * 2**30
+
 # go_fast: classifier-free guidance stops after this fraction of the steps (see engine/steps.py).
 GO_FAST_CFG_CUTOFF = 0.6
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -14,7 +15,15 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from engine.config import CUSTOM_MODEL_ID, GO_FAST_CFG_CUTOFF, MODEL_IDS, SAFETY_CHECKER_DIR
+from engine.config import (
+    CUSTOM_MODEL_ID,
+    DEFAULT_MODEL,
+    GO_FAST_CFG_CUTOFF,
+    MODEL_IDS,
+    MODEL_RESIDENCY,
+    RESIDENCY_HEADROOM_BYTES,
+    SAFETY_CHECKER_DIR,
+)
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
@@ -38,16 +47,37 @@ class GeneratedImage:
     parameters: GenerationParameters
 
 
+def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device) -> bool:
+    """Whether idle models must wait in CPU RAM; "auto" compares weights on disk with GPU memory."""
+    if residency not in ("auto", "resident", "swap"):
+        raise ValueError(f"MODEL_RESIDENCY must be auto, resident or swap, got {residency!r}")
+    if residency != "auto":
+        return residency == "swap"
+    if device.type != "cuda":
+        return False
+    weights = sum(p.stat().st_size for m in model_ids for p in (root / m).rglob("*.safetensors"))
+    return weights + RESIDENCY_HEADROOM_BYTES > torch.cuda.get_device_properties(device).total_memory
+
+
 class Engine:
     """Every baked model and the safety checker, resident on one device."""
 
-    def __init__(self, models: dict[str, BaseModel], safety: SafetyChecker, store: LoraStore) -> None:
+    def __init__(
+        self, models: dict[str, BaseModel], safety: SafetyChecker, store: LoraStore, swap: bool = False
+    ) -> None:
         self.models = models
         self.safety = safety
         self.store = store
+        self.swap = swap  # idle models wait in CPU RAM; the requested one is moved in
 
     @classmethod
-    def load(cls, root: Path, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Engine:
+    def load(
+        cls,
+        root: Path,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        residency: str | None = None,
+    ) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing."""
         diffusers_logging.disable_progress_bar()  # the engine logs its own progress, one line a step
         transformers_logging.disable_progress_bar()
@@ -60,8 +90,14 @@ class Engine:
                 "`make weights`, or bake the real ones into the image (see README, 'Weights')."
             )
         present = [*MODEL_IDS, *([CUSTOM_MODEL_ID] if (root / CUSTOM_MODEL_ID).is_dir() else [])]
-        models = {model_id: BaseModel(model_id, root / model_id, device, dtype) for model_id in present}
-        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), LoraStore())
+        swap = _swap(residency or os.environ.get("MODEL_RESIDENCY") or MODEL_RESIDENCY, root, present, device)
+        cpu = torch.device("cpu")
+        models = {
+            model_id: BaseModel(model_id, root / model_id, device if not swap or i == 0 else cpu, dtype)
+            for i, model_id in enumerate(sorted(present, key=lambda m: m != DEFAULT_MODEL))
+        }
+        log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
+        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), LoraStore(), swap)
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one."""
@@ -74,6 +110,8 @@ class Engine:
         if req.model not in self.models:
             raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
         model = self.models[req.model]
+        if self.swap:
+            self._move_in(model)
         # Everything that can be refused is checked before any LoRA is downloaded.
         model.check_clip_skip(req.clip_skip)
         check_syntax(req.prompt)
@@ -149,6 +187,16 @@ class Engine:
             for i, image in enumerate(images)
         ]
         return self._drop_flagged(results) if req.safety_checker else results
+
+    def _move_in(self, model: BaseModel) -> None:
+        """Swap mode: the requested model onto the device, whichever held it back to CPU RAM."""
+        device = self.safety.device
+        if model.device == device and all(m.device != device for m in self.models.values() if m is not model):
+            return
+        for other in self.models.values():
+            if other is not model and other.device == device:
+                log.info("moved %s to CPU RAM in %.2fs", other.model_id, other.move(torch.device("cpu")))
+        log.info("moved %s to %s in %.2fs", model.model_id, device, model.move(device))
 
     def _fetch_loras(self, req: GenerationRequest) -> list[LocalLora]:
         """Local files for the request's LoRAs; two names for one file become one adapter."""

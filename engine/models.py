@@ -45,6 +45,7 @@ class BaseModel:
         self.inpaint = StableDiffusionXLInpaintPipeline(**self.txt2img.components)
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
+        self.device = device
         self.loras = LoraSet(self.txt2img, model_id)  # on the shared modules: all three pipelines see it
         self.prompts = PromptEncoder(self.txt2img)
         self.scheduler_config = dict(self.txt2img.scheduler.config)
@@ -65,6 +66,13 @@ class BaseModel:
     @property
     def pipelines(self) -> tuple[DiffusionPipeline, ...]:
         return (self.txt2img, self.img2img, self.inpaint)
+
+    def move(self, device: torch.device) -> float:
+        """Move the shared modules (all three pipelines follow); returns the seconds it took."""
+        start = time.perf_counter()
+        self.txt2img.to(device)
+        self.device = device
+        return time.perf_counter() - start
 
     def check_clip_skip(self, clip_skip: int) -> None:
         if clip_skip > self.max_clip_skip:

@@ -249,3 +249,34 @@ def test_flux_guidance_maps_to_cfg() -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_swap_residency_moves_models_and_changes_no_pixel(
+    engine: Engine, weights_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a GPU the idle model waits in CPU RAM; here both devices are the CPU, so the moves are
+    real calls that change nothing, and the images must match the resident engine's exactly."""
+    swapping = Engine.load(weights_dir, residency="swap")
+    sdxl = replace(BASE, model="sdxl")
+    with caplog.at_level("INFO"):
+        images = [one(swapping, r) for r in (BASE, sdxl, BASE)]
+    assert "moved sdxl to cpu" in caplog.text and "moved illustrious-xl to CPU RAM" in caplog.text
+    assert max_diff(images[0], one(engine, BASE)) == 0
+    assert max_diff(images[1], one(engine, sdxl)) == 0
+    assert max_diff(images[0], images[2]) == 0
+
+
+def test_unknown_residency_is_refused(weights_dir: Path) -> None:
+    with pytest.raises(ValueError, match="MODEL_RESIDENCY must be"):
+        Engine.load(weights_dir, residency="sometimes")
+
+
+def test_setup_needs_no_network(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine.load with every outgoing connection refused, as in an image without network."""
+    import socket
+
+    def refuse(self: socket.socket, address: object) -> None:
+        raise OSError(f"network disabled in this test: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    assert set(Engine.load(weights_dir).models) == {"illustrious-xl", "sdxl"}
