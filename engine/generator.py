@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -59,6 +60,21 @@ def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device
     return weights + RESIDENCY_HEADROOM_BYTES > torch.cuda.get_device_properties(device).total_memory
 
 
+def _share_identical_vaes(root: Path, models: list[BaseModel]) -> None:
+    """Models baked with the same VAE file (the fp16-fix one) use one module, not two copies."""
+    first: dict[str, BaseModel] = {}
+    for model in models:
+        path = root / model.model_id / "vae" / "diffusion_pytorch_model.safetensors"
+        if not path.is_file():
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in first and first[digest].device == model.device:
+            model.use_vae(first[digest].txt2img.vae)
+            log.info("%s shares the VAE of %s (identical file)", model.model_id, first[digest].model_id)
+        else:
+            first.setdefault(digest, model)
+
+
 class Engine:
     """Every baked model and the safety checker, resident on one device."""
 
@@ -96,6 +112,7 @@ class Engine:
             model_id: BaseModel(model_id, root / model_id, device if not swap or i == 0 else cpu, dtype)
             for i, model_id in enumerate(sorted(present, key=lambda m: m != DEFAULT_MODEL))
         }
+        _share_identical_vaes(root, list(models.values()))
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
         return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), LoraStore(), swap)
 

@@ -67,6 +67,11 @@ class BaseModel:
     def pipelines(self) -> tuple[DiffusionPipeline, ...]:
         return (self.txt2img, self.img2img, self.inpaint)
 
+    def use_vae(self, vae: torch.nn.Module) -> None:
+        """Take another model's identical VAE module, in all three pipelines."""
+        for pipe in self.pipelines:
+            pipe.register_modules(vae=vae)
+
     def move(self, device: torch.device) -> float:
         """Move the shared modules (all three pipelines follow); returns the seconds it took."""
         start = time.perf_counter()

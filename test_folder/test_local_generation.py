@@ -5,6 +5,8 @@ Runnable directly: python test_folder/test_local_generation.py
 
 from __future__ import annotations
 
+import copy
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -280,3 +282,17 @@ def test_setup_needs_no_network(weights_dir: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     assert set(Engine.load(weights_dir).models) == {"illustrious-xl", "sdxl"}
+
+
+def test_identical_vaes_are_shared_and_change_no_pixel(engine: Engine, weights_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "weights"
+    shutil.copytree(weights_dir, root)
+    shutil.rmtree(root / "illustrious-xl" / "vae")
+    shutil.copytree(root / "sdxl" / "vae", root / "illustrious-xl" / "vae")
+    shared = Engine.load(root)
+    vae = shared.models["sdxl"].txt2img.vae
+    assert all(p.vae is vae for p in shared.models["illustrious-xl"].pipelines)
+    assert engine.models["illustrious-xl"].txt2img.vae is not engine.models["sdxl"].txt2img.vae
+    unshared = Engine.load(root, residency="resident")
+    unshared.models["illustrious-xl"].use_vae(copy.deepcopy(vae))
+    assert max_diff(one(shared, BASE), one(unshared, BASE)) == 0
