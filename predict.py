@@ -31,18 +31,19 @@ from engine.config import (
     weights_root,
 )
 from engine.generator import Engine
-from engine.request import GenerationRequest, Tokens, cfg_from_flux, loras_from_flux
+from engine.request import Credentials, GenerationRequest, cfg_from_flux, loras_from_flux
 from engine.schedulers import SCHEDULERS
 from utils import load_image, save_image
+from weights import lora_store
 
 log = logging.getLogger("predict")
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        """Load every baked model from the weights root; no network is used."""
+        """Load every baked model from the weights root, with the LoRA store; no network is used."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-        self.engine = Engine.load(weights_root())
+        self.engine = Engine.load(weights_root(), loras=lora_store())
         self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
 
     def predict(
@@ -136,7 +137,7 @@ class Predictor(BasePredictor):
             go_fast=go_fast,
             safety_checker=not disable_safety_checker,
             loras=loras_from_flux(lora_weights, lora_scale, extra_lora, extra_lora_scale),
-            tokens=Tokens(
+            credentials=Credentials(
                 hf=hf_api_token.get_secret_value() if hf_api_token else None,
                 civitai=civitai_api_token.get_secret_value() if civitai_api_token else None,
             ),

@@ -65,15 +65,20 @@ def weights_root() -> Path:
 
 
 # LoRA cache and downloads. Each is overridable by the environment variable of the same name,
-# read in weights.py.
+# read in weightstore/. LORA_DOWNLOADER (auto, pget, python) picks how bytes move; auto takes pget
+# when it is on PATH.
 LORA_CACHE_DIR = "/tmp/lora-cache"
 LORA_CACHE_MAX_BYTES = 20 * 2**30
 LORA_CACHE_MIN_FREE_BYTES = 2 * 2**30
 LORA_MAX_FILE_BYTES = 2 * 2**30
-# Python downloader: parallel Range requests for files at least this large, read timeout in seconds.
-LORA_DOWNLOAD_CONNECTIONS = 4
-LORA_PARALLEL_MIN_BYTES = 16 * 2**20
+# Read timeout of one HTTP request, and the bound on one whole pget run, in seconds.
 LORA_DOWNLOAD_TIMEOUT = 60
+LORA_DOWNLOAD_TOTAL_TIMEOUT = 1800
+# Tries for a download or an API call on connection errors, timeouts, truncation and 5xx.
+DOWNLOAD_RETRIES = 5
+# The bake downloads base weights (single files of 7 GB) with these bounds instead.
+BAKE_MAX_FILE_BYTES = 64 * 2**30
+BAKE_DOWNLOAD_TOTAL_TIMEOUT = 4 * 3600
 # How long "owner/repo" (HF main) or a CivitAI model page keeps pointing at what it resolved to.
 LORA_ALIAS_TTL_SECONDS = 24 * 3600
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"

@@ -11,3 +11,7 @@ class WeightsMissingError(RuntimeError):
 
 class AllImagesFlaggedError(RuntimeError):
     """Every generated image was flagged by the safety checker."""
+
+
+class LoraLoadError(RuntimeError):
+    """A LoRA that fits could not be loaded all the same (out of memory, a library failure)."""

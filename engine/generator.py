@@ -26,16 +26,14 @@ from engine.config import (
     SAFETY_CHECKER_DIR,
 )
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
-from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
 from engine.prompts import check_syntax
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, LocalLora, LoraSource
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
 from engine.steps import StepCallback
-from weights import LoraStore
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +73,43 @@ def _share_identical_vaes(root: Path, models: list[BaseModel]) -> None:
             first.setdefault(digest, model)
 
 
+def _log_trigger_words(lora: LocalLora, prompt: str) -> None:
+    """Flux users forget trigger words more than anything else: say which the host lists and
+    which of them the prompt holds."""
+    if not lora.trained_words:
+        return
+    lowered = prompt.lower()
+    found = [w for w in lora.trained_words if w.lower() in lowered]
+    log.info(
+        "LoRA %s lists trigger words: %s; the prompt contains %s",
+        lora.name,
+        ", ".join(lora.trained_words),
+        ", ".join(found) if found else "none of them",
+    )
+
+
 class Engine:
-    """Every baked model and the safety checker, resident on one device."""
+    """Every baked model and the safety checker, resident on one device. LoRA files come from the
+    `loras` source its caller hands in (predict.py builds the store of weights.py); without one,
+    a request naming a LoRA is refused."""
 
     def __init__(
-        self, models: dict[str, BaseModel], safety: SafetyChecker, store: LoraStore, swap: bool = False
+        self,
+        models: dict[str, BaseModel],
+        safety: SafetyChecker,
+        loras: LoraSource | None = None,
+        swap: bool = False,
     ) -> None:
         self.models = models
         self.safety = safety
-        self.store = store
+        self.loras = loras
         self.swap = swap  # idle models wait in CPU RAM; the requested one is moved in
 
     @classmethod
     def load(
         cls,
         root: Path,
+        loras: LoraSource | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         residency: str | None = None,
@@ -114,7 +134,7 @@ class Engine:
         }
         _share_identical_vaes(root, list(models.values()))
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
-        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), LoraStore(), swap)
+        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), loras, swap)
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one."""
@@ -127,9 +147,7 @@ class Engine:
         if req.model not in self.models:
             raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
         model = self.models[req.model]
-        if self.swap:
-            self._move_in(model)
-        # Everything that can be refused is checked before any LoRA is downloaded.
+        # Everything that can be refused is checked before a model moves or a LoRA is downloaded.
         model.check_clip_skip(req.clip_skip)
         check_syntax(req.prompt)
         check_syntax(req.negative_prompt)
@@ -142,6 +160,8 @@ class Engine:
         )
         width, height = scale_to_model(ref, model.native_resolution)
         loras = self._fetch_loras(req)
+        if self.swap:
+            self._move_in(model)
         model.loras.apply(loras)
         if req.seed is None or req.seed < 0:
             seed = secrets.randbelow(SEED_RANGE)
@@ -217,14 +237,18 @@ class Engine:
 
     def _fetch_loras(self, req: GenerationRequest) -> list[LocalLora]:
         """Local files for the request's LoRAs; two names for one file become one adapter."""
+        if not req.loras:
+            return []
+        if self.loras is None:
+            raise InputError("this engine was started without a LoRA store: LoRAs cannot be used here")
         fetched: dict[str, LocalLora] = {}
-        for spec in req.loras:
-            lora = self.store.fetch(spec.source, spec.scale, req.tokens, in_use=set(fetched))
+        for lora in self.loras.fetch_all([(spec.source, spec.scale) for spec in req.loras], req.credentials):
             if lora.key in fetched:
                 same = fetched[lora.key]
                 lora = replace(same, scale=same.scale + lora.scale)
-                log.info("%s and %s are the same file: applied once at scale %g", same.name, spec.source, lora.scale)
+                log.info("%s and %s are the same file: applied once at scale %g", same.name, lora.name, lora.scale)
             fetched[lora.key] = lora
+            _log_trigger_words(lora, req.prompt)
         return list(fetched.values())
 
     @staticmethod

@@ -3,7 +3,8 @@
 Adapters are never fused: the base weights stay untouched, so a request without LoRAs after
 any sequence of LoRA requests is bit-identical to a fresh process. Adapters the current
 request does not use are deleted, so memory stays flat across many switches; a scale-only
-change just re-weights the loaded adapters.
+change just re-weights the loaded adapters. A load that fails or is cancelled (Cog's cancel is
+a BaseException) leaves no half-made adapter and no trained token behind.
 """
 
 from __future__ import annotations
@@ -12,31 +13,20 @@ import hashlib
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.errors import InputError
+from engine.errors import InputError, LoraLoadError
+from engine.request import LocalLora
 
 log = logging.getLogger(__name__)
 
 # Key fragments of LyCORIS formats diffusers cannot load.
 _UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", ".oft_": "OFT", "glora_": "GLoRA"}
-
-
-@dataclass(frozen=True)
-class LocalLora:
-    """A LoRA file on disk, the stable identity it was cached under, and its scale."""
-
-    key: str
-    path: Path
-    scale: float
-    name: str  # what the user passed, for messages (never holds a token)
-    embeddings: Path | None = None  # pivotal tuning: safetensors with text_encoders_0 / text_encoders_1
-    trigger: tuple[tuple[str, str], ...] = ()  # e.g. (("TOK", "<s0><s1>"),) from special_params.json
 
 
 def check_format(path: Path, name: str) -> None:
@@ -96,18 +86,32 @@ class LoraSet:
         check_format(lora.path, lora.name)
         name = adapter_name(lora.key)
         start = time.perf_counter()
+        done = False
         try:
-            self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
-        except Exception as exc:  # any loader failure is this LoRA not fitting: say so, keep the cause
-            self._forget(name)
-            raise InputError(
-                f"LoRA {lora.name} does not fit {self.model_id} (an SDXL-family model): it was probably made "
-                f"for another base model such as SD 1.5 or Flux. Loader said: {str(exc)[:300]}"
-            ) from exc
+            try:
+                self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise self._load_error(lora, exc) from exc
+            if lora.embeddings is not None:
+                self._load_tokens(lora, name)
+            done = True
+        finally:
+            if not done:
+                self._forget(name)
         self.loaded[lora.key] = name
-        if lora.embeddings is not None:
-            self._load_tokens(lora, name)
         log.info("loaded LoRA %s in %.2fs", lora.name, time.perf_counter() - start)
+
+    def _load_error(self, lora: LocalLora, exc: Exception) -> Exception:
+        """A LoRA that does not fit this model is the user's to fix; anything else is what it is."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            return LoraLoadError(f"out of memory while loading LoRA {lora.name}: try one LoRA, or a smaller one")
+        detail = str(exc).strip().splitlines()
+        if isinstance(exc, ValueError) or "size mismatch" in str(exc):
+            return InputError(
+                f"LoRA {lora.name} does not fit {self.model_id} (an SDXL-family model): it was probably made "
+                f"for another base model such as SD 1.5 or Flux. Loader said: {' '.join(detail)[:300]}"
+            )
+        return LoraLoadError(f"LoRA {lora.name} could not be loaded: {type(exc).__name__}: {' '.join(detail)[:300]}")
 
     def rewrite(self, prompt: str) -> str:
         """Swap pivotal trigger words (TOK, <s0><s1>) for the active LoRA's own tokens."""
@@ -121,33 +125,36 @@ class LoraSet:
     def _load_tokens(self, lora: LocalLora, name: str) -> None:
         """Pivotal-tuning embeddings, under tokens unique to this adapter so two never collide."""
         embeddings = load_file(str(lora.embeddings))
-        pairs = (
-            ("text_encoders_0", self.pipe.text_encoder, self.pipe.tokenizer),
-            ("text_encoders_1", self.pipe.text_encoder_2, self.pipe.tokenizer_2),
-        )
-        count = embeddings["text_encoders_0"].shape[0]
-        tokens = [f"<{name}_{i}>" for i in range(count)]
-        try:
-            for key, encoder, tokenizer in pairs:
+        if "text_encoders_0" not in embeddings or "text_encoders_1" not in embeddings:
+            raise InputError(f"LoRA {lora.name} has embeddings without text_encoders_0 / text_encoders_1: not SDXL's")
+        tokens = [f"<{name}_{i}>" for i in range(embeddings["text_encoders_0"].shape[0])]
+        self.tokens[name] = tokens  # recorded first, so a failure half-way is undone by _forget
+        for key, (encoder, tokenizer) in zip(("text_encoders_0", "text_encoders_1"), self._encoders(), strict=True):
+            try:
                 self.pipe.load_textual_inversion(
                     embeddings[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
                 )
-        except (KeyError, ValueError) as exc:
-            self.pipe.delete_adapters([name])
-            del self.loaded[lora.key]
-            raise InputError(f"LoRA {lora.name} has embeddings that do not fit {self.model_id}: {exc}") from exc
-        self.tokens[name] = tokens
+            except ValueError as exc:
+                raise InputError(f"LoRA {lora.name} has embeddings that do not fit {self.model_id}: {exc}") from exc
+
+    def _encoders(self) -> tuple[tuple[torch.nn.Module, object], ...]:
+        return (
+            (self.pipe.text_encoder, self.pipe.tokenizer),
+            (self.pipe.text_encoder_2, self.pipe.tokenizer_2),
+        )
 
     def _unload_tokens(self, name: str) -> None:
+        """Remove this adapter's trained tokens from every tokenizer that holds them."""
         tokens = self.tokens.pop(name, None)
-        if tokens:
-            for encoder, tokenizer in (
-                (self.pipe.text_encoder, self.pipe.tokenizer),
-                (self.pipe.text_encoder_2, self.pipe.tokenizer_2),
-            ):
-                self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=encoder)
+        if not tokens:
+            return
+        for encoder, tokenizer in self._encoders():
+            present = [t for t in tokens if t in tokenizer.get_vocab()]
+            if present:
+                self.pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
 
     def _forget(self, name: str) -> None:
-        """A failed load can leave a half-made adapter behind: remove it."""
+        """A failed or cancelled load can leave a half-made adapter and some tokens behind: remove them."""
         if any(name in names for names in self.pipe.get_list_adapters().values()):
             self.pipe.delete_adapters([name])
+        self._unload_tokens(name)

@@ -1,8 +1,12 @@
-"""The typed generation request, and the rules that turn Flux-style inputs into it."""
+"""The typed generation request, the rules that turn Flux-style inputs into it, and the contract
+with whatever supplies LoRA files (the store in `weights.py`, handed to the engine by its caller)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
@@ -19,14 +23,34 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class Tokens:
-    """Per-request credentials for LoRA downloads. repr hides them so they never reach a log."""
+class Credentials:
+    """Per-request tokens for LoRA downloads. repr hides them so they never reach a log."""
 
     hf: str | None = None
     civitai: str | None = None
 
     def __repr__(self) -> str:
-        return "Tokens(***)"
+        return "Credentials(***)"
+
+
+@dataclass(frozen=True)
+class LocalLora:
+    """A LoRA file on disk, the stable identity it was cached under, and its scale."""
+
+    key: str
+    path: Path
+    scale: float
+    name: str  # what the user passed, for messages (never holds a credential)
+    embeddings: Path | None = None  # pivotal tuning: safetensors with text_encoders_0 / text_encoders_1
+    trigger: tuple[tuple[str, str], ...] = ()  # e.g. (("TOK", "<s0><s1>"),) from special_params.json
+    trained_words: tuple[str, ...] = ()  # the host's trigger words (CivitAI's trainedWords)
+
+
+class LoraSource(Protocol):
+    """Turns what a user pasted into local LoRA files (downloading and caching as needed)."""
+
+    def fetch_all(self, specs: Sequence[tuple[str, float]], credentials: Credentials) -> list[LocalLora]:
+        """One local file per (source, scale), in order."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +76,7 @@ class GenerationRequest:
     go_fast: bool = True
     safety_checker: bool = True
     loras: tuple[LoraSpec, ...] = ()
-    tokens: Tokens = Tokens()
+    credentials: Credentials = Credentials()
 
     def validate(self) -> None:
         """Refuse what the schema cannot express, with a message that says what to change."""

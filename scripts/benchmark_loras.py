@@ -5,7 +5,6 @@
   A -> B with both files cached, a scale-only change, and the naive switch
   (`unload_lora_weights()` + `load_lora_weights()`) for comparison.
 - Resident memory over 100 A <-> B switches on the tiny model.
-- The Python downloader's throughput with 1 and 4 connections against a throttled loopback host.
 
 Usage: python scripts/benchmark_loras.py [--skip-full-size]
 """
@@ -26,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import StableDiffusionXLPipeline
 
-from engine.loras import LocalLora, LoraSet
+from engine.loras import LoraSet
+from engine.request import LocalLora
 from scripts.build_tiny_weights import FULL, TINY, build_model
-from test_folder.emulators import file_host
 from test_folder.lora_factory import diffusers_lora
-from weights import download
 
 
 def _seconds(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -93,28 +91,6 @@ def memory(pipe: StableDiffusionXLPipeline, root: Path) -> list[tuple[str, str]]
     return [("tiny: RSS growth over 100 A <-> B switches (MiB)", f"{after - before:+.1f}")]
 
 
-def throughput(root: Path) -> list[tuple[str, str]]:
-    size = 8 * 2**20
-    host = file_host({"big.safetensors": os.urandom(size)})
-    host.rate = 4 * 2**20  # 4 MiB/s per connection
-    rows = []
-    try:
-        for connections in (1, 4):
-            os.environ["LORA_DOWNLOAD_CONNECTIONS"] = str(connections)
-            os.environ["LORA_PARALLEL_MIN_BYTES"] = str(2**20)
-            dest = root / f"big-{connections}"
-            seconds = _seconds(lambda d=dest: download(host.url + "/big.safetensors", d, {}, "big", "host"), 1)
-            rows.append(
-                (
-                    f"download 8 MiB at 4 MiB/s per connection, {connections} connection(s) (MiB/s)",
-                    f"{size / 2**20 / seconds:.1f}",
-                )
-            )
-    finally:
-        host.close()
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-full-size", action="store_true", help="only the tiny model")
@@ -132,7 +108,6 @@ def main() -> None:
             torch.set_default_dtype(torch.float32)
             rows += switching(full, root / "full", rank=32, label="SDXL-size, CPU, rank 32")
             del full
-        rows += throughput(root)
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +61,9 @@ def engine(weights_dir: Path) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def lora_files(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    pipe = engine.models["illustrious-xl"].txt2img
+def lora_files(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """LoRA files shaped for the tiny model, in every format the tests serve."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl")
     root = tmp_path_factory.mktemp("loras")
     made = {
         "a": diffusers_lora(pipe, root / "a", seed=11),

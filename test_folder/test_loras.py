@@ -17,9 +17,9 @@ import pytest
 from engine.config import REPO_ROOT
 from engine.errors import InputError
 from engine.generator import Engine
-from engine.request import GenerationRequest, LoraSpec, Tokens
+from engine.request import Credentials, GenerationRequest, LoraSpec
 from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, file_host, hugging_face, trained_tar
-from weights import LoraStore, WeightsError, parse_lora
+from weights import Downloader, LoraStore, WeightsError, parse_lora
 
 HF_TOKEN = "hf_secret_token_abc123"
 CIVITAI_TOKEN = "civitai_secret_token_xyz789"
@@ -65,9 +65,11 @@ def test_parse(source: str, kind: str, fields: dict) -> None:
         assert getattr(ref, name) == value, name
 
 
-def test_tokens_in_urls_never_reach_the_display_name() -> None:
-    ref = parse_lora("https://example.com/x.safetensors?token=s3cret&v=1")
-    assert "s3cret" not in ref.display and "v=1" in ref.display
+def test_credentials_in_urls_never_reach_the_display_name_or_the_identity() -> None:
+    ref = parse_lora("https://user:pw@example.com/x.safetensors?token=s3cret&v=1&X-Amz-Signature=abc")
+    assert ref.display == "https://example.com/x.safetensors", "shown without any query or user info"
+    assert ref.ident == "url:https://example.com/x.safetensors?v=1", "other query keys still tell files apart"
+    assert "s3cret" not in repr(ref) and "pw" not in repr(ref)
 
 
 def test_unparseable() -> None:
@@ -122,25 +124,34 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
         server.close()
 
 
+def python_downloader() -> Downloader:
+    """The downloader of a machine without pget (this one), with a backoff that does not wait."""
+    return Downloader("python", sleep=lambda _: None)
+
+
 @pytest.fixture
-def store(engine: Engine, tmp_path: Path) -> Iterator[LoraStore]:
+def store(tmp_path: Path) -> LoraStore:
     """A fresh, private cache for each test, so hit and miss counts are the test's own."""
-    old = engine.store
-    engine.store = LoraStore(tmp_path / "cache")
-    yield engine.store
-    engine.store = old
-    engine.generate(BASE)  # leave the shared engine without adapters
+    return LoraStore(tmp_path / "cache", python_downloader())
+
+
+@pytest.fixture
+def engine(engine: Engine, store: LoraStore) -> Iterator[Engine]:
+    """The session's models, handed this test's store as predict.py hands its own."""
+    with_store = Engine(engine.models, engine.safety, store, engine.swap)
+    yield with_store
+    with_store.generate(BASE)  # leave the shared models without adapters
 
 
 def pixels(engine: Engine, req: GenerationRequest) -> np.ndarray:
     return np.asarray(engine.generate(req)[0].image, dtype=np.int16)
 
 
-def with_loras(*specs: tuple[str, float], tokens: Tokens | None = None) -> GenerationRequest:
-    return replace(BASE, loras=tuple(LoraSpec(s, w) for s, w in specs), tokens=tokens or Tokens())
+def with_loras(*specs: tuple[str, float], credentials: Credentials | None = None) -> GenerationRequest:
+    return replace(BASE, loras=tuple(LoraSpec(s, w) for s, w in specs), credentials=credentials or Credentials())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def baseline(engine: Engine) -> np.ndarray:
     return pixels(engine, BASE)
 
@@ -257,7 +268,7 @@ def test_hugging_face_private_repo(
     with pytest.raises(WeightsError, match="pass an hf_api_token") as err:
         engine.generate(with_loras(("hf://acme/private", 1.0)))
     with caplog.at_level(logging.DEBUG):
-        engine.generate(with_loras(("hf://acme/private", 1.0), tokens=Tokens(hf=HF_TOKEN)))
+        engine.generate(with_loras(("hf://acme/private", 1.0), credentials=Credentials(hf=HF_TOKEN)))
     assert HF_TOKEN not in str(err.value) and HF_TOKEN not in caplog.text
     assert not any(HF_TOKEN in p.name for p in store.root.rglob("*"))
     assert HF_TOKEN not in (store.root / "index.json").read_text()
@@ -272,8 +283,8 @@ def test_cache_hit_makes_no_request_and_survives_a_restart(engine: Engine, store
     served = hosts["hf"].total()
     assert np.array_equal(pixels(engine, req), first)
     assert hosts["hf"].total() == served
-    engine.store = LoraStore(store.root)  # a new process reading the same index
-    assert np.array_equal(pixels(engine, req), first)
+    restarted = Engine(engine.models, engine.safety, LoraStore(store.root, python_downloader()))
+    assert np.array_equal(pixels(restarted, req), first)
     assert hosts["hf"].total() == served
 
 
@@ -313,7 +324,7 @@ def test_civitai_token(engine: Engine, store: LoraStore, hosts: dict, model: int
     page = f"{hosts['civitai'].url}/models/{model}"
     with pytest.raises(WeightsError, match="needs a CivitAI token: pass civitai_api_token") as err:
         engine.generate(with_loras((page, 1.0)))
-    engine.generate(with_loras((page, 1.0), tokens=Tokens(civitai=CIVITAI_TOKEN)))
+    engine.generate(with_loras((page, 1.0), credentials=Credentials(civitai=CIVITAI_TOKEN)))
     assert CIVITAI_TOKEN not in str(err.value)
     assert not list(store.files.glob(".part-*"))
 
@@ -390,8 +401,9 @@ def test_html_instead_of_a_file(engine: Engine, store: LoraStore, hosts: dict) -
 
 def test_oversize_and_disk_full(engine: Engine, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_MAX_FILE_BYTES", "1000")
+    small = LoraStore(store.root, python_downloader())  # limits are read when a downloader is made
     with pytest.raises(WeightsError, match="over the 1000-byte limit"):
-        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+        small.fetch(hosts["files"].url + "/a.safetensors", 1.0, Credentials())
     monkeypatch.delenv("LORA_MAX_FILE_BYTES")
     store.min_free = 10**18  # a disk that is always full
     with pytest.raises(WeightsError, match="not enough disk space"):
@@ -401,18 +413,18 @@ def test_oversize_and_disk_full(engine: Engine, store: LoraStore, hosts: dict, m
 
 def test_lru_eviction_by_bytes(store: LoraStore, hosts: dict, lora_files: dict) -> None:
     store.max_bytes = len(lora_files["a"]) + len(lora_files["b"]) - 1  # room for one of the two
-    a = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
-    b = store.fetch(hosts["files"].url + "/b.safetensors", 1.0, Tokens())
+    a = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Credentials())
+    b = store.fetch(hosts["files"].url + "/b.safetensors", 1.0, Credentials())
     assert not a.path.exists() and b.path.exists()
     served = hosts["files"].total()
-    store.fetch(hosts["files"].url + "/b.safetensors", 1.0, Tokens())
+    store.fetch(hosts["files"].url + "/b.safetensors", 1.0, Credentials())
     assert hosts["files"].total() == served
 
 
 def test_concurrent_requests_download_once(store: LoraStore, hosts: dict) -> None:
     url = hosts["files"].url + "/b.safetensors"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(store.fetch(url, 1.0, Tokens()))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(store.fetch(url, 1.0, Credentials()))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -421,29 +433,12 @@ def test_concurrent_requests_download_once(store: LoraStore, hosts: dict) -> Non
     assert hosts["files"].hits["GET /b.safetensors"] == 1
 
 
-def test_parallel_range_download(
-    store: LoraStore, hosts: dict, lora_files: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LORA_PARALLEL_MIN_BYTES", "1000")
-    lora = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
-    assert lora.path.read_bytes() == lora_files["a"]
-    assert len(hosts["files"].range_requests) == 4
-
-
-def test_server_ignoring_ranges_falls_back_to_one_stream(
-    store: LoraStore, hosts: dict, lora_files: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("LORA_PARALLEL_MIN_BYTES", "1000")
-    hosts["files"].ranges = "ignored"
-    lora = store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
-    assert lora.path.read_bytes() == lora_files["a"]
-
-
 def test_slow_server_times_out_clearly(store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "0.2")
+    store = LoraStore(store.root, python_downloader())  # limits are read when a downloader is made
     hosts["files"].delay = 0.5
-    with pytest.raises(WeightsError, match=r"could not download .* after 5 tries"):
-        store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Tokens())
+    with pytest.raises(WeightsError, match=r"could not download .* after 5 tries: the host did not answer in time"):
+        store.fetch(hosts["files"].url + "/a.safetensors", 1.0, Credentials())
     assert list(store.files.iterdir()) == []
 
 
@@ -452,8 +447,8 @@ def test_two_processes_download_once(store: LoraStore, hosts: dict, lora_files: 
     url = hosts["files"].url + "/a.safetensors"
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-        "from weights import LoraStore, Tokens; "
-        "print(LoraStore(Path(sys.argv[2])).fetch(sys.argv[3], 1.0, Tokens()).path)"
+        "from weights import Credentials, Downloader, LoraStore; "
+        "print(LoraStore(Path(sys.argv[2]), Downloader('python')).fetch(sys.argv[3], 1.0, Credentials()).path)"
     )
     procs = [
         subprocess.Popen(

@@ -1,0 +1,313 @@
+"""What is kept: LoRA files on disk, LRU-evicted, shared safely by threads and processes.
+
+- A JSON index maps immutable keys to files (`files/<sha256 of key>.safetensors`) and the
+  strings users paste to keys (aliases; a mutable one, such as a branch, expires after a TTL).
+  A repeated request is answered from the index with no network request at all.
+- Locks: the index lock is held only while the index is read or written, never during a
+  download, so a cache hit is never blocked; each key has its own download lock, so a file is
+  downloaded once however many threads or processes ask, and two different files at the same time.
+- Access: an entry fetched with a credential (a hub token, a URL's token or signature) is
+  served only to a caller presenting the same credential, compared by a salted HMAC. Another
+  caller downloads it again with their own; a success without any credential makes it public.
+- Nothing half-written is visible: bytes go to `.part-<keyhash>-*` under the key's lock and are
+  renamed into place; parts left by a killed process are removed at start. A corrupt index is
+  set aside and the files it described are removed, so none is orphaned outside the byte bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine import config
+from engine.request import Credentials, LocalLora
+from weightstore.errors import WeightsError
+from weightstore.refs import LoraRef, Resolved, parse_lora
+from weightstore.resolve import credential_for, embeddings_of, resolve
+from weightstore.transfer import Downloader, env_number
+from weightstore.validate import validate_safetensors
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+INDEX_VERSION = 2
+MAX_AUTH_TAGS = 8  # credentials remembered per entry; older ones download again
+
+
+class LoraStore:
+    """`fetch(source, scale, credentials)` -> a local LoRA file, from the cache when possible."""
+
+    def __init__(self, root: Path | None = None, downloader: Downloader | None = None) -> None:
+        self.root = Path(root or os.environ.get("LORA_CACHE_DIR") or config.LORA_CACHE_DIR)
+        self.files = self.root / "files"
+        self.locks = self.root / "locks"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.locks.mkdir(exist_ok=True)
+        self.downloader = downloader or Downloader.from_env()
+        self.max_bytes = int(env_number("LORA_CACHE_MAX_BYTES", config.LORA_CACHE_MAX_BYTES))
+        self.min_free = int(env_number("LORA_CACHE_MIN_FREE_BYTES", config.LORA_CACHE_MIN_FREE_BYTES))
+        self.alias_ttl = env_number("LORA_ALIAS_TTL_SECONDS", config.LORA_ALIAS_TTL_SECONDS)
+        self.hits = self.misses = 0
+        with self._index() as index:
+            salt = self.root / "salt"
+            if not salt.exists():
+                salt.write_bytes(os.urandom(16))
+            self._salt = salt.read_bytes()
+            self._sweep(index)
+
+    # -- public -----------------------------------------------------------------------------
+
+    def fetch(self, source: str, scale: float, credentials: Credentials) -> LocalLora:
+        """A local file for this LoRA: from the index when possible, else resolved and downloaded."""
+        return self.fetch_all([(source, scale)], credentials)[0]
+
+    def fetch_all(self, specs: Sequence[tuple[str, float]], credentials: Credentials) -> list[LocalLora]:
+        """Local files for several LoRAs (source, scale). Every string is read before any request;
+        files not cached download at the same time, and none of this request's evicts another."""
+        refs = [parse_lora(source) for source, _ in specs]
+        found = _each(lambda ref: self._find(ref, credentials), refs)
+        keep = {item[1].key for item in found if isinstance(item, tuple)}
+        loras = _each(
+            lambda pair: pair[1] if isinstance(pair[1], LocalLora) else self._download(*pair[1], keep),
+            list(zip(refs, found, strict=True)),
+        )
+        return [replace(lora, scale=scale) for lora, (_, scale) in zip(loras, specs, strict=True)]
+
+    def _find(self, ref: LoraRef, credentials: Credentials) -> LocalLora | tuple[LoraRef, Resolved, str | None]:
+        """The cached file when this caller may have it, else what to download."""
+        if ref.kind == "local":
+            assert ref.path is not None
+            stat = ref.path.stat()
+            return LocalLora(f"local:{ref.path}:{stat.st_mtime_ns}:{stat.st_size}", ref.path, 1.0, ref.display)
+        start = time.perf_counter()
+        tag = self._tag(credential_for(ref, credentials))
+        with self._index() as index:
+            hit = self._by_alias(index, ref, tag)
+        if hit is None:
+            resolved = resolve(ref, credentials, self.downloader)
+            hit = self._by_key(resolved.key, ref, tag)
+            if hit is None:
+                return ref, resolved, tag
+        self.hits += 1
+        log.info("LoRA cache hit: %s (%d bytes, %.3fs)", ref.display, hit[1]["size"], time.perf_counter() - start)
+        return self._local(*hit, ref.display)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def _by_alias(self, index: dict, ref: LoraRef, tag: str | None) -> tuple[str, dict] | None:
+        link = index["aliases"].get(ref.ident)
+        if not link or (ref.mutable and time.time() - link["at"] >= self.alias_ttl):
+            return None
+        return self._serve(index, link["key"], tag)
+
+    def _by_key(self, key: str, ref: LoraRef, tag: str | None) -> tuple[str, dict] | None:
+        with self._index() as index:
+            hit = self._serve(index, key, tag)
+            if hit is not None:
+                index["aliases"][ref.ident] = {"key": key, "at": time.time()}
+            return hit
+
+    def _serve(self, index: dict, key: str, tag: str | None) -> tuple[str, dict] | None:
+        """The entry when its file is there and this caller may have it; marks it used."""
+        entry = index["entries"].get(key)
+        if entry is None or not (self.files / _file_name(key)).exists():
+            return None
+        if entry["auth"] is not None and tag not in entry["auth"]:
+            return None
+        entry["last_used"] = time.time()
+        return key, entry
+
+    # -- downloading ------------------------------------------------------------------------
+
+    def _download(self, ref: LoraRef, resolved: Resolved, tag: str | None, keep: set[str]) -> LocalLora:
+        key = resolved.key
+        path = self.files / _file_name(key)
+        start = time.perf_counter()
+        with self._key_lock(key):
+            hit = self._by_key(key, ref, tag)  # another thread or process may have just finished it
+            if hit is not None:
+                return self._local(*hit, ref.display)
+            fd, name = tempfile.mkstemp(dir=self.files, prefix=_part_prefix(key))
+            os.close(fd)
+            part = Path(name)
+            try:
+                trigger = resolved.fetch(part) or {}
+                validate_safetensors(part, ref.display)
+                size = part.stat().st_size + (embeddings_of(part).stat().st_size if trigger else 0)
+                with self._index() as index:
+                    self._make_room(index, size, keep)
+                    if trigger:
+                        os.replace(embeddings_of(part), embeddings_of(path))
+                    os.replace(part, path)
+                    old = index["entries"].get(key)
+                    entry = {
+                        "size": size,
+                        "last_used": time.time(),
+                        "auth": _grant(old["auth"] if old else [], tag),
+                        "name": ref.display,
+                        "trigger": trigger,
+                        "words": list(resolved.trained_words),
+                    }
+                    index["entries"][key] = entry
+                    index["aliases"][ref.ident] = {"key": key, "at": time.time()}
+            finally:
+                part.unlink(missing_ok=True)
+                embeddings_of(part).unlink(missing_ok=True)
+        self.misses += 1
+        log.info("LoRA cache miss: %s downloaded, %d bytes in %.2fs", ref.display, size, time.perf_counter() - start)
+        return self._local(key, entry, ref.display)
+
+    def _make_room(self, index: dict, incoming: int, keep: set[str]) -> None:
+        """Evict least-recently-used entries until the new file fits both bounds."""
+        entries = index["entries"]
+        for key in sorted(entries, key=lambda k: entries[k]["last_used"]):
+            total = sum(e["size"] for e in entries.values()) + incoming
+            if total <= self.max_bytes and shutil.disk_usage(self.files).free - incoming >= self.min_free:
+                return
+            if key not in keep:
+                self._evict(index, key)
+        if shutil.disk_usage(self.files).free - incoming < self.min_free:
+            raise WeightsError(f"not enough disk space for a {incoming}-byte LoRA, even after emptying the cache")
+
+    def _evict(self, index: dict, key: str) -> None:
+        path = self.files / _file_name(key)
+        path.unlink(missing_ok=True)
+        embeddings_of(path).unlink(missing_ok=True)
+        del index["entries"][key]
+        index["aliases"] = {a: v for a, v in index["aliases"].items() if v["key"] != key}
+        log.info("LoRA cache evicted %s", _file_name(key))
+
+    def _sweep(self, index: dict) -> None:
+        """Remove what no entry describes: parts of downloads that died, files of a lost index."""
+        known = {_file_name(key) for key in index["entries"]}
+        for item in self.files.iterdir():
+            if item.name.startswith(".part-"):
+                keyhash = item.name.removeprefix(".part-").split("-", 1)[0]
+                if self._lock_is_free(keyhash):
+                    _remove(item)
+            elif item.name.removesuffix(".pti") not in known:
+                _remove(item)
+                log.info("LoRA cache removed %s, which no index entry describes", item.name)
+
+    # -- locks and index --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _index(self) -> Iterator[dict]:
+        """The index, read and written under the index lock: hold it for index work only."""
+        with open(self.root / "lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                index = self._read_index()
+                yield index
+                tmp = self.root / f".index.{os.getpid()}.{id(index)}"
+                tmp.write_text(json.dumps(index))
+                os.replace(tmp, self.root / "index.json")
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _read_index(self) -> dict:
+        path = self.root / "index.json"
+        try:
+            index = json.loads(path.read_text())
+            if index.get("version") == INDEX_VERSION:
+                return index
+            reason = f"version {index.get('version')}"
+        except FileNotFoundError:
+            return _empty_index()
+        except (ValueError, AttributeError) as exc:
+            reason = type(exc).__name__
+        os.replace(path, self.root / f"index.unreadable.{int(time.time())}.json")
+        log.warning("LoRA cache index was unreadable (%s): set aside; files it described are removed", reason)
+        index = _empty_index()
+        self._sweep(index)
+        return index
+
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        with open(self.locks / f"{_key_hash(key)}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _lock_is_free(self, keyhash: str) -> bool:
+        with open(self.locks / f"{keyhash}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+
+    def _tag(self, credential: str | None) -> str | None:
+        return hmac.new(self._salt, credential.encode(), hashlib.sha256).hexdigest() if credential else None
+
+    def _local(self, key: str, entry: dict, name: str) -> LocalLora:
+        path = self.files / _file_name(key)
+        embeddings = embeddings_of(path)
+        return LocalLora(
+            key,
+            path,
+            1.0,
+            name,
+            embeddings=embeddings if entry["trigger"] else None,
+            trigger=tuple(entry["trigger"].items()),
+            trained_words=tuple(entry["words"]),
+        )
+
+
+def _each(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """fn over items, at the same time when there are several. On an error or a cancel the caller
+    does not wait: downloads still running finish (or fail) in the background, under their locks."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    pool = ThreadPoolExecutor(max_workers=len(items), thread_name_prefix="lora-fetch")
+    try:
+        return [future.result() for future in [pool.submit(fn, item) for item in items]]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _empty_index() -> dict[str, Any]:
+    return {"version": INDEX_VERSION, "entries": {}, "aliases": {}}
+
+
+def _grant(tags: list[str] | None, tag: str | None) -> list[str] | None:
+    """Who may be served an entry after a successful download with this credential (None: anyone)."""
+    if tag is None:
+        return None
+    return [*(t for t in tags or [] if t != tag), tag][-MAX_AUTH_TAGS:]
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _file_name(key: str) -> str:
+    return _key_hash(key) + ".safetensors"
+
+
+def _part_prefix(key: str) -> str:
+    return f".part-{_key_hash(key)}-"
+
+
+def _remove(item: Path) -> None:
+    if item.is_dir():
+        shutil.rmtree(item, ignore_errors=True)
+    else:
+        item.unlink(missing_ok=True)

@@ -1,0 +1,73 @@
+"""CivitAI: from a model page, version id or AIR URN to one version's .safetensors file.
+
+A model page id is not a version id: the public API (`/api/v1/models/<id>`) lists the versions,
+newest first, and the newest one made for an SDXL-family base is taken. A version made for
+another base model (SD 1.5, Flux ...) is refused before any download.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from engine import config
+from weightstore.endpoints import civitai_endpoint
+from weightstore.errors import WeightsError
+from weightstore.refs import LoraRef, Resolved
+from weightstore.transfer import Downloader, check_response, retrying
+
+
+def civitai_token(token: str | None) -> str | None:
+    """The caller's token, else the deployment's CIVITAI_API_TOKEN, else none."""
+    return token or os.environ.get("CIVITAI_API_TOKEN") or None
+
+
+def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> Resolved:
+    token = civitai_token(token)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if ref.kind == "civitai-model":
+        model = _get(f"/api/v1/models/{ref.model_id}", headers, ref.display, downloader)
+        versions = model.get("modelVersions") or []
+        sdxl = [v for v in versions if v.get("baseModel") in config.SDXL_FAMILY_BASES]
+        if not sdxl:
+            bases = sorted({str(v.get("baseModel")) for v in versions}) or ["none listed"]
+            raise _wrong_base(ref.display, ", ".join(bases))
+        version = sdxl[0]  # CivitAI lists versions newest first
+    else:
+        version = _get(f"/api/v1/model-versions/{ref.version_id}", headers, ref.display, downloader)
+        if version.get("baseModel") not in config.SDXL_FAMILY_BASES:
+            raise _wrong_base(ref.display, str(version.get("baseModel")))
+    files = [f for f in version.get("files") or [] if f.get("type", "Model") == "Model"]
+    files.sort(key=lambda f: (not f.get("primary"), (f.get("metadata") or {}).get("format") != "SafeTensor"))
+    if not files or (files[0].get("metadata") or {}).get("format") not in (None, "SafeTensor"):
+        raise WeightsError(f"{ref.display} has no .safetensors model file on CivitAI: pick a SafeTensor version")
+    vid = version["id"]
+    url = files[0].get("downloadUrl") or f"{civitai_endpoint()}/api/download/models/{vid}"
+    name = f"civitai version {vid}"
+    words = tuple(str(w).strip() for w in version.get("trainedWords") or [] if str(w).strip())
+
+    def fetch(dest: Path) -> None:
+        downloader.download(url, dest, headers, name, "CivitAI")
+
+    return Resolved(f"civitai:{vid}", fetch, trained_words=words)
+
+
+def _wrong_base(display: str, bases: str) -> WeightsError:
+    return WeightsError(
+        f"{display} is a LoRA for {bases}, not for SDXL / Illustrious: it cannot be applied to this model"
+    )
+
+
+def _get(path: str, headers: dict[str, str], name: str, downloader: Downloader) -> Any:
+    def once() -> Any:
+        resp = requests.get(civitai_endpoint() + path, headers=headers, timeout=(10, 30))
+        check_response(resp, name, "CivitAI")
+        try:
+            return resp.json()
+        except ValueError:
+            raise WeightsError(f"CivitAI answered something other than JSON for {name}: try again later") from None
+
+    return retrying(name, once, downloader.limits.retries, downloader.sleep, action="look up")

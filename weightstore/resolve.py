@@ -1,0 +1,108 @@
+"""Each host's way from a `LoraRef` to a `Resolved` (an immutable key and a fetch function).
+
+Hugging Face and CivitAI ask their APIs (with the caller's token); a plain URL, a Replicate tar or
+model and a `data:` URI are pinned without any request. Replicate's trained_model.tar holds
+lora.safetensors and, for pivotal tuning, embeddings.pti and special_params.json (the trigger map).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from engine.request import Credentials
+from weightstore.civitai import civitai_token, resolve_civitai
+from weightstore.errors import WeightsError
+from weightstore.huggingface import hf_token, resolve_hf
+from weightstore.redact import split_credentials
+from weightstore.refs import LoraRef, Resolved
+from weightstore.transfer import Downloader
+from weightstore.validate import validate_safetensors
+
+
+def credential_for(ref: LoraRef, credentials: Credentials) -> str | None:
+    """What proves this caller's access to this reference: a hub token or the URL's own credentials."""
+    if ref.kind == "hf":
+        return hf_token(credentials.hf)
+    if ref.kind.startswith("civitai"):
+        return civitai_token(credentials.civitai)
+    if ref.kind in ("url", "replicate-tar") and ref.url:
+        return split_credentials(ref.url)[1] or None
+    return None
+
+
+def resolve(ref: LoraRef, credentials: Credentials, downloader: Downloader) -> Resolved:
+    if ref.kind == "hf":
+        return resolve_hf(ref, credentials.hf)
+    if ref.kind.startswith("civitai"):
+        return resolve_civitai(ref, credentials.civitai, downloader)
+    assert ref.url is not None
+    url = ref.url
+    if ref.kind == "data":
+        data = _decode_data_uri(url)
+
+        def write(dest: Path) -> None:
+            dest.write_bytes(data)
+
+        return Resolved(f"data:{hashlib.sha256(data).hexdigest()}", write)
+    if ref.kind in ("replicate-tar", "replicate-model"):
+        key = ref.ident if ref.kind == "replicate-model" else f"url:{split_credentials(url)[0]}"
+        return Resolved(key, lambda dest: fetch_trained_tar(downloader, url, dest, ref.display))
+    return Resolved(
+        f"url:{split_credentials(url)[0]}", lambda dest: downloader.download(url, dest, {}, ref.display, "the host")
+    )
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    payload = uri.partition(",")[2]
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise WeightsError(
+            "the LoRA data: URI is not valid base64: send data:application/octet-stream;base64,<the file>"
+        ) from None
+
+
+def embeddings_of(path: Path) -> Path:
+    """Where the pivotal-tuning embeddings of a LoRA file live: beside it."""
+    return path.with_name(path.name + ".pti")
+
+
+def fetch_trained_tar(downloader: Downloader, url: str, dest: Path, name: str) -> dict[str, str] | None:
+    """Replicate's trained_model.tar: lora.safetensors into dest, embeddings.pti beside it, and the
+    trigger map of special_params.json returned (None when the tar has no embeddings)."""
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=dest.name + "-") as tmp:
+        archive = Path(tmp) / "weights.tar"
+        downloader.download(url, archive, {}, name, "Replicate")
+        try:
+            with tarfile.open(archive) as tar:
+                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+                if "lora.safetensors" not in members:
+                    raise WeightsError(f"{name} holds no lora.safetensors (found: {', '.join(members) or 'nothing'})")
+                _extract(tar, members["lora.safetensors"], dest)
+                if "embeddings.pti" not in members:
+                    return None
+                _extract(tar, members["embeddings.pti"], embeddings_of(dest))
+                params = members.get("special_params.json")
+                source = tar.extractfile(params) if params else None
+                trigger = json.load(source) if source else {}
+        except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{name} is not a readable trained-model tar: check the URL") from None
+    validate_safetensors(embeddings_of(dest), f"{name} (embeddings.pti)")
+    if not trigger or not isinstance(trigger, dict):
+        raise WeightsError(f"{name} has embeddings.pti but no special_params.json naming its trigger tokens")
+    return {str(word): str(tokens) for word, tokens in trigger.items()}
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+    source = tar.extractfile(member)
+    if source is None:
+        raise WeightsError(f"{member.name} in the tar is not a regular file")
+    with source, open(dest, "wb") as out:
+        shutil.copyfileobj(source, out)

@@ -1,0 +1,185 @@
+"""How bytes arrive: pget where it is installed (the Cog image), else one HTTP stream.
+
+Both ways write into the path they are given (the cache's temporary file), enforce the same
+size cap, and fail with a `WeightsError` whose message holds no URL query, header or token.
+Connection errors, timeouts, truncated bodies and 5xx answers are retried with backoff; a 4xx
+answer is final. The backoff's `sleep` is injected, so tests never really wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import requests
+
+from engine import config
+from weightstore.errors import WeightsError
+from weightstore.redact import scrub
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DOWNLOADERS = ("auto", "pget", "python")
+
+
+def env_number(name: str, default: float) -> float:
+    """A deploy-time number from the environment variable of that name, else the default."""
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise WeightsError(f"{name}={value!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one download; each is overridable by the environment variable of its name."""
+
+    max_bytes: int = config.LORA_MAX_FILE_BYTES
+    timeout: float = config.LORA_DOWNLOAD_TIMEOUT
+    total_timeout: float = config.LORA_DOWNLOAD_TOTAL_TIMEOUT  # a whole pget run
+    retries: int = config.DOWNLOAD_RETRIES
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(
+            max_bytes=int(env_number("LORA_MAX_FILE_BYTES", config.LORA_MAX_FILE_BYTES)),
+            timeout=env_number("LORA_DOWNLOAD_TIMEOUT", config.LORA_DOWNLOAD_TIMEOUT),
+        )
+
+
+_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class _Transient(Exception):
+    """A failure worth another try: the message is already safe to show."""
+
+
+def describe(exc: BaseException) -> str:
+    """A library exception as a short sentence for a user: what happened, no URL query or token."""
+    if isinstance(exc, requests.Timeout):
+        return "the host did not answer in time"
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema):
+        return "the URL is not valid"
+    if isinstance(exc, requests.exceptions.InvalidSchema):
+        return "the URL's scheme is not supported"
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return "the host redirected too many times"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "the host's TLS certificate could not be verified"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "the connection broke during the transfer"
+    if isinstance(exc, requests.ConnectionError):
+        return "the host could not be reached"
+    return scrub(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def retrying(
+    name: str, attempt_once: Callable[[], T], retries: int, sleep: Callable[[float], None], action: str = "download"
+) -> T:
+    """Call attempt_once until it succeeds; `_Transient` and transient requests errors are retried."""
+    for attempt in range(retries):
+        try:
+            return attempt_once()
+        except (_Transient, *_TRANSIENT) as exc:
+            reason = str(exc) if isinstance(exc, _Transient) else describe(exc)
+            if attempt == retries - 1:
+                raise WeightsError(f"could not {action} {name} after {retries} tries: {reason}") from None
+            delay = 0.5 * 2**attempt
+            log.info("could not %s %s (%s); retrying in %.1fs", action, name, reason, delay)
+            sleep(delay)
+        except requests.RequestException as exc:
+            raise WeightsError(f"could not {action} {name}: {describe(exc)}") from None
+    raise AssertionError("unreachable")
+
+
+def http_error(status: int, name: str, service: str) -> WeightsError:
+    """What a final HTTP status means for the user, naming the input that fixes it."""
+    if status in (401, 403):
+        hint = {"CivitAI": ": pass civitai_api_token", "Hugging Face": ": pass hf_api_token"}.get(service, "")
+        return WeightsError(f"{name} needs a {service} token{hint} (got HTTP {status})")
+    if status == 404:
+        return WeightsError(f"{name} was not found (HTTP 404): check the URL or id")
+    return WeightsError(f"{name}: HTTP {status} from {service}")
+
+
+class Downloader:
+    """Moves the bytes of one URL into one file. `tool` is auto (pget when on PATH), pget or python."""
+
+    def __init__(
+        self, tool: str = "auto", limits: Limits | None = None, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        if tool not in DOWNLOADERS:
+            raise ValueError(f"LORA_DOWNLOADER must be one of {', '.join(DOWNLOADERS)}, got {tool!r}")
+        self.pget = shutil.which("pget") if tool in ("auto", "pget") else None
+        if tool == "pget" and not self.pget:
+            raise ValueError("LORA_DOWNLOADER=pget but no pget on PATH")
+        self.limits = limits or Limits.from_env()
+        self.sleep = sleep
+
+    @classmethod
+    def from_env(cls) -> Downloader:
+        return cls(os.environ.get("LORA_DOWNLOADER") or "auto")
+
+    def download(self, url: str, dest: Path, headers: dict[str, str], name: str, service: str) -> None:
+        """pget when installed and no header is needed (it takes none), else one Python stream;
+        a pget failure (some hosts refuse the Range requests it makes) falls back to the stream."""
+        if self.pget and not headers:
+            try:
+                self._pget(url, dest, name)
+                return
+            except _Transient as exc:
+                log.info("pget could not fetch %s (%s); downloading in one stream", name, exc)
+        retrying(name, lambda: self._stream(url, dest, headers, name, service), self.limits.retries, self.sleep)
+
+    def _pget(self, url: str, dest: Path, name: str) -> None:
+        try:
+            result = subprocess.run(
+                [self.pget, "-f", url, str(dest)], capture_output=True, text=True, timeout=self.limits.total_timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise _Transient(f"no result after {self.limits.total_timeout:g}s") from None
+        if result.returncode != 0:
+            output = scrub((result.stderr or result.stdout).strip(), secrets=[url])
+            raise _Transient(f"exit {result.returncode}: {output.splitlines()[-1] if output else 'no output'}")
+        self._check_size(dest.stat().st_size, name)
+
+    def _check_size(self, size: int, name: str) -> None:
+        if size > self.limits.max_bytes:
+            raise WeightsError(f"{name} is {size} bytes, over the {self.limits.max_bytes}-byte limit")
+
+    def _stream(self, url: str, dest: Path, headers: dict[str, str], name: str, service: str) -> None:
+        timeout = (10, self.limits.timeout)
+        with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
+            check_response(resp, name, service)
+            expected = int(resp.headers.get("Content-Length") or 0)
+            self._check_size(expected, name)
+            received = 0
+            with open(dest, "wb") as out:
+                for chunk in resp.iter_content(1 << 20):
+                    received += len(chunk)
+                    self._check_size(received, name)
+                    out.write(chunk)
+        if expected and received != expected:
+            raise _Transient(f"truncated: {received} of {expected} bytes")
+
+
+def check_response(resp: requests.Response, name: str, service: str) -> None:
+    """Turn a response that is not the file into the error the user can act on."""
+    if "/login" in urlsplit(resp.url).path:
+        raise http_error(401, name, service)
+    if resp.status_code >= 500:
+        raise _Transient(f"HTTP {resp.status_code} from {service}")
+    if resp.status_code >= 400:
+        raise http_error(resp.status_code, name, service)
+    if "text/html" in resp.headers.get("Content-Type", ""):
+        raise WeightsError(f"{name} answered with an HTML page instead of a file: check the URL or token")
