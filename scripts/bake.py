@@ -3,12 +3,19 @@
 Run it before `cog build` on the build host (see README, "Weights"), so the multi-GB files sit
 in their own layer of the image and `setup()` never touches a network.
 
+- `--dry-run` lists every file with its source and whether it is pinned (a commit revision, a
+  stated size and sha256), checks the manifest, and fetches and imports nothing heavy: the
+  download stack (which pulls in torch) is imported only where a real bake needs it.
 - Downloads go through weights.download: pget when it is on PATH, else the Python downloader.
-- Each file is verified against the manifest's size and sha256 when they are stated; the
-  sha256 of everything fetched is recorded in weights/<id>/.baked either way.
+- Each file is verified against the manifest's size and sha256 when they are stated (the size
+  first, so a wrong file is refused without reading it); the sha256 of everything fetched is
+  recorded in weights/<id>/.baked either way.
 - Idempotent: a model whose .baked matches its manifest entry is skipped, with no request.
 - Resumable: files are staged in weights/.staging/<id>/ and each appears only once complete,
-  so a killed bake continues where it stopped; a model folder is installed by one rename.
+  so a killed bake continues where it stopped; a staged file that no longer matches the
+  manifest is fetched again; a model folder is installed by one rename.
+- A pickled torch file with `"safetensors": NAME` is converted once, tensors only, to NAME;
+  only the converted file is installed.
 - Single-file checkpoints are converted once, here, with a config folder shipped in the repo
   (`from_single_file` converts at every load, so run time must not pay for it).
 
@@ -22,17 +29,21 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import CUSTOM_MODEL_ID, REPO_ROOT, weights_root
-from weights import WeightsError, download, hf_endpoint, redact_url
 
 MANIFEST = REPO_ROOT / "bake" / "manifest.json"
+COMMIT = re.compile(r"[0-9a-f]{40}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger("bake")
 
 
@@ -48,11 +59,26 @@ def entry_digest(entry: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()
 
 
-def file_url(source: dict[str, Any], path: str) -> str:
-    """A Hugging Face file, or a source given by plain URL (one file)."""
+def source_name(source: dict[str, Any], path: str) -> str:
+    """How a file is shown in logs, errors and the dry run: repo@revision/path, or the URL without
+    its query (which may carry a token or a signature)."""
     if "url" in source:
-        return source["url"]
-    return f"{hf_endpoint()}/{source['hf']}/resolve/{source.get('revision', 'main')}/{path}"
+        return urlsplit(source["url"])._replace(query="", fragment="").geturl()
+    return f"{source['hf']}@{source.get('revision', 'main')}/{path}"
+
+
+def pin_gaps(source: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    """What keeps a file from being pinned: a hub revision that is not a commit (a branch moves),
+    an unstated sha256 or size. An empty list means the bake gets exactly the bytes recorded."""
+    gaps = []
+    revision = source.get("revision", "main")
+    if "hf" in source and not COMMIT.fullmatch(revision):
+        gaps.append(f"revision {revision!r} is not a commit")
+    if not spec.get("sha256"):
+        gaps.append("sha256 unknown")
+    if spec.get("size") is None:
+        gaps.append("size unknown")
+    return gaps
 
 
 def with_custom_checkpoint(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -78,16 +104,24 @@ def with_custom_checkpoint(manifest: dict[str, Any]) -> dict[str, Any]:
     return {**manifest, "models": {**manifest["models"], CUSTOM_MODEL_ID: custom}}
 
 
-def plan(manifest: dict[str, Any], only: list[str] | None) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(model id, url, target inside the model folder, file entry) for every file to fetch."""
-    rows = []
+def describe(manifest: dict[str, Any], only: list[str] | None) -> list[str]:
+    """The dry run's report: one line per file (source, target, pinned or why not), one per model."""
+    lines = []
     for model_id, entry in manifest["models"].items():
         if only and model_id not in only:
             continue
+        pinned = total = 0
         for source in entry["sources"]:
             for f in source["files"]:
-                rows.append((model_id, file_url(source, f["path"]), f.get("target") or f["path"], f))
-    return rows
+                gaps = pin_gaps(source, f)
+                target = f.get("target") or f["path"]
+                if f.get("safetensors"):
+                    target = f"{f['safetensors']} (converted from {target} at bake time)"
+                status = f"not pinned: {', '.join(gaps)}" if gaps else f"pinned, {f['size']} bytes"
+                lines.append(f"{model_id}: {source_name(source, f['path'])} -> {target} [{status}]")
+                pinned, total = pinned + (not gaps), total + 1
+        lines.append(f"{model_id}: {pinned} of {total} files pinned")
+    return lines
 
 
 def check_manifest(manifest: dict[str, Any]) -> list[str]:
@@ -96,6 +130,13 @@ def check_manifest(manifest: dict[str, Any]) -> list[str]:
     for model_id, entry in manifest["models"].items():
         if not entry.get("sources"):
             problems.append(f"{model_id}: no sources")
+        for f in (f for s in entry.get("sources", []) for f in s["files"]):
+            if f.get("sha256") and not SHA256.fullmatch(f["sha256"]):
+                problems.append(f"{model_id}: {f['path']}: sha256 is not 64 lowercase hex digits")
+            if f.get("size") is not None and (not isinstance(f["size"], int) or f["size"] < 0):
+                problems.append(f"{model_id}: {f['path']}: size is not a byte count")
+            if f.get("safetensors") and not f["safetensors"].endswith(".safetensors"):
+                problems.append(f"{model_id}: {f['path']} converts to {f['safetensors']}, not a .safetensors name")
         single = entry.get("single_file")
         if single:
             config = REPO_ROOT / single["config"]
@@ -107,8 +148,26 @@ def check_manifest(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _fetch(url: str, target: Path, spec: dict[str, Any], name: str) -> str:
+def check_file(path: Path, spec: dict[str, Any], name: str) -> tuple[str, str | None]:
+    """(sha256, None) when the file is what the manifest states, else (sha256 or "", the problem).
+    The size is compared first, so a wrong file is refused without reading it."""
+    size = path.stat().st_size
+    if spec.get("size") is not None and size != spec["size"]:
+        return "", f"{name}: {size} bytes where the manifest says {spec['size']}"
+    digest = sha256_of(path)
+    if spec.get("sha256") and digest != spec["sha256"]:
+        return digest, f"{name}: sha256 {digest} where the manifest says {spec['sha256']}"
+    return digest, None
+
+
+def _fetch(source: dict[str, Any], spec: dict[str, Any], target: Path, name: str) -> str:
     """Download into target (via .part), verify what the manifest states, return the sha256."""
+    from weights import WeightsError, download, hf_endpoint
+
+    if "url" in source:
+        url = source["url"]
+    else:
+        url = f"{hf_endpoint()}/{source['hf']}/resolve/{source.get('revision', 'main')}/{spec['path']}"
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
     service, token = (
@@ -118,15 +177,34 @@ def _fetch(url: str, target: Path, spec: dict[str, Any], name: str) -> str:
     )
     try:
         download(url, part, {"Authorization": f"Bearer {token}"} if token else {}, name, service)
-        size, digest = part.stat().st_size, sha256_of(part)
-        if spec.get("size") is not None and size != spec["size"]:
-            raise WeightsError(f"{name}: {size} bytes where the manifest says {spec['size']}")
-        if spec.get("sha256") and digest != spec["sha256"]:
-            raise WeightsError(f"{name}: sha256 {digest} where the manifest says {spec['sha256']}")
+        digest, problem = check_file(part, spec, name)
+        if problem:
+            raise WeightsError(problem)
         os.replace(part, target)
         return digest
     finally:
         part.unlink(missing_ok=True)
+
+
+def to_safetensors(src: Path, dest: Path, name: str) -> None:
+    """A pickled torch state dict rewritten as safetensors. weights_only=True unpickles tensors and
+    plain containers only, so a file that carries code is refused instead of run."""
+    import torch
+    from safetensors.torch import save_file
+
+    from weights import WeightsError
+
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{name} holds more than tensors, refusing to unpickle it: {exc}") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{name} is not a state dict of tensors")
+    part = dest.with_name(dest.name + ".part")
+    # A contiguous copy of each: safetensors refuses tensors that share storage, which torch.save keeps.
+    tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    save_file(tensors, str(part), metadata={"format": "pt"})
+    os.replace(part, dest)
 
 
 def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
@@ -142,15 +220,28 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
     for source in entry["sources"]:
         for f in source["files"]:
             target = staging / (f.get("target") or f["path"])
-            name = redact_url(source["url"]) if "url" in source else f"{source['hf']}/{f['path']}"
-            if target.is_file():  # complete: files only appear here by rename
-                record[str(target.relative_to(staging))] = sha256_of(target)
-                continue
+            key = str(target.relative_to(staging))
+            name = source_name(source, f["path"])
+            if target.is_file():  # complete: files only appear here by rename, once verified
+                record[key], problem = check_file(target, f, name)
+                if problem is None:
+                    continue
+                log.info("%s: staged file no longer matches the manifest (%s); fetching again", model_id, problem)
+                target.unlink()
             log.info("%s: fetching %s", model_id, name)
-            record[str(target.relative_to(staging))] = _fetch(file_url(source, f["path"]), target, f, name)
+            record[key] = _fetch(source, f, target, name)
+    pickles = []
+    for source in entry["sources"]:
+        for f in (f for f in source["files"] if f.get("safetensors")):
+            pickles.append(staging / (f.get("target") or f["path"]))
+            log.info("%s: converting %s to %s", model_id, f["path"], f["safetensors"])
+            to_safetensors(pickles[-1], staging / f["safetensors"], source_name(source, f["path"]))
+            record[f["safetensors"]] = sha256_of(staging / f["safetensors"])
     built = staging
     if entry.get("single_file"):
         built = _convert(staging, entry["single_file"], root / ".staging" / f"{model_id}.converted")
+    for path in pickles:  # only the safetensors copy is installed
+        path.unlink()
     (built / ".baked").write_text(json.dumps({"manifest": digest, "files": record}, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -179,6 +270,8 @@ def _convert(staging: Path, single: dict[str, str], out: Path) -> Path:
 
 
 def bake(root: Path, manifest_path: Path = MANIFEST, only: list[str] | None = None) -> list[str]:
+    from weights import WeightsError
+
     manifest = with_custom_checkpoint(json.loads(manifest_path.read_text()))
     problems = check_manifest(manifest)
     if problems:
@@ -192,16 +285,14 @@ def bake(root: Path, manifest_path: Path = MANIFEST, only: list[str] | None = No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="print what would be fetched; check the manifest")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be fetched and what is pinned")
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
     parser.add_argument("--only", nargs="*", help="model ids to bake (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     manifest = with_custom_checkpoint(json.loads(args.manifest.read_text()))
     if args.dry_run:
-        for model_id, url, target, spec in plan(manifest, args.only):
-            stated = f"size={spec.get('size')} sha256={spec.get('sha256') or 'unstated'}"
-            print(f"{model_id}: {redact_url(url)} -> {target} ({stated})")
+        print("\n".join(describe(manifest, args.only)))
         problems = check_manifest(manifest)
         for problem in problems:
             print(f"problem: {problem}")

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file, save
 
 from engine.config import REPO_ROOT
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
-from scripts.bake import MANIFEST, bake
+from engine.safety import SafetyChecker
+from scripts.bake import MANIFEST, bake, check_manifest, describe, to_safetensors
 from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
 from test_folder.single_file import to_original
 from weights import WeightsError
@@ -97,32 +99,185 @@ def test_bake_resumes_after_a_failure(hub: Loopback, weights_dir: Path, tmp_path
     assert (root / "sdxl" / "model_index.json").is_file()
 
 
-def test_bake_refuses_a_wrong_checksum(hub: Loopback, weights_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sha256", "0" * 64, r"sha256 \w+ where the manifest says 0000"),
+        ("size", 7, r"\d+ bytes where the manifest says 7"),
+    ],
+)
+def test_bake_refuses_a_file_that_differs_from_the_manifest(
+    hub: Loopback, weights_dir: Path, tmp_path: Path, field: str, value: object, message: str
+) -> None:
     spec = _manifest(weights_dir)
     for f in spec["models"]["safety-checker"]["sources"][0]["files"]:
-        if "sha256" in f:
-            f["sha256"] = "0" * 64
+        if field in f:
+            f[field] = value
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(spec))
-    with pytest.raises(WeightsError, match=r"sha256 .* where the manifest says 0000"):
+    with pytest.raises(WeightsError, match=message):
         bake(tmp_path / "weights", manifest, only=["safety-checker"])
     assert not (tmp_path / "weights" / "safety-checker").exists()
+    assert not list((tmp_path / "weights").rglob("*.safetensors*")), "nothing unverified is kept, even staged"
 
 
-def test_dry_run_checks_the_real_manifest_without_network() -> None:
+def test_a_staged_file_that_no_longer_matches_is_fetched_again(
+    hub: Loopback, weights_dir: Path, tmp_path: Path
+) -> None:
+    """A file staged by an earlier bake is trusted only while it matches the manifest's pins."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(_manifest(weights_dir)))
+    root = tmp_path / "weights"
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    stale = root / ".staging" / "sdxl" / unet
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older pin's bytes")
+    assert bake(root, manifest, only=["sdxl"]) == ["sdxl"]
+    assert hub.hits[f"GET /acme/sdxl-base/resolve/main/{unet}"] == 1
+    assert (root / "sdxl" / unet).read_bytes() == (weights_dir / "sdxl" / unet).read_bytes()
+
+
+def test_dry_run_checks_the_real_manifest_without_network_or_torch(tmp_path: Path) -> None:
+    """The dry run is a build-host check: it must work where torch/diffusers are not importable."""
+    for heavy in ("torch", "diffusers"):
+        (tmp_path / heavy).mkdir()
+        (tmp_path / heavy / "__init__.py").write_text(f"raise ImportError('the dry run imported {heavy}')\n")
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "bake.py"), "--dry-run"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "HF_ENDPOINT": "http://127.0.0.1:9"},
+        env={"PATH": "/usr/bin:/bin", "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(tmp_path)},
         cwd=REPO_ROOT,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     manifest = json.loads(MANIFEST.read_text())
-    for model_id in manifest["models"]:
-        assert f"{model_id}: http://127.0.0.1:9/" in out.stdout
-    assert "unet/diffusion_pytorch_model.fp16.safetensors -> unet/diffusion_pytorch_model.safetensors" in out.stdout
+    for model_id, entry in manifest["models"].items():
+        files = [f for s in entry["sources"] for f in s["files"]]
+        assert f"{model_id}: " in out.stdout and f" of {len(files)} files pinned" in out.stdout
+    sdxl = "stabilityai/stable-diffusion-xl-base-1.0@462165984030d82259a11f4367a4eed129e94a7b"
+    assert (
+        f"{sdxl}/unet/diffusion_pytorch_model.fp16.safetensors -> unet/diffusion_pytorch_model.safetensors "
+        "[pinned, 5135149760 bytes]"
+    ) in out.stdout
+    assert (
+        "pytorch_model.bin -> model.safetensors (converted from pytorch_model.bin at bake time) [pinned" in out.stdout
+    )
     assert "problem" not in out.stdout
+
+
+def test_dry_run_says_what_is_pinned_and_why_not() -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    pins = {"size": 3, "sha256": "a" * 64}
+    manifest = {
+        "models": {
+            "m": {
+                "sources": [
+                    {
+                        "hf": "acme/m",
+                        "revision": commit,
+                        "files": [{"path": "w.safetensors", **pins}, {"path": "c.json"}],
+                    },
+                    {"hf": "acme/n", "files": [{"path": "x.safetensors", **pins}]},
+                    {"url": "https://host/x.safetensors?token=secret", "files": [{"path": "u.safetensors", **pins}]},
+                ]
+            }
+        }
+    }
+    lines = describe(manifest, None)
+    assert lines == [
+        f"m: acme/m@{commit}/w.safetensors -> w.safetensors [pinned, 3 bytes]",
+        f"m: acme/m@{commit}/c.json -> c.json [not pinned: sha256 unknown, size unknown]",
+        "m: acme/n@main/x.safetensors -> x.safetensors [not pinned: revision 'main' is not a commit]",
+        "m: https://host/x.safetensors -> u.safetensors [pinned, 3 bytes]",
+        "m: 2 of 4 files pinned",
+    ]
+    assert describe(manifest, ["other"]) == []
+
+
+def test_manifest_typos_are_problems_before_any_download() -> None:
+    files = [
+        {"path": "a.safetensors", "sha256": "83E012A8", "size": "5.14 GB"},
+        {"path": "b.bin", "safetensors": "b.bin"},
+    ]
+    problems = check_manifest({"models": {"m": {"sources": [{"hf": "acme/m", "files": files}]}}})
+    assert problems == [
+        "m: a.safetensors: sha256 is not 64 lowercase hex digits",
+        "m: a.safetensors: size is not a byte count",
+        "m: b.bin converts to b.bin, not a .safetensors name",
+    ]
+
+
+def test_a_pickled_checker_is_converted_to_safetensors_once(weights_dir: Path, tmp_path: Path) -> None:
+    """The checker's hub branch holds only pytorch_model.bin: the bake verifies it, converts it, and
+    installs only model.safetensors, which the engine's loader reads."""
+    source = weights_dir / "safety-checker"
+    state = load_file(source / "model.safetensors")
+    pickled = tmp_path / "pytorch_model.bin"
+    torch.save(state, pickled)
+    blob = pickled.read_bytes()
+    files = {name: (source / name).read_bytes() for name in ("config.json", "preprocessor_config.json")}
+    repo = HfRepo({**files, "pytorch_model.bin": blob})
+    server = hugging_face({"acme/checker": repo})
+    pins = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    checker_files = [
+        {"path": "config.json"},
+        {"path": "pytorch_model.bin", "safetensors": "model.safetensors", **pins},
+        {"path": "preprocessor_config.json"},
+    ]
+    entry = {"sources": [{"hf": "acme/checker", "revision": repo.commit, "files": checker_files}]}
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": {"safety-checker": entry}}))
+    root = tmp_path / "weights"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HF_ENDPOINT", server.url)
+            assert bake(root, manifest) == ["safety-checker"]
+    finally:
+        server.close()
+    baked = root / "safety-checker"
+    assert sorted(p.name for p in baked.iterdir()) == [
+        ".baked",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
+    converted = load_file(baked / "model.safetensors")
+    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
+    record = json.loads((baked / ".baked").read_text())["files"]
+    assert record["pytorch_model.bin"] == pins["sha256"]
+    assert record["model.safetensors"] == hashlib.sha256((baked / "model.safetensors").read_bytes()).hexdigest()
+    checker = SafetyChecker(baked, torch.device("cpu"), torch.float32)
+    assert checker.flags([Image.new("RGB", (64, 64), "white")]) == [False]
+
+
+class _Payload:
+    """Pickles as a call to Path.touch: loading it with plain pickle would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_carries_code_is_refused_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    src = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, src)
+    with pytest.raises(WeightsError, match="holds more than tensors"):
+        to_safetensors(src, tmp_path / "model.safetensors", "acme/checker@main/pytorch_model.bin")
+    assert not marker.exists()
+    assert not list(tmp_path.glob("model.safetensors*"))
+
+
+def test_tensors_that_share_storage_convert(tmp_path: Path) -> None:
+    """torch.save keeps views of one storage; safetensors refuses those, so each is copied."""
+    base = torch.arange(6, dtype=torch.float32)
+    src = tmp_path / "shared.bin"
+    torch.save({"all": base, "head": base[:3], "strided": base[::2]}, src)
+    to_safetensors(src, tmp_path / "shared.safetensors", "shared.bin")
+    out = load_file(tmp_path / "shared.safetensors")
+    assert out["head"].tolist() == [0, 1, 2] and out["strided"].tolist() == [0, 2, 4] and out["all"].shape == (6,)
 
 
 def test_single_file_checkpoint_is_converted_once_at_bake_time(
