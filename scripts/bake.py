@@ -4,9 +4,9 @@ Run it before `cog build` on the build host (see README, "Weights"), so the mult
 in their own layer of the image and `setup()` never touches a network.
 
 - `--dry-run` lists every file with its source and whether it is pinned (a commit revision, a
-  stated size and sha256), checks the manifest, and fetches and imports nothing heavy: the
-  download stack (which pulls in torch) is imported only where a real bake needs it.
-- Downloads go through weights.download: pget when it is on PATH, else the Python downloader.
+  stated size and sha256), checks the manifest, and fetches and imports nothing heavy (torch
+  and diffusers are imported only where a real bake converts a file).
+- Downloads go through weights.download: pget when it is on PATH, else one Python stream.
 - Each file is verified against the manifest's size and sha256 when they are stated (the size
   first, so a wrong file is refused without reading it); the sha256 of everything fetched is
   recorded in weights/<id>/.baked either way.
@@ -35,11 +35,11 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import CUSTOM_MODEL_ID, REPO_ROOT, weights_root
+from weights import WeightsError, display_url, download, hf_endpoint
 
 MANIFEST = REPO_ROOT / "bake" / "manifest.json"
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -63,7 +63,7 @@ def source_name(source: dict[str, Any], path: str) -> str:
     """How a file is shown in logs, errors and the dry run: repo@revision/path, or the URL without
     its query (which may carry a token or a signature)."""
     if "url" in source:
-        return urlsplit(source["url"])._replace(query="", fragment="").geturl()
+        return display_url(source["url"])
     return f"{source['hf']}@{source.get('revision', 'main')}/{path}"
 
 
@@ -162,8 +162,6 @@ def check_file(path: Path, spec: dict[str, Any], name: str) -> tuple[str, str | 
 
 def _fetch(source: dict[str, Any], spec: dict[str, Any], target: Path, name: str) -> str:
     """Download into target (via .part), verify what the manifest states, return the sha256."""
-    from weights import WeightsError, download, hf_endpoint
-
     if "url" in source:
         url = source["url"]
     else:
@@ -191,8 +189,6 @@ def to_safetensors(src: Path, dest: Path, name: str) -> None:
     plain containers only, so a file that carries code is refused instead of run."""
     import torch
     from safetensors.torch import save_file
-
-    from weights import WeightsError
 
     try:
         state = torch.load(src, map_location="cpu", weights_only=True)
@@ -270,8 +266,6 @@ def _convert(staging: Path, single: dict[str, str], out: Path) -> Path:
 
 
 def bake(root: Path, manifest_path: Path = MANIFEST, only: list[str] | None = None) -> list[str]:
-    from weights import WeightsError
-
     manifest = with_custom_checkpoint(json.loads(manifest_path.read_text()))
     problems = check_manifest(manifest)
     if problems:
