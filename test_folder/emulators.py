@@ -48,6 +48,7 @@ class Loopback:
         self.ranges = "honoured"  # or "ignored": advertise Range support, then answer 200 in full
         self.range_requests: list[str] = []
         self.delay = 0.0  # seconds before each answer: a slow server
+        self.holds: dict[str, threading.Event] = {}  # "GET /path" -> answered only once the event is set
         self.rate = 0  # bytes per second per connection when set: a throttled link
         server = self
 
@@ -69,6 +70,9 @@ class Loopback:
                 server.auth.append(self.headers.get("Authorization"))
                 queued = server.faults.get(f"{self.command} {req.path}")
                 reply = queued.pop(0) if queued else route(req)
+                hold = server.holds.get(f"{self.command} {req.path}")
+                if hold is not None:
+                    hold.wait(timeout=60)
                 time.sleep(server.delay)
                 wanted = req.headers.get("range")
                 if reply.status == 200 and reply.declared_length is None and "Location" not in reply.headers:
@@ -116,6 +120,7 @@ class HfRepo:
     files: dict[str, bytes]
     token: str | None = None  # set: private, readable with this token only
     commit: str = "0123456789abcdef0123456789abcdef01234567"
+    gated: bool = False  # set: files need an accepted-terms token (the `token`); metadata is public
 
 
 def hugging_face(repos: dict[str, HfRepo]) -> Loopback:
@@ -125,7 +130,9 @@ def hugging_face(repos: dict[str, HfRepo]) -> Loopback:
         repo_id = "/".join(parts[2:4] if api else parts[:2])
         repo = repos.get(repo_id)
         auth = req.headers.get("authorization")
-        if repo is None or (repo.token and auth != f"Bearer {repo.token}"):
+        if repo is not None and repo.gated and not api and auth != f"Bearer {repo.token}":
+            return _json({"error": "Access to this repo is restricted"}, 403, {"X-Error-Code": "GatedRepo"})
+        if repo is None or (repo.token and not repo.gated and auth != f"Bearer {repo.token}"):
             return _json({"error": "Repository not found"}, 401, {"X-Error-Code": "RepoNotFound"})
         if api:
             rev = parts[5] if len(parts) > 5 and parts[4] == "revision" else "main"
@@ -219,12 +226,18 @@ def trained_tar(lora: bytes, embeddings: bytes | None = None) -> bytes:
     return buf.getvalue()
 
 
-def file_host(files: dict[str, bytes]) -> Loopback:
-    """Plain files at /<name>, Replicate's `/<owner>/<model>/_weights` redirecting to a tar."""
+def file_host(files: dict[str, bytes], query_secrets: dict[str, tuple[str, str]] | None = None) -> Loopback:
+    """Plain files at /<name>, Replicate's `/<owner>/<model>/_weights` redirecting to a tar.
+    A file in query_secrets ({name: (query key, value)}) is served only with that query value,
+    as private hosts and presigned storage URLs do; otherwise 403."""
     holder: dict[str, Loopback] = {}
 
     def route(req: Request) -> Reply:
         path = req.path.strip("/")
+        if path in (query_secrets or {}):
+            key, value = (query_secrets or {})[path]
+            if req.query.get(key) != [value]:
+                return Reply(403, b"<Error><Code>AccessDenied</Code></Error>", {"Content-Type": "application/xml"})
         if path.endswith("/_weights"):
             target = path.removesuffix("/_weights").replace("/", "-") + "/trained_model.tar"
             if target in files:

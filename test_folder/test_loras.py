@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load, save
 
 from engine.config import REPO_ROOT
-from engine.errors import InputError
+from engine.errors import InputError, LoraLoadError
 from engine.generator import Engine
 from engine.request import Credentials, GenerationRequest, LoraSpec
 from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, file_host, hugging_face, trained_tar
@@ -81,6 +83,13 @@ def test_unparseable() -> None:
 # Fixtures: LoRA files for the tiny model, emulated hosts, a fresh cache per test.
 
 
+def misfit_embeddings(pti: bytes) -> bytes:
+    """Pivotal-tuning embeddings whose second set has a width no SDXL text encoder has."""
+    embeddings = load(pti)
+    embeddings["text_encoders_1"] = torch.zeros(embeddings["text_encoders_1"].shape[0], 7)
+    return save(embeddings)
+
+
 @pytest.fixture
 def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Loopback]]:
     a, b = lora_files["a"], lora_files["b"]
@@ -111,6 +120,7 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
             "page.safetensors": b"<!DOCTYPE html><html>not a file</html>",
             "acme-trained/trained_model.tar": trained_tar(b),
             "acme-pivotal/trained_model.tar": trained_tar(b, embeddings=lora_files["pti"]),
+            "acme-badpivot/trained_model.tar": trained_tar(b, embeddings=misfit_embeddings(lora_files["pti"])),
         }
     )
     monkeypatch.setenv("HF_ENDPOINT", hf.url)
@@ -468,3 +478,86 @@ def test_bad_inputs_are_refused_before_any_download(engine: Engine, store: LoraS
         with pytest.raises(InputError):
             engine.generate(bad)
     assert hosts["files"].total() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading faults: each surfaces as what it is, and leaves nothing half-made behind
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), "out of memory while loading LoRA"),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "could not be loaded: RuntimeError"),
+    ],
+)
+def test_a_loader_failure_is_reported_as_what_it_is(
+    engine: Engine, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch, fault: Exception, message: str
+) -> None:
+    """Faults a CPU cannot produce (memory, a driver) are injected at the loader's UNet step."""
+    pipe = engine.models["illustrious-xl"].txt2img
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise fault
+
+    monkeypatch.setattr(pipe, "load_lora_into_unet", fail)
+    with pytest.raises(LoraLoadError, match=message) as err:
+        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    assert "another base model" not in str(err.value)
+
+
+class Cancelled(BaseException):
+    """What a Cog cancel raises in the predictor (coglet's CancelationException is a BaseException)."""
+
+
+def test_a_cancel_during_a_lora_load_leaves_nothing_behind(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe = engine.models["illustrious-xl"].txt2img
+    url = hosts["files"].url + "/te.safetensors"
+    expected = pixels(engine, with_loras((url, 1.0)))
+    pixels(engine, BASE)  # unloads it
+    real = pipe.load_lora_into_text_encoder
+
+    def cancelled_half_way(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # the first text encoder gets its adapter, then the cancel lands
+        raise Cancelled
+
+    monkeypatch.setattr(pipe, "load_lora_into_text_encoder", cancelled_half_way)
+    with pytest.raises(Cancelled):
+        engine.generate(with_loras((url, 1.0)))
+    monkeypatch.undo()
+    assert all(names == [] for names in pipe.get_list_adapters().values()), "no half-made adapter is left"
+    assert np.array_equal(pixels(engine, with_loras((url, 1.0))), expected), "the same LoRA loads again"
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_pivotal_tokens_never_leak_when_the_second_encoder_refuses_them(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict, baseline: np.ndarray
+) -> None:
+    pipe = engine.models["illustrious-xl"].txt2img
+    sizes = (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    with pytest.raises(InputError, match="embeddings that do not fit illustrious-xl"):
+        engine.generate(replace(BASE, prompt="a photo of TOK", loras=(LoraSpec("acme/badpivot", 1.0),)))
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
+    assert all(names == [] for names in pipe.get_list_adapters().values())
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_checks_run_before_a_swapped_model_moves(
+    weights_dir: Path, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swapping = Engine.load(weights_dir, loras=store, residency="swap")
+    moves: list[str] = []
+    real = swapping._move_in
+    monkeypatch.setattr(swapping, "_move_in", lambda model: (moves.append(model.model_id), real(model)))
+    url = hosts["files"].url + "/a.safetensors"
+    for bad in (
+        replace(BASE, model="sdxl", clip_skip=50, loras=(LoraSpec(url, 1.0),)),
+        replace(BASE, model="sdxl", aspect_ratio="custom", width=None, height=None),
+    ):
+        with pytest.raises(InputError):
+            swapping.generate(bad)
+    assert moves == [] and hosts["files"].total() == 0
+    swapping.generate(replace(BASE, model="sdxl", num_inference_steps=1))
+    assert moves == ["sdxl"]

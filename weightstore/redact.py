@@ -9,6 +9,7 @@ HTTP stack is scrubbed before it reaches a log or a user.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,6 +34,8 @@ CREDENTIAL_QUERY_PREFIXES = ("x-amz-", "x-goog-")
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 _QUERY = re.compile(r"(?<=[^\s?])\?[^\s'\"<>]*=[^\s'\"<>]*")
+# Loggers of the HTTP stack: their records can quote a request line or URL with its query.
+_HTTP_LOGGERS = ("urllib3", "requests", "httpx2", "httpcore2", "huggingface_hub")
 _BEARER = re.compile(r"(?i)\b(bearer|token)\s+[A-Za-z0-9._~+/=-]{8,}")
 
 
@@ -75,3 +78,23 @@ def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
     text = _URL.sub(lambda m: display_url(m.group(0)), text)
     text = _QUERY.sub("", text)
     return _BEARER.sub(lambda m: m.group(1) + " ***", text)
+
+
+def scrub_http_logs() -> None:
+    """Pass every log record of the HTTP stack through `scrub`, whatever its level and handler.
+
+    A logger filter would miss child loggers (urllib3.connectionpool logs each request line at
+    DEBUG), so the record factory does it, once per process.
+    """
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "scrubs_http", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        if record.name.startswith(_HTTP_LOGGERS):
+            record.msg, record.args = scrub(record.getMessage()), ()
+        return record
+
+    factory.scrubs_http = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

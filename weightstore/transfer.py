@@ -23,7 +23,7 @@ import requests
 
 from engine import config
 from weightstore.errors import WeightsError
-from weightstore.redact import scrub
+from weightstore.redact import scrub, scrub_http_logs
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class Downloader:
             raise ValueError("LORA_DOWNLOADER=pget but no pget on PATH")
         self.limits = limits or Limits.from_env()
         self.sleep = sleep
+        scrub_http_logs()
 
     @classmethod
     def from_env(cls) -> Downloader:

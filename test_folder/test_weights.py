@@ -1,0 +1,355 @@
+"""The weights story below the engine: credentials in URLs, clear errors for every LoRA string,
+a cache that never blocks, and both downloaders, against loopback hosts.
+
+Every test names its downloader: `python` is what this machine has; `pget` is exercised through
+a stand-in script on PATH (the real binary cannot be installed here), to prove what wraps it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
+from weights import Credentials, Downloader, LoraStore, WeightsError, parse_lora
+
+URL_TOKEN = "url-query-secret-5150"
+SIGNATURE = "presigned-signature-8d3f"
+HF_TOKEN = "hf_weights_secret_7781"
+
+
+def python_downloader() -> Downloader:
+    """The downloader of a machine without pget (this one), with a backoff that does not wait."""
+    return Downloader("python", sleep=lambda _: None)
+
+
+@pytest.fixture
+def files(lora_files: dict[str, bytes]) -> Iterator[Loopback]:
+    host = file_host(
+        {
+            "a.safetensors": lora_files["a"],
+            "b.safetensors": lora_files["b"],
+            "private.safetensors": lora_files["a"],
+            "bucket/signed.safetensors": lora_files["b"],
+            "brace.safetensors": unpadded(lora_files["a"], ord("{")),
+            "bracket.safetensors": unpadded(lora_files["b"], ord("[")),
+            "json.safetensors": b'{"error": "not found"}',
+        },
+        query_secrets={
+            "private.safetensors": ("token", URL_TOKEN),
+            "bucket/signed.safetensors": ("X-Amz-Signature", SIGNATURE),
+        },
+    )
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LoraStore:
+    return LoraStore(tmp_path / "cache", python_downloader())
+
+
+def unpadded(data: bytes, first_byte: int) -> bytes:
+    """The same safetensors file with its JSON header padded to a length whose low byte is first_byte,
+    as a writer that does not align its header to 8 bytes may produce."""
+    size = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + size].rstrip()
+    length = len(header) + (first_byte - len(header)) % 256
+    return length.to_bytes(8, "little") + header.ljust(length) + data[8 + size :]
+
+
+def everything_in(root: Path) -> str:
+    """Every file name and every readable text under root, to grep for secrets."""
+    parts = []
+    for path in root.rglob("*"):
+        parts.append(path.name)
+        if path.is_file() and path.suffix in (".json", ".lock", "") and path.stat().st_size < 10**6:
+            parts.append(path.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(("name", "first"), [("brace.safetensors", b"{"), ("bracket.safetensors", b"[")])
+def test_a_valid_file_starting_with_a_brace_is_accepted(
+    store: LoraStore, files: Loopback, name: str, first: bytes
+) -> None:
+    lora = store.fetch(f"{files.url}/{name}", 1.0, Credentials())
+    assert lora.path.read_bytes()[:1] == first
+    with safe_open(str(lora.path), "pt") as f:
+        assert len(list(f.keys())) > 0
+
+
+def test_a_json_page_is_still_refused(store: LoraStore, files: Loopback) -> None:
+    with pytest.raises(WeightsError, match="HTML or JSON page instead of a file"):
+        store.fetch(f"{files.url}/json.safetensors", 1.0, Credentials())
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials inside URLs
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "secret"),
+    [("private.safetensors", "token", URL_TOKEN), ("bucket/signed.safetensors", "X-Amz-Signature", SIGNATURE)],
+)
+def test_a_cached_private_url_is_never_served_without_its_credential(
+    store: LoraStore, files: Loopback, caplog: pytest.LogCaptureFixture, path: str, key: str, secret: str
+) -> None:
+    base = f"{files.url}/{path}"
+    good = f"{base}?X-Amz-Credential=AKIA-cred-1&{key}={secret}&v=1"
+    caplog.set_level(logging.DEBUG)
+    first = store.fetch(good, 1.0, Credentials())
+    assert files.hits[f"GET /{path}"] == 1
+    errors = []
+    for other in (f"{base}?{key}=wrong-value&v=1", f"{base}?v=1", base):
+        with pytest.raises(WeightsError, match="HTTP 403") as err:
+            store.fetch(other, 1.0, Credentials())
+        errors.append(str(err.value))
+    assert files.hits[f"GET /{path}"] == 4, "each caller without the credential asked the host, none got the file"
+    assert store.fetch(good, 1.0, Credentials()).path == first.path
+    assert files.hits[f"GET /{path}"] == 4, "the caller with the credential is served from the cache"
+    shown = "\n".join([*errors, caplog.text, everything_in(store.root), repr(first)])
+    for leaked in (secret, "wrong-value", "AKIA-cred-1"):
+        assert leaked not in shown
+
+
+def test_user_and_password_in_the_host_part_are_a_credential() -> None:
+    ref = parse_lora("https://alice:pa55word@files.example/x.safetensors")
+    assert "pa55word" not in ref.display + ref.ident + repr(ref)
+
+
+def test_errors_from_the_http_stack_never_echo_the_query(store: LoraStore, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(WeightsError, match="after 5 tries: the host could not be reached") as err:
+        store.fetch(f"http://127.0.0.1:{port}/x.safetensors?token=hf_dead_host_secret", 1.0, Credentials())
+    assert "hf_dead_host_secret" not in str(err.value) + caplog.text
+    assert "?token" not in str(err.value) + caplog.text
+    assert "ConnectionError" not in str(err.value) and "urllib3" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clear errors for every LoRA string
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("/nonexistent/dir/y.safetensors", "local LoRA file /nonexistent/dir/y.safetensors not found"),
+        ("./missing-a.safetensors", "local LoRA file ./missing-a.safetensors not found"),
+        ("../missing-b.safetensors", "local LoRA file ../missing-b.safetensors not found"),
+        ("~/missing-c.safetensors", "local LoRA file ~/missing-c.safetensors not found"),
+        ("/etc/passwd", "is not a .safetensors file"),
+        ("/tmp", "is a directory"),
+        ("loras/x.safetensors", "local LoRA file loras/x.safetensors not found"),
+        ("file:///tmp/x.safetensors", "file:// LoRA locations are not read: pass the file's local path"),
+        ("ftp://host/x.safetensors", "ftp:// LoRA locations are not read: serve the file over https"),
+        ("s3://bucket/x.safetensors", "s3:// LoRA locations are not read: pass a presigned https URL"),
+        ("gs://bucket/x.safetensors", "gs:// LoRA locations are not read: pass a signed https URL"),
+        ("gopher://host/x", "unsupported LoRA URL scheme gopher://"),
+        ("just-a-word", "cannot tell where LoRA 'just-a-word' lives"),
+    ],
+)
+def test_lora_strings_that_cannot_be_read_say_why_without_any_request(source: str, message: str) -> None:
+    with pytest.raises(WeightsError) as err:
+        parse_lora(source)
+    assert message in str(err.value)
+
+
+def test_a_local_safetensors_path_is_read_as_a_file(store: LoraStore, tmp_path: Path, lora_files: dict) -> None:
+    path = tmp_path / "mine.safetensors"
+    path.write_bytes(lora_files["a"])
+    assert store.fetch(str(path), 1.0, Credentials()).path == path
+
+
+@pytest.fixture
+def hub(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
+    hf = hugging_face(
+        {
+            "acme/style": HfRepo({"style.safetensors": lora_files["a"]}),
+            "acme/gated": HfRepo({"g.safetensors": lora_files["b"]}, token=HF_TOKEN, gated=True),
+        }
+    )
+    monkeypatch.setenv("HF_ENDPOINT", hf.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield hf
+    hf.close()
+
+
+def test_hugging_face_server_error_says_the_hub_failed(store: LoraStore, hub: Loopback) -> None:
+    hub.faults["GET /api/models/acme/style/revision/main"] = [Reply(503)]
+    with pytest.raises(WeightsError, match=r"Hugging Face failed \(HTTP 503\) for Hugging Face repo acme/style"):
+        store.fetch("hf://acme/style", 1.0, Credentials())
+
+
+def test_unreachable_hub_says_so(store: LoraStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(WeightsError, match="Hugging Face could not be reached for Hugging Face repo acme/style"):
+        store.fetch("hf://acme/style", 1.0, Credentials())
+
+
+def test_gated_repo_names_the_token(store: LoraStore, hub: Loopback) -> None:
+    with pytest.raises(WeightsError, match="is gated: accept its terms on the hub, then pass an hf_api_token"):
+        store.fetch("hf://acme/gated", 1.0, Credentials())
+    lora = store.fetch("hf://acme/gated", 1.0, Credentials(hf=HF_TOKEN))
+    assert lora.path.exists()
+    with pytest.raises(WeightsError, match="is gated"):
+        store.fetch("hf://acme/gated", 1.0, Credentials())
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache never blocks, and keeps nothing it cannot account for
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_a_cache_hit_is_not_blocked_by_another_download(store: LoraStore, files: Loopback) -> None:
+    store.fetch(f"{files.url}/a.safetensors", 1.0, Credentials())
+    files.holds["GET /b.safetensors"] = release = threading.Event()
+    other = LoraStore(store.root, python_downloader())  # another process's view of the same cache
+    slow = threading.Thread(target=other.fetch, args=(f"{files.url}/b.safetensors", 1.0, Credentials()))
+    slow.start()
+    try:
+        wait_for(lambda: files.hits["GET /b.safetensors"] == 1, "the download of b to start")
+        hit = threading.Thread(target=store.fetch, args=(f"{files.url}/a.safetensors", 1.0, Credentials()))
+        hit.start()
+        hit.join(timeout=20)
+        assert not hit.is_alive(), "the hit waited for another file's download"
+        assert slow.is_alive(), "b was still downloading while a was served"
+    finally:
+        release.set()
+        slow.join(timeout=30)
+
+
+def test_two_loras_of_one_request_download_at_the_same_time(store: LoraStore, files: Loopback) -> None:
+    gates = {name: threading.Event() for name in ("a", "b")}
+    for name, gate in gates.items():
+        files.holds[f"GET /{name}.safetensors"] = gate
+    results: list = []
+    specs = [(f"{files.url}/a.safetensors", 1.0), (f"{files.url}/b.safetensors", 0.5)]
+    worker = threading.Thread(target=lambda: results.extend(store.fetch_all(specs, Credentials())))
+    worker.start()
+    try:
+        wait_for(lambda: files.hits["GET /a.safetensors"] == files.hits["GET /b.safetensors"] == 1, "both downloads")
+    finally:
+        for gate in gates.values():
+            gate.set()
+        worker.join(timeout=30)
+    assert [lora.scale for lora in results] == [1.0, 0.5]
+    assert all(lora.path.exists() for lora in results)
+
+
+def _key_lock(root: Path, keyhash: str) -> int:
+    fd = os.open(root / "locks" / f"{keyhash}.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_parts_left_by_a_killed_download_are_removed_at_start(store: LoraStore) -> None:
+    dead = store.files / f".part-{'d' * 64}-x1"
+    dead.write_bytes(b"half a file")
+    (store.files / f".part-{'d' * 64}-x1-hubdir").mkdir()
+    live = store.files / f".part-{'e' * 64}-x2"
+    live.write_bytes(b"still being written")
+    fd = _key_lock(store.root, "e" * 64)  # another process is downloading that one
+    try:
+        LoraStore(store.root, python_downloader())
+    finally:
+        os.close(fd)
+    assert not dead.exists() and not (store.files / f".part-{'d' * 64}-x1-hubdir").exists()
+    assert live.exists()
+
+
+def test_a_corrupt_index_leaves_no_orphan(store: LoraStore, files: Loopback) -> None:
+    url = f"{files.url}/a.safetensors"
+    store.fetch(url, 1.0, Credentials())
+    (store.root / "index.json").write_text("{ not json")
+    restarted = LoraStore(store.root, python_downloader())
+    assert [p for p in store.files.iterdir()] == [], "files no index describes are removed"
+    assert list(store.root.glob("index.unreadable.*.json")), "the unreadable index is kept aside for a look"
+    lora = restarted.fetch(url, 1.0, Credentials())
+    assert files.hits["GET /a.safetensors"] == 2
+    assert [p.name for p in store.files.iterdir()] == [lora.path.name]
+    assert json.loads((store.root / "index.json").read_text())["entries"]
+
+
+# ---------------------------------------------------------------------------------------------
+# pget: what wraps it (a stand-in script plays the binary, which cannot be installed here)
+
+PGET_STAND_IN = """#!{python}
+import shutil, sys, urllib.request
+url, dest = [a for a in sys.argv[1:] if not a.startswith("-")]
+try:
+    with urllib.request.urlopen(url) as resp, open(dest, "wb") as out:
+        shutil.copyfileobj(resp, out)
+except Exception as exc:
+    print(f"Error: failed to download {{url}}: {{exc}}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.fixture
+def pget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "pget"
+    script.write_text(PGET_STAND_IN.format(python=sys.executable))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return script
+
+
+def test_pget_moves_the_bytes_when_installed(pget: Path, tmp_path: Path, files: Loopback, lora_files: dict) -> None:
+    store = LoraStore(tmp_path / "pget-cache", Downloader("pget", sleep=lambda _: None))
+    lora = store.fetch(f"{files.url}/a.safetensors", 1.0, Credentials())
+    assert hashlib.sha256(lora.path.read_bytes()).digest() == hashlib.sha256(lora_files["a"]).digest()
+    assert files.hits["GET /a.safetensors"] == 1
+
+
+def test_a_pget_failure_is_scrubbed_and_falls_back(
+    pget: Path, tmp_path: Path, files: Loopback, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LoraStore(tmp_path / "pget-cache", Downloader("pget", sleep=lambda _: None))
+    caplog.set_level(logging.INFO)
+    with pytest.raises(WeightsError, match=r"not found \(HTTP 404\)") as err:
+        store.fetch(f"{files.url}/missing.safetensors?token={URL_TOKEN}", 1.0, Credentials())
+    assert "pget could not fetch" in caplog.text, "pget ran first"
+    assert files.hits["GET /missing.safetensors"] == 2, "then one Python stream"
+    assert URL_TOKEN not in caplog.text + str(err.value)
+
+
+def test_pget_downloads_obey_the_size_cap(
+    pget: Path, tmp_path: Path, files: Loopback, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORA_MAX_FILE_BYTES", "1000")
+    store = LoraStore(tmp_path / "pget-cache", Downloader("pget", sleep=lambda _: None))
+    with pytest.raises(WeightsError, match="over the 1000-byte limit"):
+        store.fetch(f"{files.url}/a.safetensors", 1.0, Credentials())
+    assert list(store.files.iterdir()) == []
