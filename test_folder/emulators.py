@@ -161,6 +161,7 @@ class CivitaiVersion:
     data: bytes
     token: str | None = None  # set: the download needs this token
     login_redirect: bool = False  # refuse by redirecting to a login page, as CivitAI sometimes does
+    trained_words: tuple[str, ...] = ()  # the version's trigger words (trainedWords)
 
 
 def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
@@ -173,6 +174,7 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
         return {
             "id": v.id,
             "baseModel": v.base_model,
+            "trainedWords": list(v.trained_words),
             "files": [
                 {"name": f"training-{v.id}.zip", "type": "Training Data", "primary": False, "metadata": {}},
                 {

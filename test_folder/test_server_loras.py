@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +20,18 @@ from test_folder.emulators import CivitaiVersion, HfRepo, civitai, file_host, hu
 from test_folder.test_server import FLUX_JSON
 
 HF_TOKEN = "hf_server_secret_42"
+SIGNATURE = "server-presigned-signature-31337"
+
+
+@pytest.fixture(scope="module")
+def server_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LoRA cache of the module's server, to look into."""
+    return tmp_path_factory.mktemp("server-lora-cache")
 
 
 @pytest.fixture(scope="module")
 def lora_server(
-    weights_dir: Path, lora_files: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory
+    weights_dir: Path, lora_files: dict[str, bytes], server_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[CogServer, dict]]:
     hf = hugging_face(
         {
@@ -27,20 +39,28 @@ def lora_server(
             "acme/private": HfRepo({"p.safetensors": lora_files["te"]}, token=HF_TOKEN),
         }
     )
-    civ = civitai({100: [CivitaiVersion(1001, "Illustrious", lora_files["b"])]})
+    civ = civitai(
+        {
+            100: [CivitaiVersion(1001, "Illustrious", lora_files["b"])],
+            500: [CivitaiVersion(5001, "SDXL 1.0", lora_files["a"], trained_words=("zk_style", "neon glow"))],
+        }
+    )
     files = file_host(
         {
             "a.safetensors": lora_files["a"],
+            "slow.safetensors": lora_files["te"],
+            "bucket/signed.safetensors": lora_files["b"],
             "acme-trained/trained_model.tar": trained_tar(lora_files["b"]),
             "acme-pivotal/trained_model.tar": trained_tar(lora_files["b"], embeddings=lora_files["pti"]),
-        }
+        },
+        query_secrets={"bucket/signed.safetensors": ("X-Amz-Signature", SIGNATURE)},
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_ENDPOINT", hf.url)
         mp.setenv("CIVITAI_ENDPOINT", civ.url)
         mp.setenv("REPLICATE_ENDPOINT", files.url)
         mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        mp.setenv("LORA_CACHE_DIR", str(tmp_path_factory.mktemp("server-lora-cache")))
+        mp.setenv("LORA_CACHE_DIR", str(server_cache))
         server = CogServer(weights_dir, tmp_path_factory.mktemp("lora-server") / "server.log")
     try:
         assert server.wait_ready()["status"] == "READY"
@@ -116,3 +136,97 @@ def test_every_form_through_cog(lora_server: tuple[CogServer, dict], form: str) 
     base, _ = png(server, prompt="a photo of TOK", num_inference_steps=1)
     out, _ = png(server, prompt="a photo of TOK", num_inference_steps=1, lora_weights=source)
     assert np.abs(out - base).max() > 10
+
+
+def test_a_presigned_signature_never_shows(lora_server: tuple[CogServer, dict], server_cache: Path) -> None:
+    server, hosts = lora_server
+    url = (
+        f"{hosts['files'].url}/bucket/signed.safetensors?X-Amz-Credential=AKIA-server-cred&X-Amz-Signature={SIGNATURE}"
+    )
+    _, body = png(server, lora_weights=url)
+    _, refused = server.predict({**FLUX_JSON, "lora_weights": url.replace(SIGNATURE, "forged-sig-1")})
+    assert refused["status"] == "failed" and "HTTP 403" in refused["error"]
+    _, data = decode_data_uri(body["output"][0])
+    server_log = Path(server.log.name).read_text()
+    cache = "\n".join(p.name + (p.read_text() if p.suffix == ".json" else "") for p in server_cache.rglob("*"))
+    for secret in (SIGNATURE, "AKIA-server-cred", "forged-sig-1"):
+        assert secret not in body["logs"] + refused["logs"] + refused["error"] + server_log + cache
+        assert secret.encode() not in data, "the image's embedded parameters hold no signature"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("/etc/passwd", "is not a .safetensors file"),
+        ("./nowhere.safetensors", "local LoRA file ./nowhere.safetensors not found"),
+        ("file:///etc/x.safetensors", "file:// LoRA locations are not read"),
+        ("s3://bucket/x.safetensors", "pass a presigned https URL"),
+        ("http://127.0.0.1:9/x.safetensors?token=hf_unreachable_secret", "the host could not be reached"),
+        ("https://exa mple.com/x.safetensors", "has no valid host name"),
+    ],
+)
+def test_lora_string_errors_through_cog_are_the_projects_own(
+    lora_server: tuple[CogServer, dict], source: str, message: str
+) -> None:
+    server, _ = lora_server
+    status, body = server.predict({**FLUX_JSON, "num_inference_steps": 1, "lora_weights": source})
+    assert status == 200 and body["status"] == "failed"
+    assert "WeightsError: " in body["error"] and message in body["error"], body["error"]
+    for raw in ("ConnectError", "ConnectionError", "InvalidURL", "InvalidSchema", "LocalEntryNotFoundError", "urllib3"):
+        assert raw not in body["error"]
+    assert "hf_unreachable_secret" not in body["error"] + body["logs"]
+    assert server.get("/health-check")["status"] == "READY"
+
+
+def test_civitai_trigger_words_are_logged(lora_server: tuple[CogServer, dict]) -> None:
+    server, hosts = lora_server
+    page = hosts["civitai"].url + "/models/500"
+    _, body = png(server, prompt="a cat", lora_weights=page)
+    assert "lists trigger words: zk_style, neon glow; the prompt contains none of them" in body["logs"]
+    _, body = png(server, prompt="a cat, zk_style", lora_weights=page)
+    assert "the prompt contains zk_style" in body["logs"]
+
+
+def _send(server: CogServer, method: str, path: str, payload: dict | None = None) -> int:
+    """One request, retried briefly on coglet's spurious 409 'At capacity'; returns the status."""
+    data = json.dumps(payload).encode() if payload is not None else b""
+    headers = {"Content-Type": "application/json", "Prefer": "respond-async"}
+    for _ in range(100):
+        req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            if err.code != 409:
+                return err.code
+        time.sleep(0.1)
+    raise RuntimeError("server stayed at capacity")
+
+
+def test_a_cancel_during_a_download_leaves_nothing_behind(
+    lora_server: tuple[CogServer, dict], server_cache: Path
+) -> None:
+    server, hosts = lora_server
+    url = hosts["files"].url + "/slow.safetensors"
+    hosts["files"].holds["GET /slow.safetensors"] = release = threading.Event()
+    try:
+        assert (
+            _send(
+                server,
+                "PUT",
+                "/predictions/cancel-me",
+                {"id": "cancel-me", "input": {**FLUX_JSON, "lora_weights": url}},
+            )
+            == 202
+        )
+        deadline = time.monotonic() + 60
+        while hosts["files"].hits["GET /slow.safetensors"] == 0:
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        assert _send(server, "POST", "/predictions/cancel-me/cancel") == 200
+    finally:
+        release.set()
+    _, body = png(server, lora_weights=url)  # the same LoRA, right after
+    assert "LoRA cache miss" in body["logs"], "the cancelled download left no entry behind"
+    assert not [p for p in server_cache.rglob(".part-*")], "nor a half-written file"
+    assert server.get("/health-check")["status"] == "READY"
