@@ -76,6 +76,7 @@ LORA_DOWNLOAD_TIMEOUT = 60
 LORA_DOWNLOAD_TOTAL_TIMEOUT = 1800
 # Tries for a download or an API call on connection errors, timeouts, truncation and 5xx.
 DOWNLOAD_RETRIES = 5
+DOWNLOAD_BACKOFF_SECONDS = 0.5  # the first wait between tries; it doubles each time
 # The bake downloads base weights (single files of 7 GB) with these bounds instead.
 BAKE_MAX_FILE_BYTES = 64 * 2**30
 BAKE_DOWNLOAD_TOTAL_TIMEOUT = 4 * 3600

@@ -36,15 +36,15 @@ from test_folder.lora_factory import (  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def lora_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Every engine and server of the session caches LoRAs here, never in the machine's cache."""
+    """Every engine and server of the session caches LoRAs here, never in the machine's cache,
+    retries downloads without waiting, and moves bytes with the Python downloader unless a test
+    names another (the image has pget; this machine does not)."""
     root = tmp_path_factory.mktemp("lora-cache")
-    old = os.environ.get("LORA_CACHE_DIR")
-    os.environ["LORA_CACHE_DIR"] = str(root)
-    yield root
-    if old is None:
-        del os.environ["LORA_CACHE_DIR"]
-    else:
-        os.environ["LORA_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORA_CACHE_DIR", str(root))
+        mp.setenv("LORA_RETRY_BACKOFF_SECONDS", "0")
+        mp.setenv("LORA_DOWNLOADER", "python")
+        yield root
 
 
 @pytest.fixture(scope="session")

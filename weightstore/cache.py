@@ -80,7 +80,7 @@ class LoraStore:
         files not cached download at the same time, and none of this request's evicts another."""
         refs = [parse_lora(source) for source, _ in specs]
         found = _each(lambda ref: self._find(ref, credentials), refs)
-        keep = {item[1].key for item in found if isinstance(item, tuple)}
+        keep = {item.key if isinstance(item, LocalLora) else item[1].key for item in found}
         loras = _each(
             lambda pair: pair[1] if isinstance(pair[1], LocalLora) else self._download(*pair[1], keep),
             list(zip(refs, found, strict=True)),

@@ -70,4 +70,4 @@ def _get(path: str, headers: dict[str, str], name: str, downloader: Downloader) 
         except ValueError:
             raise WeightsError(f"CivitAI answered something other than JSON for {name}: try again later") from None
 
-    return retrying(name, once, downloader.limits.retries, downloader.sleep, action="look up")
+    return retrying(name, once, downloader.limits, action="look up")

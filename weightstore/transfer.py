@@ -3,7 +3,8 @@
 Both ways write into the path they are given (the cache's temporary file), enforce the same
 size cap, and fail with a `WeightsError` whose message holds no URL query, header or token.
 Connection errors, timeouts, truncated bodies and 5xx answers are retried with backoff; a 4xx
-answer is final. The backoff's `sleep` is injected, so tests never really wait.
+answer is final. The backoff is a deploy-time number (LORA_RETRY_BACKOFF_SECONDS); tests set it
+to 0, so they never really wait.
 """
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ class Limits:
     timeout: float = config.LORA_DOWNLOAD_TIMEOUT
     total_timeout: float = config.LORA_DOWNLOAD_TOTAL_TIMEOUT  # a whole pget run
     retries: int = config.DOWNLOAD_RETRIES
+    backoff: float = config.DOWNLOAD_BACKOFF_SECONDS  # the first wait; it doubles each try
 
     @classmethod
     def from_env(cls) -> Limits:
         return cls(
             max_bytes=int(env_number("LORA_MAX_FILE_BYTES", config.LORA_MAX_FILE_BYTES)),
             timeout=env_number("LORA_DOWNLOAD_TIMEOUT", config.LORA_DOWNLOAD_TIMEOUT),
+            total_timeout=env_number("LORA_DOWNLOAD_TOTAL_TIMEOUT", config.LORA_DOWNLOAD_TOTAL_TIMEOUT),
+            backoff=env_number("LORA_RETRY_BACKOFF_SECONDS", config.DOWNLOAD_BACKOFF_SECONDS),
         )
 
 
@@ -83,10 +87,9 @@ def describe(exc: BaseException) -> str:
     return scrub(f"{type(exc).__name__}: {exc}")[:300]
 
 
-def retrying(
-    name: str, attempt_once: Callable[[], T], retries: int, sleep: Callable[[float], None], action: str = "download"
-) -> T:
+def retrying(name: str, attempt_once: Callable[[], T], limits: Limits, action: str = "download") -> T:
     """Call attempt_once until it succeeds; `_Transient` and transient requests errors are retried."""
+    retries = limits.retries
     for attempt in range(retries):
         try:
             return attempt_once()
@@ -94,9 +97,9 @@ def retrying(
             reason = str(exc) if isinstance(exc, _Transient) else describe(exc)
             if attempt == retries - 1:
                 raise WeightsError(f"could not {action} {name} after {retries} tries: {reason}") from None
-            delay = 0.5 * 2**attempt
+            delay = limits.backoff * 2**attempt
             log.info("could not %s %s (%s); retrying in %.1fs", action, name, reason, delay)
-            sleep(delay)
+            time.sleep(delay)
         except requests.RequestException as exc:
             raise WeightsError(f"could not {action} {name}: {describe(exc)}") from None
     raise AssertionError("unreachable")
@@ -105,8 +108,13 @@ def retrying(
 def http_error(status: int, name: str, service: str) -> WeightsError:
     """What a final HTTP status means for the user, naming the input that fixes it."""
     if status in (401, 403):
-        hint = {"CivitAI": ": pass civitai_api_token", "Hugging Face": ": pass hf_api_token"}.get(service, "")
-        return WeightsError(f"{name} needs a {service} token{hint} (got HTTP {status})")
+        token_input = {"CivitAI": "civitai_api_token", "Hugging Face": "hf_api_token"}.get(service)
+        if token_input:
+            return WeightsError(f"{name} needs a {service} token: pass {token_input} (got HTTP {status})")
+        return WeightsError(
+            f"{name} refused access (HTTP {status}): the URL needs a valid credential (a signed URL or its "
+            "token), or it is wrong"
+        )
     if status == 404:
         return WeightsError(f"{name} was not found (HTTP 404): check the URL or id")
     return WeightsError(f"{name}: HTTP {status} from {service}")
@@ -115,16 +123,13 @@ def http_error(status: int, name: str, service: str) -> WeightsError:
 class Downloader:
     """Moves the bytes of one URL into one file. `tool` is auto (pget when on PATH), pget or python."""
 
-    def __init__(
-        self, tool: str = "auto", limits: Limits | None = None, sleep: Callable[[float], None] = time.sleep
-    ) -> None:
+    def __init__(self, tool: str = "auto", limits: Limits | None = None) -> None:
         if tool not in DOWNLOADERS:
             raise ValueError(f"LORA_DOWNLOADER must be one of {', '.join(DOWNLOADERS)}, got {tool!r}")
         self.pget = shutil.which("pget") if tool in ("auto", "pget") else None
         if tool == "pget" and not self.pget:
             raise ValueError("LORA_DOWNLOADER=pget but no pget on PATH")
         self.limits = limits or Limits.from_env()
-        self.sleep = sleep
         scrub_http_logs()
 
     @classmethod
@@ -140,7 +145,7 @@ class Downloader:
                 return
             except _Transient as exc:
                 log.info("pget could not fetch %s (%s); downloading in one stream", name, exc)
-        retrying(name, lambda: self._stream(url, dest, headers, name, service), self.limits.retries, self.sleep)
+        retrying(name, lambda: self._stream(url, dest, headers, name, service), self.limits)
 
     def _pget(self, url: str, dest: Path, name: str) -> None:
         try:
