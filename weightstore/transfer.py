@@ -43,7 +43,7 @@ def env_number(name: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one download; each is overridable by the environment variable of its name."""
+    """Bounds on one download; `from_env` reads the LORA_* variables the README lists."""
 
     max_bytes: int = config.LORA_MAX_FILE_BYTES
     timeout: float = config.LORA_DOWNLOAD_TIMEOUT
