@@ -30,7 +30,7 @@ from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
 from engine.prompts import check_syntax
-from engine.request import GenerationRequest
+from engine.request import GenerationRequest, output_seeds
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
@@ -149,6 +149,7 @@ class Engine:
         else:
             seed = req.seed
             log.info("seed: %d", seed)
+        seeds = output_seeds(seed, req.num_outputs)
 
         pipe, extra = self._pipeline_for(model, req, width, height)
         pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
@@ -174,7 +175,7 @@ class Engine:
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.cfg_scale,
             num_images_per_prompt=req.num_outputs,
-            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(req.num_outputs)],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             clip_skip=req.clip_skip or None,
             callback_on_step_end=on_step,
             callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
@@ -191,7 +192,7 @@ class Engine:
                     steps=req.num_inference_steps,
                     sampler=req.scheduler,
                     cfg_scale=req.cfg_scale,
-                    seed=seed + i,
+                    seed=seeds[i],
                     width=image.width,
                     height=image.height,
                     model=req.model,
