@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image
-from transformers.utils import logging as transformers_logging
 
 from engine.config import (
     CUSTOM_MODEL_ID,
@@ -26,6 +24,7 @@ from engine.config import (
     SAFETY_CHECKER_DIR,
 )
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
+from engine.logs import quiet_library_noise
 from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
@@ -95,8 +94,7 @@ class Engine:
         residency: str | None = None,
     ) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing."""
-        diffusers_logging.disable_progress_bar()  # the engine logs its own progress, one line a step
-        transformers_logging.disable_progress_bar()
+        quiet_library_noise()
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         missing = [name for name in (*MODEL_IDS, SAFETY_CHECKER_DIR) if not (root / name).is_dir()]
