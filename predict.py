@@ -29,8 +29,6 @@ from engine.config import (
     MEGAPIXELS,
     MODEL_IDS,
     OUTPUT_FORMATS,
-    SEED_MAX,
-    SEED_MIN,
     weights_root,
 )
 from engine.generator import Engine
@@ -74,10 +72,8 @@ class Predictor(BasePredictor):
         ),
         seed: Optional[int] = Input(
             default=None,
-            ge=SEED_MIN,
-            le=SEED_MAX,
             description="Random seed; unset or negative means random. 0 is a seed. "
-            "Output i uses seed+i, wrapping to 0 past the maximum",
+            "Seeds past 2^64-1 are reduced modulo 2^64",
         ),
         output_format: str = Input(default="webp", choices=list(OUTPUT_FORMATS), description="Output image format"),
         output_quality: int = Input(default=80, ge=0, le=100, description="Quality for jpg and webp; not used for png"),

@@ -64,9 +64,8 @@ RESIDENCY_HEADROOM_BYTES = 8 * 2**30
 GO_FAST_CFG_CUTOFF = 0.6
 
 MAX_OUTPUTS = 4
-# The seed range torch takes: every ComfyUI (0 to 2^64-1) and A1111 seed; negative means random.
-# Output i uses seed + i, wrapping past SEED_MAX to 0, so no output's seed overflows.
-SEED_MIN = -(2**63)
+# torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger
+# seeds are reduced modulo 2^64 rather than refused; output i uses seed + i, wrapping the same way.
 SEED_MAX = 2**64 - 1
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4

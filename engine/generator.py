@@ -29,7 +29,7 @@ from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
 from engine.prompts import check_syntax
-from engine.request import GenerationRequest, output_seeds
+from engine.request import GenerationRequest, output_seeds, reduced_seed
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
@@ -145,8 +145,8 @@ class Engine:
             seed = secrets.randbelow(SEED_RANGE)
             log.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
         else:
-            seed = req.seed
-            log.info("seed: %d", seed)
+            seed = reduced_seed(req.seed)
+            log.info("seed: %d%s", seed, "" if seed == req.seed else f" ({req.seed} modulo 2^64)")
         seeds = output_seeds(seed, req.num_outputs)
 
         pipe, extra = self._pipeline_for(model, req, width, height)

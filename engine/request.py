@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG, MAX_STEPS, SEED_MAX, SEED_MIN
+from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG, MAX_STEPS, SEED_MAX
 from engine.errors import InputError
 
 
@@ -73,9 +73,8 @@ class GenerationRequest:
             )
         if self.image is not None and self.mask is not None:
             _check_mask_proportions(self.image.size, self.mask.size)
-        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
-            # JSON numbers past 2^64 arrive as floats: refuse them here rather than in torch.
-            raise InputError(f"seed must be a whole number from 0 to {SEED_MAX} (negative: random), got {self.seed}")
+        if isinstance(self.seed, float) and not (math.isfinite(self.seed) and self.seed.is_integer()):
+            raise InputError(f"seed must be a whole number, got {self.seed}")
 
 
 def _check_mask_proportions(image: tuple[int, int], mask: tuple[int, int]) -> None:
@@ -85,6 +84,14 @@ def _check_mask_proportions(image: tuple[int, int], mask: tuple[int, int]) -> No
         raise InputError(
             f"mask is {mw}x{mh} but image is {iw}x{ih}: draw the mask over the image at its size or proportions"
         )
+
+
+def reduced_seed(seed: float) -> int:
+    """A seed torch takes: past SEED_MAX, the seed modulo 2^64.
+
+    coglet hands integers past 2^64 over as floats; the same JSON always gives the same seed.
+    """
+    return int(seed) % (SEED_MAX + 1)
 
 
 def output_seeds(seed: int, count: int) -> list[int]:
