@@ -123,6 +123,7 @@ FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("image-truncated", {"image": data_uri(png_bytes((300, 300))[:60], "image/png")}, "image could not be read"),
     ("image-svg", {"image": data_uri(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")}, "PNG, JPEG"),
     ("image-not-a-uri", {"image": "not a uri"}, "image could not be read as an image"),
+    ("image-empty-string", {"image": ""}, "image could not be read as an image"),
     ("image-too-large", {"image": HUGE_PNG}, "image is too large: at most 150 megapixels"),
     ("img2img-no-step", {"image": SMALL_IMAGE, "num_inference_steps": 1}, "leave no denoising step"),
     ("img2img-strength-0", {"image": SMALL_IMAGE, "prompt_strength": 0}, "leave no denoising step"),
@@ -130,6 +131,7 @@ FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
     # masks
     ("mask-without-image", {"mask": png((64, 64), "L")}, "mask needs an image"),
     ("mask-text", {"image": SMALL_IMAGE, "mask": data_uri(b"zzz", "text/plain")}, "mask could not be read"),
+    ("mask-empty-string", {"image": SMALL_IMAGE, "mask": ""}, "mask could not be read"),
     (
         "mask-truncated",
         {"image": SMALL_IMAGE, "mask": data_uri(png_bytes((64, 64), "L")[:50], "image/png")},
