@@ -66,7 +66,7 @@ class GenerationRequest:
         if self.image is not None and int(self.num_inference_steps * self.prompt_strength) < 1:
             # diffusers runs int(steps x strength) steps on an input image; none would fail deep inside it.
             least = math.ceil(1 / self.prompt_strength) if self.prompt_strength > 0 else MAX_STEPS + 1
-            fix = f"use at least {least} steps or a higher prompt_strength" if least <= MAX_STEPS else "raise it"
+            fix = "raise prompt_strength" if least > MAX_STEPS else f"use at least {least} steps or raise it"
             raise InputError(
                 f"with an image, {self.num_inference_steps} step(s) at prompt_strength {self.prompt_strength:g} "
                 f"leave no denoising step: {fix}"
