@@ -22,6 +22,7 @@ from engine.config import (
     DEFAULT_MODEL,
     DEFAULT_SCHEDULER,
     FLUX_GUIDANCE_TO_CFG,
+    GO_FAST_CFG_CUTOFF,
     MAX_CLIP_SKIP,
     MAX_OUTPUTS,
     MAX_STEPS,
@@ -71,13 +72,17 @@ class Predictor(BasePredictor):
             "(3 gives 6), unless cfg_scale is set",
         ),
         seed: Optional[int] = Input(
-            default=None, description="Random seed; unset or negative means random. 0 is a seed"
+            default=None,
+            description="Random seed; unset or negative means random. 0 is a seed. "
+            "Seeds past 2^64-1 are reduced modulo 2^64",
         ),
         output_format: str = Input(default="webp", choices=list(OUTPUT_FORMATS), description="Output image format"),
         output_quality: int = Input(default=80, ge=0, le=100, description="Quality for jpg and webp; not used for png"),
         disable_safety_checker: bool = Input(default=False, description="Skip the safety checker"),
         go_fast: bool = Input(
-            default=True, description="Fused QKV attention projections and channels_last layout (see README)"
+            default=True,
+            description=f"Faster: classifier-free guidance stops after {GO_FAST_CFG_CUTOFF:.0%} of the steps, "
+            "which then run the UNet on half the batch (see README)",
         ),
         lora_weights: Optional[str] = Input(
             default=None,

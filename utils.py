@@ -7,26 +7,62 @@ UserComment, where A1111, ComfyUI loaders and CivitAI look for it.
 
 from __future__ import annotations
 
+import struct
+import warnings
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from engine.config import INPUT_IMAGE_MAX_PIXELS, INPUT_IMAGE_MAX_SIDE
 from engine.errors import InputError
 
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
 UNICODE_PREFIX = b"UNICODE\x00"
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+# What PIL raises on files that are not images or are damaged (decoders differ in what they raise).
+_UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 def load_image(path: Path, input_name: str) -> Image.Image:
-    """Open an input image fully, or say which input could not be read."""
+    """Read an input image at a bounded size, upright, or say what to send instead.
+
+    Large images are reduced while decoding (JPEG draft) or right after it, in place, so a huge
+    upload never stays in memory at full size; only its proportions matter for the output.
+    Messages never show the server's temporary path.
+    """
+    with warnings.catch_warnings():
+        # PIL's warnings about a damaged file's metadata, or about size (the cap users are told is
+        # INPUT_IMAGE_MAX_PIXELS), are not for the user: the image is read, or refused below.
+        warnings.simplefilter("ignore")
+        return _read_bounded(path, input_name)
+
+
+def _read_bounded(path: Path, input_name: str) -> Image.Image:
+    too_big = f"at most {INPUT_IMAGE_MAX_PIXELS / 1e6:.0f} megapixels are read: downscale it and send it again"
     try:
-        with Image.open(path) as image:
+        image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{input_name} is too large: {too_big}") from exc
+    except _UNREADABLE as exc:
+        raise _unreadable(input_name) from exc
+    with image:
+        if image.width * image.height > INPUT_IMAGE_MAX_PIXELS:
+            raise InputError(f"{input_name} is {image.width}x{image.height}, too large: {too_big}")
+        try:
+            image.thumbnail((INPUT_IMAGE_MAX_SIDE, INPUT_IMAGE_MAX_SIDE))
             image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{input_name} could not be read as an image ({Path(path).name}): {exc}") from exc
+            ImageOps.exif_transpose(image, in_place=True)  # phone photos: proportions as the user sees them
+        except _UNREADABLE as exc:
+            raise _unreadable(input_name) from exc
+    return image
+
+
+def _unreadable(input_name: str) -> InputError:
+    return InputError(
+        f"{input_name} could not be read as an image: it is not a PNG, JPEG, WebP or other common image "
+        "file, or it is damaged. Send a PNG, JPEG or WebP file"
+    )
 
 
 def save_image(image: Image.Image, parameters: str, output_format: str, quality: int, path: Path) -> Path:

@@ -34,6 +34,16 @@ CUSTOM_ASPECT = "custom"
 MEGAPIXELS: dict[str, float] = {"1": 1.0, "0.5": 0.5, "0.25": 0.25}
 CUSTOM_SIZE_MIN = 256
 CUSTOM_SIZE_MAX = 1440
+# An input image sets the output's proportions, clamped to the table's range (9:21 to 21:9, about
+# 1:2.4 to 2.4:1), with both sides kept within the custom-size bounds: a 4000x1 image cannot ask
+# for an unbounded size.
+IMAGE_ASPECT_MIN = min(w / h for w, h in ASPECT_RATIOS.values())
+IMAGE_ASPECT_MAX = max(w / h for w, h in ASPECT_RATIOS.values())
+# Input images (image, mask) are reduced while being read to fit this side, twice the largest
+# output side, so the final resize keeps full quality; an upload's cost is bounded by it and by
+# the pixel cap (a 12000x12000 photo is read, a 20000x20000 one is refused).
+INPUT_IMAGE_MAX_SIDE = 2 * CUSTOM_SIZE_MAX
+INPUT_IMAGE_MAX_PIXELS = 150_000_000
 # Flux rounds sizes to 16 at reference scale; diffusers' SDXL pipelines need multiples of 8.
 SIZE_MULTIPLE = 16
 PIPELINE_SIZE_MULTIPLE = 8
@@ -54,6 +64,9 @@ RESIDENCY_HEADROOM_BYTES = 8 * 2**30
 GO_FAST_CFG_CUTOFF = 0.6
 
 MAX_OUTPUTS = 4
+# torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger
+# seeds are reduced modulo 2^64 rather than refused; output i uses seed + i, wrapping the same way.
+SEED_MAX = 2**64 - 1
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4
 OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")

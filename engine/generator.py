@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image
-from transformers.utils import logging as transformers_logging
 
 from engine.config import (
     CUSTOM_MODEL_ID,
@@ -26,10 +24,11 @@ from engine.config import (
     SAFETY_CHECKER_DIR,
 )
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
+from engine.logs import quiet_library_noise
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
 from engine.prompts import check_syntax
-from engine.request import GenerationRequest, LocalLora, LoraSource
+from engine.request import GenerationRequest, LocalLora, LoraSource, output_seeds, reduced_seed
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
@@ -115,8 +114,7 @@ class Engine:
         residency: str | None = None,
     ) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing."""
-        diffusers_logging.disable_progress_bar()  # the engine logs its own progress, one line a step
-        transformers_logging.disable_progress_bar()
+        quiet_library_noise()
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         missing = [name for name in (*MODEL_IDS, SAFETY_CHECKER_DIR) if not (root / name).is_dir()]
@@ -167,8 +165,9 @@ class Engine:
             seed = secrets.randbelow(SEED_RANGE)
             log.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
         else:
-            seed = req.seed
-            log.info("seed: %d", seed)
+            seed = reduced_seed(req.seed)
+            log.info("seed: %d%s", seed, "" if seed == req.seed else f" ({req.seed} modulo 2^64)")
+        seeds = output_seeds(seed, req.num_outputs)
 
         pipe, extra = self._pipeline_for(model, req, width, height)
         pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
@@ -194,7 +193,7 @@ class Engine:
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.cfg_scale,
             num_images_per_prompt=req.num_outputs,
-            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(req.num_outputs)],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             clip_skip=req.clip_skip or None,
             callback_on_step_end=on_step,
             callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
@@ -211,7 +210,7 @@ class Engine:
                     steps=req.num_inference_steps,
                     sampler=req.scheduler,
                     cfg_scale=req.cfg_scale,
-                    seed=seed + i,
+                    seed=seeds[i],
                     width=image.width,
                     height=image.height,
                     model=req.model,

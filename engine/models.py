@@ -39,6 +39,11 @@ class BaseModel:
         self.txt2img = StableDiffusionXLPipeline.from_pretrained(
             folder, dtype=dtype, device_map=str(device), local_files_only=True, use_safetensors=True
         )
+        vae = self.txt2img.vae
+        if vae.config.force_upcast and vae.dtype == torch.float32:
+            # Already float32: the pipelines' per-call "upcast" would cast it to itself and back,
+            # warning each time in the user's logs (fp16 runs use the fp16-fix VAE, which needs none).
+            vae.register_to_config(force_upcast=False)
         # Built on the same module objects, nothing copied or cast (from_pipe would cast to fp32
         # unless told the dtype, and warns while doing it).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.txt2img.components)

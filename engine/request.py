@@ -3,6 +3,7 @@ with whatever supplies LoRA files (the store in `weights.py`, handed to the engi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG
+from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG, MAX_STEPS, SEED_MAX
 from engine.errors import InputError
 
 
@@ -86,6 +87,40 @@ class GenerationRequest:
             raise InputError("mask needs an image: pass the image to inpaint together with its mask")
         if self.num_outputs < 1:
             raise InputError("num_outputs must be at least 1")
+        if self.image is not None and int(self.num_inference_steps * self.prompt_strength) < 1:
+            # diffusers runs int(steps x strength) steps on an input image; none would fail deep inside it.
+            least = math.ceil(1 / self.prompt_strength) if self.prompt_strength > 0 else MAX_STEPS + 1
+            fix = "raise prompt_strength" if least > MAX_STEPS else f"use at least {least} steps or raise it"
+            raise InputError(
+                f"with an image, {self.num_inference_steps} step(s) at prompt_strength {self.prompt_strength:g} "
+                f"leave no denoising step: {fix}"
+            )
+        if self.image is not None and self.mask is not None:
+            _check_mask_proportions(self.image.size, self.mask.size)
+        if isinstance(self.seed, float) and not (math.isfinite(self.seed) and self.seed.is_integer()):
+            raise InputError(f"seed must be a whole number, got {self.seed}")
+
+
+def _check_mask_proportions(image: tuple[int, int], mask: tuple[int, int]) -> None:
+    """A mask is stretched to the image: different proportions mean it marks the wrong places."""
+    (iw, ih), (mw, mh) = image, mask
+    if abs(mh * iw / mw - ih) > max(2, 0.01 * ih):
+        raise InputError(
+            f"mask is {mw}x{mh} but image is {iw}x{ih}: draw the mask over the image at its size or proportions"
+        )
+
+
+def reduced_seed(seed: float) -> int:
+    """A seed torch takes: past SEED_MAX, the seed modulo 2^64.
+
+    coglet hands integers past 2^64 over as floats; the same JSON always gives the same seed.
+    """
+    return int(seed) % (SEED_MAX + 1)
+
+
+def output_seeds(seed: int, count: int) -> list[int]:
+    """Flux's rule, output i uses seed + i, wrapping past SEED_MAX to 0 so no seed overflows."""
+    return [(seed + i) % (SEED_MAX + 1) for i in range(count)]
 
 
 def cfg_from_flux(guidance: float, cfg_scale: float | None) -> float:

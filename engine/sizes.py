@@ -9,6 +9,8 @@ from engine.config import (
     CUSTOM_ASPECT,
     CUSTOM_SIZE_MAX,
     CUSTOM_SIZE_MIN,
+    IMAGE_ASPECT_MAX,
+    IMAGE_ASPECT_MIN,
     MEGAPIXELS,
     PIPELINE_SIZE_MULTIPLE,
     REFERENCE_RESOLUTION,
@@ -30,16 +32,14 @@ def reference_size(
 ) -> tuple[int, int]:
     """The size at SDXL's 1024 px scale, rounded to 16 as Flux does.
 
-    An input image sets the proportions (Flux ignores aspect_ratio then); "custom"
+    An input image sets the proportions (Flux ignores aspect_ratio then), within bounds; "custom"
     takes width and height as given; otherwise the aspect table, scaled by megapixels.
     """
     if megapixels not in MEGAPIXELS:
         raise InputError(f"megapixels must be one of {', '.join(MEGAPIXELS)}, got {megapixels!r}")
     area = MEGAPIXELS[megapixels] * REFERENCE_RESOLUTION**2
     if image_size is not None:
-        iw, ih = image_size
-        w = math.sqrt(area * iw / ih)
-        return _snap(w, SIZE_MULTIPLE), _snap(w * ih / iw, SIZE_MULTIPLE)
+        return _size_from_image(image_size, area)
     if aspect_ratio == CUSTOM_ASPECT:
         if width is None or height is None:
             raise InputError('aspect_ratio "custom" needs both width and height')
@@ -53,6 +53,21 @@ def reference_size(
     w, h = ASPECT_RATIOS[aspect_ratio]
     factor = math.sqrt(MEGAPIXELS[megapixels])
     return _snap(w * factor, SIZE_MULTIPLE), _snap(h * factor, SIZE_MULTIPLE)
+
+
+def _size_from_image(image_size: tuple[int, int], area: float) -> tuple[int, int]:
+    """The image's proportions at the requested area, bounded as Flux bounds them.
+
+    The ratio is clamped to the aspect table's range, then the size is scaled so both sides lie
+    within the custom-size bounds: the cost of a request never depends on an image's shape.
+    """
+    iw, ih = image_size
+    ratio = min(max(iw / ih, IMAGE_ASPECT_MIN), IMAGE_ASPECT_MAX)
+    w = math.sqrt(area * ratio)
+    h = w / ratio
+    fit = min(1.0, CUSTOM_SIZE_MAX / max(w, h))
+    fit = max(fit, CUSTOM_SIZE_MIN / min(w, h))  # the clamped ratio leaves room for both bounds
+    return _snap(w * fit, SIZE_MULTIPLE), _snap(h * fit, SIZE_MULTIPLE)
 
 
 def scale_to_model(size: tuple[int, int], native_resolution: int) -> tuple[int, int]:

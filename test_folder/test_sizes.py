@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.config import ASPECT_RATIOS
+from engine.config import ASPECT_RATIOS, CUSTOM_SIZE_MAX, CUSTOM_SIZE_MIN, IMAGE_ASPECT_MAX, IMAGE_ASPECT_MIN
 from engine.errors import InputError
 from engine.sizes import reference_size, scale_to_model
 
@@ -72,3 +72,17 @@ def test_image_sets_proportions_at_requested_megapixels() -> None:
 def test_unknown_megapixels() -> None:
     with pytest.raises(InputError, match="megapixels"):
         reference_size("1:1", "3")
+
+
+@pytest.mark.parametrize("image_size", [(4000, 1), (1, 4000), (10**6, 3), (3000, 1000), (1000, 3000)])
+@pytest.mark.parametrize("megapixels", ["1", "0.5", "0.25"])
+def test_image_proportions_are_bounded(image_size: tuple[int, int], megapixels: str) -> None:
+    w, h = reference_size("1:1", megapixels, image_size=image_size)
+    assert CUSTOM_SIZE_MIN <= w <= CUSTOM_SIZE_MAX and CUSTOM_SIZE_MIN <= h <= CUSTOM_SIZE_MAX
+    assert IMAGE_ASPECT_MIN - 0.05 <= w / h <= IMAGE_ASPECT_MAX + 0.05
+
+
+def test_extreme_image_takes_the_widest_table_ratio_within_bounds() -> None:
+    assert IMAGE_ASPECT_MAX == 1536 / 640  # 21:9, the widest entry of Flux's table
+    assert reference_size("1:1", "1", image_size=(4000, 1)) == (1440, 608)
+    assert reference_size("1:1", "1", image_size=(1, 4000)) == (608, 1440)

@@ -1,0 +1,84 @@
+"""A prediction's logs are what a Replicate user reads: the engine's lines, no library noise."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from engine.logs import quiet_library_noise
+from test_folder.conftest import CogServer, image_data_uri
+
+BASE = {"prompt": "a cat", "num_inference_steps": 2, "megapixels": "0.25", "seed": 7, "output_format": "png"}
+# Library messages seen in predictions before: PEFT's multi-adapter warning, transformers' report of
+# the other adapters' weights as missing, diffusers' VAE cast warning and its issue-tracker links.
+NOISE = (
+    "peft_config",
+    "LOAD REPORT",
+    "should be kept in float32",
+    "Casting directly",
+    "github.com",
+    "open an issue",
+    "Warning",
+    "warnings.warn",
+)
+
+
+def lora_uri(data: bytes) -> str:
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+
+
+def run(server: CogServer, **inputs: Any) -> str:
+    status, body = server.predict({**BASE, **inputs})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    return body["logs"]
+
+
+def noisy_lines(logs: str) -> list[str]:
+    return [line for line in logs.splitlines() if any(n in line for n in NOISE)]
+
+
+def test_lora_switches_img2img_and_inpaint_log_only_the_engine(
+    cog_server: CogServer, lora_files: dict[str, bytes]
+) -> None:
+    unet_only, kohya, with_te, kohya_te = (lora_uri(lora_files[k]) for k in ("a", "b", "te", "kohya_te"))
+    image = image_data_uri(Image.new("RGB", (96, 64), (200, 40, 40)))
+    mask = image_data_uri(Image.new("L", (96, 64), 255))
+    steps = [
+        {"lora_weights": unet_only},  # no text-encoder weights
+        {"lora_weights": unet_only, "extra_lora": kohya},  # a second UNet adapter
+        {"lora_weights": with_te},
+        {"lora_weights": with_te, "extra_lora": kohya_te},  # a second text-encoder adapter
+        {"lora_weights": kohya_te, "image": image},
+        {"image": image, "mask": mask},
+    ]
+    noisy = []
+    for inputs in steps:
+        logs = run(cog_server, **inputs)
+        noisy += noisy_lines(logs)
+        assert "seed: 7" in logs and "generated 1 image(s)" in logs
+        if "lora_weights" in inputs:
+            assert "LoRAs active on illustrious-xl" in logs
+    assert not noisy, "\n".join(noisy)
+
+
+def _report(rows: list[str]) -> logging.LogRecord:
+    message = "CLIPTextModel LOAD REPORT\nKey | Status | \n----+--------+-\n" + "\n".join(rows) + "\n\nNotes: ..."
+    return logging.LogRecord("transformers.integrations.peft", logging.WARNING, __file__, 1, message, None, None)
+
+
+@pytest.mark.parametrize(
+    ("rows", "shown"),
+    [
+        (["encoder.layers.0.q_proj.lora_A.lora_abc.weight | MISSING | "], False),
+        (["x.lora_A.lora_new.weight | UNEXPECTED | ", "y.lora_A.lora_abc.weight | MISSING | "], True),
+        (["x.lora_A.lora_new.weight | MISMATCH | shapes"], True),
+    ],
+)
+def test_only_the_false_missing_report_is_dropped(rows: list[str], shown: bool) -> None:
+    quiet_library_noise()
+    logger = logging.getLogger("transformers.integrations.peft")
+    assert all(f.filter(_report(rows)) for f in logger.filters) is shown
