@@ -7,6 +7,7 @@ a stand-in script on PATH (the real binary cannot be installed here), to prove w
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import json
@@ -363,3 +364,9 @@ def test_a_download_never_evicts_a_file_of_the_same_request(
     store.fetch(f"{files.url}/a.safetensors", 1.0, Credentials())
     loras = store.fetch_all([(f"{files.url}/a.safetensors", 1.0), (f"{files.url}/b.safetensors", 1.0)], Credentials())
     assert all(lora.path.exists() for lora in loras), "the cache runs over its bound for one request, not under it"
+
+
+def test_two_data_uris_are_two_files(store: LoraStore, lora_files: dict) -> None:
+    uris = [f"data:application/octet-stream;base64,{base64.b64encode(lora_files[n]).decode()}" for n in ("a", "b")]
+    first, second = (store.fetch(uri, 1.0, Credentials()) for uri in uris)
+    assert first.path.read_bytes() == lora_files["a"] and second.path.read_bytes() == lora_files["b"]

@@ -10,6 +10,7 @@ sent to the network as a repo or a model name.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ def parse_lora(source: str) -> LoraRef:
     if not s:
         raise WeightsError("the LoRA string is empty")
     if s.startswith("data:"):
-        return LoraRef("data", "data: URI", "data", url=s)
+        return LoraRef("data", "data: URI", f"data:{hashlib.sha256(s.encode()).hexdigest()}", url=s)
     if air := _AIR.match(s):
         return _civitai_version(int(air[2]), int(air[1]), s)
     if s.startswith("hf://"):
