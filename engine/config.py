@@ -54,6 +54,11 @@ RESIDENCY_HEADROOM_BYTES = 8 * 2**30
 GO_FAST_CFG_CUTOFF = 0.6
 
 MAX_OUTPUTS = 4
+# Prompt and negative prompt: at most this many CLIP tokens as written (weight syntax included),
+# counted by the tokenizer before any LoRA download or encoding. A1111 users rarely pass 225
+# tokens of text and weight syntax can double that as written, so 512 is generous; it bounds
+# encoding to a few 75-token chunks (a 50,000-character prompt took 39 s on the tiny model).
+MAX_PROMPT_TOKENS = 512
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4
 OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")

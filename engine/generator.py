@@ -29,7 +29,6 @@ from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.loras import LocalLora
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
-from engine.prompts import check_syntax
 from engine.request import GenerationRequest
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
@@ -131,8 +130,8 @@ class Engine:
             self._move_in(model)
         # Everything that can be refused is checked before any LoRA is downloaded.
         model.check_clip_skip(req.clip_skip)
-        check_syntax(req.prompt)
-        check_syntax(req.negative_prompt)
+        model.prompts.check_length(req.prompt, "prompt")
+        model.prompts.check_length(req.negative_prompt, "negative_prompt")
         ref = reference_size(
             req.aspect_ratio,
             req.megapixels,
