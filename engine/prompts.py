@@ -48,6 +48,11 @@ from engine.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# Compel's pyparsing grammar backtracks exponentially on some short prompts (`( ( ( ( ( ( ( ( ( ( ( ( ab++`
+# ran for minutes); memoizing parse results (packrat) makes that milliseconds and changes no result.
+# The switch is process-wide in pyparsing; nothing else here parses with it.
+pyparsing.ParserElement.enable_packrat(None)
+
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _BRACKET = re.compile(r"[()\[\]]")
 # One A1111 token: an escape, a weight closing a '(' , a bracket, a run of text, a lone ':' or '\'.
@@ -58,7 +63,8 @@ _COMPEL_MARKERS = (
     re.compile(r"(?<![\w+-])(?=\w*[^\W\d_])\w{2,}(?:\+{2,}|-{2,})(?=[\s,;)]|$)"),
 )
 _A1111_ONLY = re.compile(r"[\[\]]|:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
-_COMPEL_ERRORS = (ValueError, PromptParser.ParsingException, pyparsing.ParseBaseException)
+# What Compel's parser raises on prompts it cannot read; deep nesting exhausts its recursion.
+_COMPEL_ERRORS = (ValueError, PromptParser.ParsingException, pyparsing.ParseBaseException, RecursionError)
 _CHUNK = 75  # tokens per chunk between the begin and end markers
 ATTENTION = 1.1
 _LOGGED_WEIGHTS = 8  # weighted pieces named in the log line; the rest are counted

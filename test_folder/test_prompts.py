@@ -174,6 +174,16 @@ def test_compel_operators_leave_no_stray_numbers(text: str) -> None:
     assert "1.2" not in texts and "1.1" not in texts and "attend" not in texts and "swap" not in texts
 
 
+def test_compel_parse_time_is_bounded() -> None:
+    """Compel's grammar once took minutes on this; memoized, it takes milliseconds."""
+    start = time.perf_counter()
+    assert read_prompt("( " * 12 + "ab++").syntax == "Compel"
+    assert read_prompt("ab++ " + "(a)1.1 " * 60).syntax == "Compel"
+    deep = read_prompt("(" * 200 + "ab++")  # deeper than Compel's recursive parser goes
+    assert deep.syntax == "A1111" and "Compel's parser rejected it" in deep.notes[0]
+    assert time.perf_counter() - start < 5
+
+
 def test_what_compel_rejects_is_read_as_a1111() -> None:
     reading = read_prompt('("a", "b").blend(0.5)')  # two prompts, one weight
     assert reading.syntax == "A1111" and "Compel's parser rejected it" in reading.notes[0]
