@@ -242,15 +242,29 @@ class PromptEncoder:
             # transformers warns once that long token lists "will result in indexing errors": not
             # here, where long prompts are chunked on purpose. Mark that warning as already given.
             tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-        self.compel_1 = Compel(
-            tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, returned_embeddings_type=kind,
-            truncate_long_prompts=False,
-        )  # fmt: skip
-        self.compel_2 = Compel(
-            tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2, returned_embeddings_type=kind,
-            truncate_long_prompts=False, requires_pooled=True,
-        )  # fmt: skip
+        self._compels: dict[tuple[int, torch.device], tuple[Compel, Compel]] = {}
+
+    def compels(self, clip_skip: int) -> tuple[Compel, Compel]:
+        """Compel for each text encoder, one pair per clip_skip and device.
+
+        Compel caches the empty prompt's embedding it weights against, on the device it was built
+        for and with the layers in use then; a pair shared across clip_skip values or devices would
+        weight a prompt differently depending on the requests before it.
+        """
+        key = (clip_skip, self.pipe.text_encoder.device)
+        if key not in self._compels:
+            kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+            self._compels[key] = (
+                Compel(
+                    tokenizer=self.pipe.tokenizer, text_encoder=self.pipe.text_encoder,
+                    returned_embeddings_type=kind, truncate_long_prompts=False,
+                ),
+                Compel(
+                    tokenizer=self.pipe.tokenizer_2, text_encoder=self.pipe.text_encoder_2,
+                    returned_embeddings_type=kind, truncate_long_prompts=False, requires_pooled=True,
+                ),
+            )  # fmt: skip
+        return self._compels[key]
 
     def check_length(self, text: str, field: str) -> None:
         """Refuse a prompt past MAX_PROMPT_TOKENS, by a tokenizer count before any work is done for it."""
@@ -296,34 +310,30 @@ class PromptEncoder:
     @torch.no_grad()
     def _encode(self, reading: Reading, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every BREAK segment in its own chunks, concatenated; pooled from the first segment."""
-        embeds, pooled = [], None
-        for segment in reading.segments:
-            with _skip_layers(self.pipe.text_encoder, clip_skip):
-                left = self._embed(self.compel_1, segment)
-            with _skip_layers(self.pipe.text_encoder_2, clip_skip):
-                right = self._embed(self.compel_2, segment)
-            # Both tokenizers share CLIP's vocabulary, so they always make the same number of chunks.
-            embeds.append(torch.cat([left, right], dim=-1))
-            if pooled is None:  # from the full model, whatever clip_skip says
-                # Compel's text as Compel pools it; the pieces without their syntax, as A1111 does.
-                text = segment.text if isinstance(segment, CompelSegment) else "".join(p.text for p in segment)
-                pooled = self.compel_2.conditioning_provider.get_pooled_embeddings([text], device=self.compel_2.device)
-        assert pooled is not None, "a reading has at least one segment"
-        return torch.cat(embeds, dim=1), pooled
+        embeds = [self._embed_segment(segment, clip_skip) for segment in reading.segments]
+        # From the full model, whatever clip_skip says. Compel's text as Compel pools it; the pieces
+        # without their syntax, as A1111 does.
+        first = reading.segments[0]
+        text = first.text if isinstance(first, CompelSegment) else "".join(p.text for p in first)
+        provider = self.compels(0)[1].conditioning_provider
+        return torch.cat(embeds, dim=1), provider.get_pooled_embeddings([text], device=provider.device)
 
-    @staticmethod
-    def _embed(compel: Compel, segment: Segment) -> torch.Tensor:
-        """One encoder's embeddings of one segment: Compel's parse as Compel encodes it, or the pieces."""
-        provider = compel.conditioning_provider
-        provider.device = compel.device  # the model may have moved since Compel was built (swap mode)
-        if isinstance(segment, CompelSegment):
-            return compel.build_conditioning_tensor_for_conjunction(segment.conjunction)[0]
-        # Pieces without tokens (whitespace) change nothing, and Compel cannot place a down-weighted one.
-        pieces = [p for p in segment if provider.get_token_ids([p.text], include_start_and_end_markers=False)[0]]
-        pieces = pieces or [Piece("", 1.0)]  # Compel's providers need one fragment, even an empty one
-        return provider.get_embeddings_for_weighted_prompt_fragments(
-            [[p.text for p in pieces]], [[p.weight for p in pieces]], device=compel.device
-        )
+    def _embed_segment(self, segment: Segment, clip_skip: int) -> torch.Tensor:
+        """Both encoders' embeddings of one segment, side by side."""
+        halves, empties = [], []
+        encoders = (self.pipe.text_encoder, self.pipe.text_encoder_2)
+        for compel, encoder in zip(self.compels(clip_skip), encoders, strict=True):
+            with _skip_layers(encoder, clip_skip):
+                halves.append(_embed(compel, segment))
+                empties.append(compel.conditioning_provider.empty_z)
+        # The second tokenizer pads with "!", so it never merges "!" into a longer token as the first
+        # does ("!." is one token there, two here): the two can make different numbers of chunks.
+        length = max(half.shape[1] for half in halves)
+        padded = [
+            torch.cat([half, empty.to(half).repeat(1, (length - half.shape[1]) // empty.shape[1], 1)], dim=1)
+            for half, empty in zip(halves, empties, strict=True)
+        ]
+        return torch.cat(padded, dim=-1)
 
     def _pad(self, embeds: torch.Tensor, length: int, clip_skip: int, zero: bool = False) -> torch.Tensor:
         if embeds.shape[1] == length:
@@ -333,3 +343,16 @@ class PromptEncoder:
         empty, _ = self.encode("", clip_skip)
         repeats = (length - embeds.shape[1]) // empty.shape[1]
         return torch.cat([embeds, empty.repeat(1, repeats, 1)], dim=1)
+
+
+def _embed(compel: Compel, segment: Segment) -> torch.Tensor:
+    """One encoder's embeddings of one segment: Compel's parse as Compel encodes it, or the pieces."""
+    if isinstance(segment, CompelSegment):
+        return compel.build_conditioning_tensor_for_conjunction(segment.conjunction)[0]
+    provider = compel.conditioning_provider
+    # Pieces without tokens (whitespace) change nothing, and Compel cannot place a down-weighted one.
+    pieces = [p for p in segment if provider.get_token_ids([p.text], include_start_and_end_markers=False)[0]]
+    pieces = pieces or [Piece("", 1.0)]  # Compel's providers need one fragment, even an empty one
+    return provider.get_embeddings_for_weighted_prompt_fragments(
+        [[p.text for p in pieces]], [[p.weight for p in pieces]], device=provider.device
+    )

@@ -14,7 +14,15 @@ from PIL import Image
 from engine.config import MAX_PROMPT_TOKENS
 from engine.errors import InputError
 from engine.generator import Engine
-from engine.prompts import CompelSegment, Piece, count_tokens, is_compel_syntax, parse_a1111, read_prompt
+from engine.prompts import (
+    CompelSegment,
+    Piece,
+    PromptEncoder,
+    count_tokens,
+    is_compel_syntax,
+    parse_a1111,
+    read_prompt,
+)
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import make_scheduler
 from test_folder.conftest import CogServer
@@ -196,10 +204,10 @@ def test_plain_prompt_of_any_length_reaches_the_encoder_as_written(engine: Engin
     embeds, pooled = prompts.encode(text, 0)
     direct = [
         compel.conditioning_provider.get_embeddings_for_weighted_prompt_fragments([[text]], [[1.0]])
-        for compel in (prompts.compel_1, prompts.compel_2)
+        for compel in prompts.compels(0)
     ]
     assert torch.equal(embeds, torch.cat(direct, dim=-1)) and embeds.shape[1] == 154
-    assert torch.equal(pooled, prompts.compel_2.conditioning_provider.get_pooled_embeddings([text]))
+    assert torch.equal(pooled, prompts.compels(0)[1].conditioning_provider.get_pooled_embeddings([text]))
     short = 'a sign saying "OPEN" for the C++ programmer'
     assert prompts.kwargs(short, "", 0) == {"prompt": short, "negative_prompt": None}
 
@@ -240,6 +248,25 @@ def test_weights_change_the_embeddings(engine: Engine) -> None:
     heavy, _ = prompts.encode("a (lighthouse:1.5) at dusk", 0)
     compel, _ = prompts.encode("a lighthouse++ at dusk", 0)
     assert not torch.equal(plain, heavy) and not torch.equal(plain, compel)
+
+
+def test_weights_do_not_depend_on_an_earlier_clip_skip(engine: Engine) -> None:
+    """Compel caches the empty prompt it weights against; a clip_skip request must not leave it skipped."""
+    pipe = engine.models[BASE.model].txt2img
+    fresh, after_skip = PromptEncoder(pipe), PromptEncoder(pipe)
+    after_skip.encode("a (cat:1.5)", 2)
+    assert torch.equal(fresh.encode("a (cat:1.5)", 0)[0], after_skip.encode("a (cat:1.5)", 0)[0])
+
+
+def test_encoders_that_chunk_differently_line_up(engine: Engine) -> None:
+    """The second tokenizer never merges "!" (its pad token): "wow!." is 2 tokens for one, 3 for the other."""
+    prompts = engine.models[BASE.model].prompts
+    text = "wow!. " * 30
+    first, second = (compel.conditioning_provider.get_token_ids([text])[0] for compel in prompts.compels(0))
+    assert len(first) <= 77 < len(second)
+    embeds, _ = prompts.encode(text, 0)
+    assert embeds.shape == (1, 154, 32 + 64)
+    assert not np.array_equal(pixels(engine, replace(BASE, prompt=text)), pixels(engine, BASE))
 
 
 def test_long_prompt_is_encoded_past_77_tokens(engine: Engine) -> None:
