@@ -18,9 +18,9 @@ A prompt never fails on syntax; it is read once, by one of two readers:
   they are: `(x)` = weight 1.1, `[x]` = 1/1.1, `(x:1.3)`, nesting multiplies, `\\(` `\\)` `\\[`
   `\\]` `\\\\` are literal. Leniently, as A1111: an unclosed bracket closes at the end, a stray
   closer is text, and a colon not followed by a number before `)` is text (`(cat:heavy)` =
-  "cat:heavy" at 1.1). Where A1111 would drop a lone backslash or crash on a weight that is no
-  finite number, it is kept as text here. A prompt without brackets is not parsed at all: it
-  reaches the encoder exactly as written.
+  "cat:heavy" at 1.1). Where A1111 would drop a lone backslash, crash on a weight such as
+  `1.2.3` or take an infinite one, that is text here. An A1111 prompt without brackets is not
+  parsed at all: it reaches the encoder exactly as written.
 
 `BREAK` starts a new 77-token chunk in both. When a prompt is not plain text, one log line says
 how it was read. Cost is bounded by `MAX_PROMPT_TOKENS`, checked on the text as written before
@@ -42,6 +42,7 @@ import torch
 from compel import Compel, ReturnedEmbeddingsType
 from compel.prompt_parser import Conjunction, PromptParser
 from diffusers import StableDiffusionXLPipeline
+from transformers import PreTrainedTokenizerBase
 
 from engine.config import MAX_PROMPT_TOKENS
 from engine.errors import InputError
@@ -215,7 +216,7 @@ def read_prompt(text: str) -> Reading:
     return Reading(tuple(segments), "A1111", tuple(notes + lenient))
 
 
-def count_tokens(tokenizer: Any, text: str) -> int:
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     """CLIP tokens of the text as written, without the begin and end markers; no encoding."""
     return len(tokenizer(text).input_ids) - 2
 
