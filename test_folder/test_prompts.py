@@ -42,6 +42,20 @@ LENIENT = [
     "photo (bokeh:",
 ]
 
+# A1111's last doctest example of parse_prompt_attention: one '(' is never closed.
+HOUSE = "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."
+HOUSE_PIECES = [
+    ("a ", 1.0),
+    ("house", 1.5730000000000004),
+    (" ", 1.1),
+    ("on", 1.0),
+    (" a ", 1.1),
+    ("hill", 0.55),
+    (", sun, ", 1.1),
+    ("sky", 1.4641000000000006),
+    (".", 1.1),
+]
+
 
 # A1111's doctest examples of parse_prompt_attention, with its fragments and weights.
 @pytest.mark.parametrize(
@@ -52,20 +66,7 @@ LENIENT = [
         ("(unbalanced", [("unbalanced", 1.1)]),
         (r"\(literal\]", [("(literal]", 1.0)]),
         ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-        (
-            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-            [
-                ("a ", 1.0),
-                ("house", 1.5730000000000004),
-                (" ", 1.1),
-                ("on", 1.0),
-                (" a ", 1.1),
-                ("hill", 0.55),
-                (", sun, ", 1.1),
-                ("sky", 1.4641000000000006),
-                (".", 1.1),
-            ],
-        ),
+        (HOUSE, HOUSE_PIECES),
     ],
 )
 def test_a1111_doctest_examples(text: str, pieces: list[tuple[str, float]]) -> None:
@@ -77,21 +78,7 @@ def test_a1111_doctest_examples(text: str, pieces: list[tuple[str, float]]) -> N
     ("text", "pieces", "note"),
     [
         # The last doctest with its missing closing bracket: the '.' is no longer inside it.
-        (
-            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))).",
-            [
-                ("a ", 1.0),
-                ("house", 1.5730000000000004),
-                (" ", 1.1),
-                ("on", 1.0),
-                (" a ", 1.1),
-                ("hill", 0.55),
-                (", sun, ", 1.1),
-                ("sky", 1.4641000000000006),
-                (".", 1.0),
-            ],
-            None,
-        ),
+        (HOUSE.replace(")))", "))))"), [*HOUSE_PIECES[:-1], (".", 1.0)], None),
         ('a sign saying "OPEN :)"', [('a sign saying "OPEN :)"', 1.0)], "stray ')' at character 22 kept as text"),
         ("a smiley :-( on a wall", [("a smiley :-", 1.0), (" on a wall", 1.1)], "unclosed '(' at character 12"),
         ("portrait of a man [wearing a hat", [("portrait of a man ", 1.0), ("wearing a hat", DOWN)], "unclosed '['"),
