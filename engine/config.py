@@ -67,6 +67,12 @@ MAX_OUTPUTS = 4
 # torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger
 # seeds are reduced modulo 2^64 rather than refused; output i uses seed + i, wrapping the same way.
 SEED_MAX = 2**64 - 1
+
+# Prompt and negative prompt: at most this many CLIP tokens as written (weight syntax included),
+# counted by the tokenizer before any LoRA download or encoding. A1111 users rarely pass 225
+# tokens of text and weight syntax can double that as written, so 512 is generous; it bounds
+# encoding to a few 75-token chunks (a 50,000-character prompt took 39 s on the tiny model).
+MAX_PROMPT_TOKENS = 512
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4
 OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")

@@ -27,7 +27,6 @@ from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
-from engine.prompts import check_syntax
 from engine.request import GenerationRequest, LocalLora, LoraSource, output_seeds, reduced_seed
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
@@ -147,8 +146,8 @@ class Engine:
         model = self.models[req.model]
         # Everything that can be refused is checked before a model moves or a LoRA is downloaded.
         model.check_clip_skip(req.clip_skip)
-        check_syntax(req.prompt)
-        check_syntax(req.negative_prompt)
+        model.prompts.check_length(req.prompt, "prompt")
+        model.prompts.check_length(req.negative_prompt, "negative_prompt")
         ref = reference_size(
             req.aspect_ratio,
             req.megapixels,

@@ -1,103 +1,224 @@
 """Prompts longer than 77 tokens and weighted prompts, in A1111's syntax or Compel's.
 
 Plain SDXL pipelines cut a prompt at 77 tokens. Here a prompt that is long, weighted or has
-BREAK is encoded with Compel (chunks of 75 tokens, both text encoders, pooled embedding from
-the second), and a plain short prompt still goes to the pipeline as text, so its image is
-bit-identical to what it always was.
+BREAK is encoded through Compel's embeddings providers (chunks of 75 tokens, both text encoders,
+pooled embedding from the second), and a prompt that means one short unweighted text still goes
+to the pipeline as text, so its image is bit-identical to what it always was.
 
-Syntax: a prompt with Compel's own markers (`word++`, `word--`, `(words)1.3`, `.and(`,
-`.blend(`) is read as Compel; anything else as A1111 and converted: `(x)` = weight 1.1, `[x]` = 1/1.1,
-`(x:1.3)`, nesting multiplies, `\\(` `\\)` `\\[` `\\]` are literal. `BREAK` starts a new
-77-token chunk in both. Unbalanced brackets and malformed weights are errors naming the position.
+A prompt never fails on syntax; it is read once, by one of two readers:
+
+- Compel, only when the prompt carries an explicit Compel marker and nothing that only A1111
+  writes. Markers: an operator call (`.and(`, `.add(`, `.blend(`, `.attend(`, `.swap(`); a sign run
+  or a number right after a closing `)` or `"` and ending there (`(red cat)1.3`, `(cat)++`); or
+  `++`/`--` ending a word of two or more characters (`lighthouse++`). A1111-only forms (`[`, `]`,
+  `(x:1.3)`) win over markers. So `C++ programmer`, `A+ student`, `(red)-haired`,
+  `(masterpiece)1girl` and `(cat:1.2)5 dogs` are A1111, and `Notepad++ icon` is Compel. When
+  Compel's parser rejects a prompt it is read as A1111 instead.
+- A1111's `parse_prompt_attention` rules, into (text, weight) pieces handed to the encoder as
+  they are: `(x)` = weight 1.1, `[x]` = 1/1.1, `(x:1.3)`, nesting multiplies, `\\(` `\\)` `\\[`
+  `\\]` `\\\\` are literal. Leniently, as A1111: an unclosed bracket closes at the end, a stray
+  closer is text, and a colon not followed by a number before `)` is text (`(cat:heavy)` =
+  "cat:heavy" at 1.1). Where A1111 would drop a lone backslash, crash on a weight such as
+  `1.2.3` or take an infinite one, that is text here. An A1111 prompt without brackets is not
+  parsed at all: it reaches the encoder exactly as written.
+
+`BREAK` starts a new 77-token chunk in both. When a prompt is not plain text, one log line says
+how it was read. Cost is bounded by `MAX_PROMPT_TOKENS`, checked on the text as written before
+any work is done for the request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import re
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import pyparsing
 import torch
 from compel import Compel, ReturnedEmbeddingsType
+from compel.prompt_parser import Conjunction, PromptParser
 from diffusers import StableDiffusionXLPipeline
+from transformers import PreTrainedTokenizerBase
 
+from engine.config import MAX_PROMPT_TOKENS
 from engine.errors import InputError
 
+log = logging.getLogger(__name__)
+
+# Compel's pyparsing grammar backtracks exponentially on some short prompts (`( ( ( ( ( ( ( ( ( ( ( ( ab++`
+# ran for minutes); memoizing parse results (packrat) makes that milliseconds and changes no result.
+# The switch is process-wide in pyparsing; nothing else here parses with it.
+pyparsing.ParserElement.enable_packrat(None)
+
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_COMPEL = re.compile(r"\w(\+\+?|--?)(?=[\s,.;:)]|$)|\)[+-]?\d*\.?\d+|\)[+-]+|\.(and|blend)\(")
-_A1111 = re.compile(r"[()\[\]]")
-_TOKEN = re.compile(r"\\[()\[\]\\]|\(|\[|:([^()\[\]]*?)\)|\)|]|[^\\()\[\]:]+|:|\\")
+_BRACKET = re.compile(r"[()\[\]]")
+# One A1111 token: an escape, a weight closing a '(' , a bracket, a run of text, a lone ':' or '\'.
+_A1111_TOKEN = re.compile(r"\\[()\[\]\\]|:\s*(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+))\s*\)|[()\[\]]|[^\\()\[\]:]+|[\\:]")
+_COMPEL_MARKERS = (
+    re.compile(r"[\w)\"]\.(?:and|add|blend|attend|swap)\("),
+    re.compile(r"[)\"](?:\++|-+|\d*\.?\d+)(?=[\s,;)]|$)"),
+    re.compile(r"(?<![\w+-])(?=\w*[^\W\d_])\w{2,}(?:\+{2,}|-{2,})(?=[\s,;)]|$)"),
+)
+_A1111_ONLY = re.compile(r"[\[\]]|:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
+# What Compel's parser raises on prompts it cannot read; deep nesting exhausts its recursion.
+_COMPEL_ERRORS = (ValueError, PromptParser.ParsingException, pyparsing.ParseBaseException, RecursionError)
 _CHUNK = 75  # tokens per chunk between the begin and end markers
 ATTENTION = 1.1
+_LOGGED_WEIGHTS = 8  # weighted pieces named in the log line; the rest are counted
+_LOGGED_NOTES = 3  # notes on lenient reading in the log line; the rest are counted
+
+
+class Piece(NamedTuple):
+    """Text the encoder sees with one weight, as A1111's parser would produce it."""
+
+    text: str
+    weight: float
+
+
+class CompelSegment(NamedTuple):
+    """Compel's own parse of a BREAK segment, with the text its pooled embedding is taken from."""
+
+    text: str
+    conjunction: Conjunction
+
+
+Segment = list[Piece] | CompelSegment  # one BREAK-separated part of a prompt
 
 
 def is_compel_syntax(text: str) -> bool:
-    return bool(_COMPEL.search(text))
+    """The conservative guess of the module docstring: explicit Compel markers, no A1111-only form."""
+    return any(marker.search(text) for marker in _COMPEL_MARKERS) and not _A1111_ONLY.search(text)
 
 
-def a1111_to_compel(text: str) -> str:
-    """Flatten A1111 emphasis into Compel fragments `(text)weight`; literal brackets escaped."""
-    parts: list[list[Any]] = []  # [text, weight]
-    opened: list[tuple[str, int, int]] = []  # (bracket, character position, first part index)
+def parse_a1111(text: str) -> tuple[list[list[Piece]], list[str]]:
+    """BREAK-separated lists of (text, weight) pieces by A1111's rules, and notes on what was lenient."""
+    if not _BRACKET.search(text):
+        return [[Piece(part, 1.0)] if part else [] for part in _BREAK.split(text)], []
+    pieces: list[list[Any] | None] = []  # [text, weight]; None where BREAK starts a new segment
+    opened: dict[str, list[tuple[int, int]]] = {"(": [], "[": []}  # (character, first piece index)
+    notes: list[str] = []
+    colon = -1  # character of the last literal ':', to say why a '(...:...)' is not a weight
+
+    def add(part: str) -> None:
+        for i, chunk in enumerate(_BREAK.split(part)):
+            if i:
+                pieces.append(None)
+            if chunk:
+                pieces.append([chunk, 1.0])
 
     def scale(start: int, factor: float) -> None:
-        for part in parts[start:]:
-            part[1] *= factor
+        for piece in pieces[start:]:
+            if piece is not None:
+                piece[1] *= factor
 
-    for m in _TOKEN.finditer(text):
-        tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\") and len(tok) == 2:
-            parts.append([tok[1], 1.0])
-        elif tok in ("(", "["):
-            opened.append((tok, m.start(), len(parts)))
-        elif weight is not None:
-            if not opened or opened[-1][0] != "(":
-                raise InputError(f"prompt: ':{weight})' at character {m.start()} closes no '('")
-            try:
-                factor = float(weight)
-            except ValueError:
-                raise InputError(f"prompt: malformed weight {weight.strip()!r} at character {m.start() + 1}") from None
-            scale(opened.pop()[2], factor)
-        elif tok in (")", "]"):
-            want = "(" if tok == ")" else "["
-            if not opened or opened[-1][0] != want:
-                raise InputError(
-                    f"prompt: unbalanced {tok!r} at character {m.start()} (write \\{tok} for a literal one)"
-                )
-            scale(opened.pop()[2], ATTENTION if tok == ")" else 1 / ATTENTION)
+    def close(bracket: str, at: int, factor: float) -> None:
+        nonlocal colon
+        if not opened[bracket]:
+            notes.append(f"stray {text[at]!r} at character {at + 1} kept as text")
+            add(text[at])
+            return
+        start_at, start = opened[bracket].pop()
+        if start_at < colon:
+            notes.append(f"{text[colon:at][:40]!r} at character {colon + 1} is no weight, kept as text")
+            colon = -1
+        scale(start, factor)
+
+    for m in _A1111_TOKEN.finditer(text):
+        token, weight = m.group(0), m.group("weight")
+        if weight is not None:
+            closer = m.end() - 1
+            if opened["("] and math.isfinite(float(weight)):
+                scale(opened["("].pop()[1], float(weight))
+                continue
+            add(text[m.start() : closer])
+            if opened["("]:
+                colon = m.start()
+            close("(", closer, ATTENTION)
+        elif token in opened:
+            opened[token].append((m.start(), len(pieces)))
+        elif token == ")":
+            close("(", m.start(), ATTENTION)
+        elif token == "]":
+            close("[", m.start(), 1 / ATTENTION)
+        elif len(token) == 2 and token[0] == "\\":
+            pieces.append([token[1], 1.0])
         else:
-            parts.append([tok, 1.0])
-    if opened:
-        bracket, pos, _ = opened[-1]
-        raise InputError(f"prompt: {bracket!r} at character {pos} is never closed")
+            if token == ":":
+                colon = m.start()
+            add(token)
+    for bracket, factor in (("(", ATTENTION), ("[", 1 / ATTENTION)):
+        for at, start in opened[bracket]:
+            notes.append(f"unclosed {bracket!r} at character {at + 1} closed at the end")
+            scale(start, factor)
 
-    merged: list[list[Any]] = []
-    for piece, weight in parts:
-        if merged and abs(merged[-1][1] - weight) < 1e-9:
-            merged[-1][0] += piece
+    segments: list[list[Piece]] = [[]]
+    for piece in pieces:
+        if piece is None:
+            segments.append([])
+        elif segments[-1] and segments[-1][-1].weight == piece[1]:  # exact, as A1111 merges
+            segments[-1][-1] = Piece(segments[-1][-1].text + piece[0], piece[1])
         else:
-            merged.append([piece, weight])
-    out = []
-    for piece, weight in merged:
-        escaped = re.sub(r"([()\\])", r"\\\1", piece)
-        if abs(weight - 1.0) < 1e-9 or not piece.strip():
-            out.append(escaped)
+            segments[-1].append(Piece(piece[0], piece[1]))
+    return segments, notes
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a prompt was read: its BREAK segments, which syntax, and what was lenient."""
+
+    segments: tuple[Segment, ...]
+    syntax: str  # "Compel" or "A1111"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str | None:
+        """The one unweighted text this prompt means, if it means one: the pipeline can take that as is."""
+        if self.syntax != "A1111" or len(self.segments) != 1:
+            return None
+        [pieces] = self.segments
+        if not pieces:
+            return ""
+        return pieces[0].text if len(pieces) == 1 and pieces[0].weight == 1.0 else None
+
+    def describe(self) -> str:
+        """One line for the log: the syntax, the weights, the segments and the notes."""
+        parts = []
+        if self.syntax == "Compel":
+            parts.append("Compel syntax")
         else:
-            out.append(
-                f"({escaped.strip()}){weight:.4g} " if piece.endswith(" ") else f"({escaped.strip()}){weight:.4g}"
-            )
-    return "".join(out)
+            pieces = [p for s in self.segments if isinstance(s, list) for p in s]
+            weighted = [p for p in pieces if p.weight != 1.0 and p.text.strip()]
+            named = ", ".join(f"{p.text.strip()[:40]!r} {round(p.weight, 3)}" for p in weighted[:_LOGGED_WEIGHTS])
+            more = f" and {len(weighted) - _LOGGED_WEIGHTS} more" if len(weighted) > _LOGGED_WEIGHTS else ""
+            parts.append(f"A1111 weights: {named}{more}" if weighted else "plain text")
+        if len(self.segments) > 1:
+            parts.append(f"{len(self.segments)} BREAK segments")
+        notes = list(self.notes[:_LOGGED_NOTES])
+        if len(self.notes) > _LOGGED_NOTES:
+            notes.append(f"{len(self.notes) - _LOGGED_NOTES} more like these")
+        return "; ".join(parts + notes)
 
 
-def check_syntax(text: str) -> None:
-    """Raise the InputError a malformed prompt would raise, before any work is done for it."""
-    for segment in _BREAK.split(text):
-        to_compel(segment)
+def read_prompt(text: str) -> Reading:
+    """Read a prompt once, by the rule of the module docstring; never raises on syntax."""
+    notes: list[str] = []
+    if is_compel_syntax(text):
+        try:
+            segments = tuple(CompelSegment(s, Compel.parse_prompt_string(s)) for s in _BREAK.split(text))
+            return Reading(segments, "Compel")
+        except _COMPEL_ERRORS as e:
+            notes.append(f"Compel's parser rejected it ({str(e)[:120]}), read as A1111")
+    segments, lenient = parse_a1111(text)
+    return Reading(tuple(segments), "A1111", tuple(notes + lenient))
 
 
-def to_compel(text: str) -> str:
-    return text if is_compel_syntax(text) else a1111_to_compel(text)
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """CLIP tokens of the text as written, without the begin and end markers; no encoding."""
+    return len(tokenizer(text).input_ids) - 2
 
 
 @contextlib.contextmanager
@@ -122,28 +243,48 @@ class PromptEncoder:
             # transformers warns once that long token lists "will result in indexing errors": not
             # here, where long prompts are chunked on purpose. Mark that warning as already given.
             tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-        self.compel_1 = Compel(
-            tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, returned_embeddings_type=kind,
-            truncate_long_prompts=False,
-        )  # fmt: skip
-        self.compel_2 = Compel(
-            tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2, returned_embeddings_type=kind,
-            truncate_long_prompts=False, requires_pooled=True,
-        )  # fmt: skip
+        self._compels: dict[tuple[int, torch.device], tuple[Compel, Compel]] = {}
 
-    def is_plain(self, text: str) -> bool:
-        """Short, unweighted, no BREAK: the pipeline's own encoding is exact for it."""
-        if _A1111.search(text) or is_compel_syntax(text) or _BREAK.search(text):
-            return False
-        ids = self.pipe.tokenizer(text, truncation=True, max_length=_CHUNK + 3).input_ids
-        return len(ids) <= _CHUNK + 2
+    def compels(self, clip_skip: int) -> tuple[Compel, Compel]:
+        """Compel for each text encoder, one pair per clip_skip and device.
+
+        Compel caches the empty prompt's embedding it weights against, on the device it was built
+        for and with the layers in use then; a pair shared across clip_skip values or devices would
+        weight a prompt differently depending on the requests before it.
+        """
+        key = (clip_skip, self.pipe.text_encoder.device)
+        if key not in self._compels:
+            kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+            self._compels[key] = (
+                Compel(
+                    tokenizer=self.pipe.tokenizer, text_encoder=self.pipe.text_encoder,
+                    returned_embeddings_type=kind, truncate_long_prompts=False,
+                ),
+                Compel(
+                    tokenizer=self.pipe.tokenizer_2, text_encoder=self.pipe.text_encoder_2,
+                    returned_embeddings_type=kind, truncate_long_prompts=False, requires_pooled=True,
+                ),
+            )  # fmt: skip
+        return self._compels[key]
+
+    def check_length(self, text: str, field: str) -> None:
+        """Refuse a prompt past MAX_PROMPT_TOKENS, by a tokenizer count before any work is done for it."""
+        count = count_tokens(self.pipe.tokenizer, text)
+        if count > MAX_PROMPT_TOKENS:
+            raise InputError(f"{field} is {count} CLIP tokens as written; the most is {MAX_PROMPT_TOKENS}: shorten it")
 
     def kwargs(self, prompt: str, negative: str, clip_skip: int) -> dict[str, Any]:
-        if self.is_plain(prompt) and self.is_plain(negative):
-            return {"prompt": prompt, "negative_prompt": negative or None}
-        positive, pooled = self.encode(prompt, clip_skip)
-        negative_embeds, negative_pooled = self.encode(negative, clip_skip)
+        readings = []
+        for field, text in (("prompt", prompt), ("negative prompt", negative)):
+            reading = read_prompt(text)
+            if reading.text != text or reading.notes:
+                log.info("%s read as %s", field, reading.describe())
+            readings.append(reading)
+        positive_text, negative_text = (self._short_text(r) for r in readings)
+        if positive_text is not None and negative_text is not None:
+            return {"prompt": positive_text, "negative_prompt": negative_text or None}
+        positive, pooled = self._encode(readings[0], clip_skip)
+        negative_embeds, negative_pooled = self._encode(readings[1], clip_skip)
         zero_negative = not negative and self.pipe.config.force_zeros_for_empty_prompt
         if zero_negative:
             # As the pipeline does: SDXL zeroes the unconditional embeddings of an empty negative prompt.
@@ -156,22 +297,44 @@ class PromptEncoder:
             "negative_pooled_prompt_embeds": negative_pooled,
         }
 
-    @torch.no_grad()
     def encode(self, text: str, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and pooled embedding of a prompt, however long or weighted."""
+        return self._encode(read_prompt(text), clip_skip)
+
+    def _short_text(self, reading: Reading) -> str | None:
+        """The text to give the pipeline, when its own encoding is exact for this reading."""
+        text = reading.text
+        if text is None or count_tokens(self.pipe.tokenizer, text) > _CHUNK:
+            return None
+        return text
+
+    @torch.no_grad()
+    def _encode(self, reading: Reading, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every BREAK segment in its own chunks, concatenated; pooled from the first segment."""
-        segments = [to_compel(s) for s in _BREAK.split(text)] or [""]
-        embeds, pooled = [], None
-        for segment in segments:
-            with _skip_layers(self.pipe.text_encoder, clip_skip):
-                left = self.compel_1(segment)
-            right, segment_pooled = self.compel_2(segment)
-            if clip_skip:
-                with _skip_layers(self.pipe.text_encoder_2, clip_skip):
-                    right, _ = self.compel_2(segment)  # the pooled embedding stays the full model's
-            # Both tokenizers share CLIP's vocabulary, so they always make the same number of chunks.
-            embeds.append(torch.cat([left, right], dim=-1))
-            pooled = segment_pooled if pooled is None else pooled
-        return torch.cat(embeds, dim=1), pooled
+        embeds = [self._embed_segment(segment, clip_skip) for segment in reading.segments]
+        # From the full model, whatever clip_skip says. Compel's text as Compel pools it; the pieces
+        # without their syntax, as A1111 does.
+        first = reading.segments[0]
+        text = first.text if isinstance(first, CompelSegment) else "".join(p.text for p in first)
+        provider = self.compels(0)[1].conditioning_provider
+        return torch.cat(embeds, dim=1), provider.get_pooled_embeddings([text], device=provider.device)
+
+    def _embed_segment(self, segment: Segment, clip_skip: int) -> torch.Tensor:
+        """Both encoders' embeddings of one segment, side by side."""
+        halves, empties = [], []
+        encoders = (self.pipe.text_encoder, self.pipe.text_encoder_2)
+        for compel, encoder in zip(self.compels(clip_skip), encoders, strict=True):
+            with _skip_layers(encoder, clip_skip):
+                halves.append(_embed(compel, segment))
+                empties.append(compel.conditioning_provider.empty_z)
+        # The second tokenizer pads with "!", so it never merges "!" into a longer token as the first
+        # does ("!." is one token there, two here): the two can make different numbers of chunks.
+        length = max(half.shape[1] for half in halves)
+        padded = [
+            torch.cat([half, empty.to(half).repeat(1, (length - half.shape[1]) // empty.shape[1], 1)], dim=1)
+            for half, empty in zip(halves, empties, strict=True)
+        ]
+        return torch.cat(padded, dim=-1)
 
     def _pad(self, embeds: torch.Tensor, length: int, clip_skip: int, zero: bool = False) -> torch.Tensor:
         if embeds.shape[1] == length:
@@ -181,3 +344,16 @@ class PromptEncoder:
         empty, _ = self.encode("", clip_skip)
         repeats = (length - embeds.shape[1]) // empty.shape[1]
         return torch.cat([embeds, empty.repeat(1, repeats, 1)], dim=1)
+
+
+def _embed(compel: Compel, segment: Segment) -> torch.Tensor:
+    """One encoder's embeddings of one segment: Compel's parse as Compel encodes it, or the pieces."""
+    if isinstance(segment, CompelSegment):
+        return compel.build_conditioning_tensor_for_conjunction(segment.conjunction)[0]
+    provider = compel.conditioning_provider
+    # Pieces without tokens (whitespace) change nothing, and Compel cannot place a down-weighted one.
+    pieces = [p for p in segment if provider.get_token_ids([p.text], include_start_and_end_markers=False)[0]]
+    pieces = pieces or [Piece("", 1.0)]  # Compel's providers need one fragment, even an empty one
+    return provider.get_embeddings_for_weighted_prompt_fragments(
+        [[p.text for p in pieces]], [[p.weight for p in pieces]], device=provider.device
+    )

@@ -474,7 +474,7 @@ def test_two_processes_download_once(store: LoraStore, hosts: dict, lora_files: 
 
 def test_bad_inputs_are_refused_before_any_download(engine: Engine, store: LoraStore, hosts: dict) -> None:
     url = hosts["files"].url + "/a.safetensors"
-    for bad in (replace(with_loras((url, 1.0)), clip_skip=50), replace(with_loras((url, 1.0)), prompt="a (cat")):
+    for bad in (replace(with_loras((url, 1.0)), clip_skip=50), replace(with_loras((url, 1.0)), prompt="a cat " * 600)):
         with pytest.raises(InputError):
             engine.generate(bad)
     assert hosts["files"].total() == 0

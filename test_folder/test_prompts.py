@@ -1,7 +1,9 @@
-"""Long and weighted prompts: the A1111 -> Compel converter, the embeddings, and the images."""
+"""Long and weighted prompts: reading A1111 and Compel syntax, the embeddings, the images and the cap."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -9,10 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.config import MAX_PROMPT_TOKENS
 from engine.errors import InputError
 from engine.generator import Engine
-from engine.prompts import a1111_to_compel, is_compel_syntax
-from engine.request import GenerationRequest
+from engine.prompts import (
+    CompelSegment,
+    Piece,
+    PromptEncoder,
+    count_tokens,
+    is_compel_syntax,
+    parse_a1111,
+    read_prompt,
+)
+from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import make_scheduler
 from test_folder.conftest import CogServer
 from test_folder.test_local_generation import unet_batches
@@ -21,41 +32,105 @@ from test_folder.test_server import FLUX_JSON
 BASE = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=2, seed=5)
 TAGS = ["masterpiece", "best quality", "1girl", "solo", "long hair", "blue eyes", "school uniform", "cherry blossoms"]
 LONG = ", ".join(TAGS * 6)  # about 130 tokens: two chunks
+DOWN = 1 / 1.1
+# Flux prompts are plain text; each failed with a syntax error before A1111's lenient rules.
+LENIENT = [
+    'a sign saying "OPEN :)"',
+    "a smiley :-( on a wall",
+    "portrait of a man [wearing a hat",
+    "a cat (tabby, 3 years old",
+    "photo (bokeh:",
+]
+
+# A1111's last doctest example of parse_prompt_attention: one '(' is never closed.
+HOUSE = "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."
+HOUSE_PIECES = [
+    ("a ", 1.0),
+    ("house", 1.5730000000000004),
+    (" ", 1.1),
+    ("on", 1.0),
+    (" a ", 1.1),
+    ("hill", 0.55),
+    (", sun, ", 1.1),
+    ("sky", 1.4641000000000006),
+    (".", 1.1),
+]
+
+
+# A1111's doctest examples of parse_prompt_attention, with its fragments and weights.
+@pytest.mark.parametrize(
+    ("text", "pieces"),
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        (r"\(literal\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        (HOUSE, HOUSE_PIECES),
+    ],
+)
+def test_a1111_doctest_examples(text: str, pieces: list[tuple[str, float]]) -> None:
+    segments, _ = parse_a1111(text)
+    assert segments == [pieces]
 
 
 @pytest.mark.parametrize(
-    ("a1111", "compel"),
+    ("text", "pieces", "note"),
     [
-        ("a cat", "a cat"),
-        ("a (cat)", "a (cat)1.1"),
-        ("a [cat]", "a (cat)0.9091"),
-        ("a (cat:1.3) on a mat", "a (cat)1.3 on a mat"),
-        ("((cat))", "(cat)1.21"),
-        ("(a (b:2))", "(a)1.1 (b)2.2"),
-        ("(a [b])", "(a)1.1 b"),
-        ("[[blurry]]", "(blurry)0.8264"),
-        ("(cat:0.5), dog", "(cat)0.5, dog"),
-        (r"\(literal\) (cat)", r"\(literal\) (cat)1.1"),
-        (r"a \[b\]", "a [b]"),
-        ("(cat:1.0)", "cat"),
+        # The last doctest with its missing closing bracket: the '.' is no longer inside it.
+        (HOUSE.replace(")))", "))))"), [*HOUSE_PIECES[:-1], (".", 1.0)], None),
+        ('a sign saying "OPEN :)"', [('a sign saying "OPEN :)"', 1.0)], "stray ')' at character 22 kept as text"),
+        ("a smiley :-( on a wall", [("a smiley :-", 1.0), (" on a wall", 1.1)], "unclosed '(' at character 12"),
+        ("portrait of a man [wearing a hat", [("portrait of a man ", 1.0), ("wearing a hat", DOWN)], "unclosed '['"),
+        ("a cat (tabby, 3 years old", [("a cat ", 1.0), ("tabby, 3 years old", 1.1)], "closed at the end"),
+        ("photo (bokeh:", [("photo ", 1.0), ("bokeh:", 1.1)], "unclosed '(' at character 7 closed at the end"),
+        ("(cat:heavy)", [("cat:heavy", 1.1)], "':heavy' at character 5 is no weight, kept as text"),
+        ("(cat:1.2.3)", [("cat:1.2.3", 1.1)], "':1.2.3' at character 5 is no weight"),
+        ("(cat:" + "9" * 400 + ")", [("cat:" + "9" * 400, 1.1)], "is no weight"),
+        ("a cat) :1.3) dog", [("a cat) :1.3) dog", 1.0)], "stray ')' at character 6"),
+        ("[cat)", [("cat)", DOWN)], "stray ')' at character 5"),
+        # A weighted group glued to the word before it keeps its weight.
+        ("photo of a cat(fluffy:1.3)", [("photo of a cat", 1.0), ("fluffy", 1.3)], None),
+        ("a( b) c", [("a", 1.0), (" b", 1.1), (" c", 1.0)], None),
+        # A digit right after a group is text, not part of a weight.
+        ("[blurry]3d render", [("blurry", DOWN), ("3d render", 1.0)], None),
+        ("(cat:1.2)5 dogs", [("cat", 1.2), ("5 dogs", 1.0)], None),
+        ("(masterpiece)1girl", [("masterpiece", 1.1), ("1girl", 1.0)], None),
+        ("(red)-haired", [("red", 1.1), ("-haired", 1.0)], None),
+        # Extreme and negative weights, exactly.
+        ("(cat:100000)", [("cat", 100000.0)], None),
+        ("(cat:-1)", [("cat", -1.0)], None),
+        ("( cat : 0.5 )", [(" cat ", 0.5)], None),
+        ("((cat:2))", [("cat", 2.2)], None),
+        # Quotes are text, paired or not.
+        ('a sign reading "OPEN"', [('a sign reading "OPEN"', 1.0)], None),
+        ('(a "sign:1.2) here', [('a "sign', 1.2), (" here", 1.0)], None),
+        # Escapes; a lone backslash is text (A1111 would drop it).
+        (r"a \\ b \(c\) (d)", [(r"a \ b (c) ", 1.0), ("d", 1.1)], None),
+        (r"C:\new (d)", [(r"C:\new ", 1.0), ("d", 1.1)], None),
     ],
 )
-def test_a1111_to_compel(a1111: str, compel: str) -> None:
-    assert a1111_to_compel(a1111) == compel
+def test_a1111_pieces(text: str, pieces: list[tuple[str, float]], note: str | None) -> None:
+    segments, notes = parse_a1111(text)
+    assert segments == [pieces]
+    assert all(isinstance(p, Piece) for p in segments[0])
+    if note is None:
+        assert notes == []
+    else:
+        assert any(note in n for n in notes), notes
 
 
 @pytest.mark.parametrize(
-    ("text", "message"),
+    ("text", "segments"),
     [
-        ("a (cat", r"'\(' at character 2 is never closed"),
-        ("a cat)", r"unbalanced '\)' at character 5"),
-        ("a [cat)", r"unbalanced '\)' at character 6"),
-        ("(cat:heavy)", "malformed weight 'heavy' at character 5"),
+        ("a BREAK b", [[("a", 1.0)], [("b", 1.0)]]),
+        ("(a BREAK b) c", [[("a", 1.1)], [("b", 1.1), (" c", 1.0)]]),
+        ("BREAK a", [[], [("a", 1.0)]]),
+        ("a BREAKFAST", [[("a BREAKFAST", 1.0)]]),
     ],
 )
-def test_malformed_prompts_name_the_position(text: str, message: str) -> None:
-    with pytest.raises(InputError, match=message):
-        a1111_to_compel(text)
+def test_break_separates_segments(text: str, segments: list[list[tuple[str, float]]]) -> None:
+    assert parse_a1111(text)[0] == segments
 
 
 @pytest.mark.parametrize(
@@ -64,14 +139,64 @@ def test_malformed_prompts_name_the_position(text: str, message: str) -> None:
         ("a cat++", True),
         ("a cat--, dog", True),
         ("(red cat)1.3", True),
+        ("(red cat)++ on a mat", True),
         ('("a cat", "a dog").and()', True),
         ('("a cat", "a dog").blend(0.5, 0.5)', True),
+        ("a cat.swap(dog)", True),
+        ("(cat).attend(1.2)", True),
         ("a (cat:1.3)", False),
         ("well-lit room, 1.5 meters", False),
+        ("C++ programmer", False),
+        ("A+ student", False),
+        ("(red)-haired", False),
+        ("(masterpiece)1girl", False),
+        ("(cat:1.2)5 dogs", False),
+        ("a cat++ [blurry]", False),  # an A1111-only form wins
+        ('a sign reading "OPEN"', False),
     ],
 )
 def test_which_syntax(text: str, compel: bool) -> None:
     assert is_compel_syntax(text) is compel
+    assert read_prompt(text).syntax == ("Compel" if compel else "A1111")
+
+
+@pytest.mark.parametrize("text", ["a cat.attend(1.2) on a mat", "a cat.swap(dog) on a mat", "(a cat)1.2 on a mat"])
+def test_compel_operators_leave_no_stray_numbers(text: str) -> None:
+    [segment] = read_prompt(text).segments
+    assert isinstance(segment, CompelSegment)
+    [prompt] = segment.conjunction.prompts
+    texts = " ".join(getattr(child, "text", "") for child in prompt.children)
+    assert "1.2" not in texts and "1.1" not in texts and "attend" not in texts and "swap" not in texts
+
+
+def test_compel_parse_time_is_bounded() -> None:
+    """Compel's grammar once took minutes on this; memoized, it takes milliseconds."""
+    start = time.perf_counter()
+    assert read_prompt("( " * 12 + "ab++").syntax == "Compel"
+    assert read_prompt("ab++ " + "(a)1.1 " * 60).syntax == "Compel"
+    deep = read_prompt("(" * 200 + "ab++")  # deeper than Compel's recursive parser goes
+    assert deep.syntax == "A1111" and "Compel's parser rejected it" in deep.notes[0]
+    assert time.perf_counter() - start < 5
+
+
+def test_what_compel_rejects_is_read_as_a1111() -> None:
+    reading = read_prompt('("a", "b").blend(0.5)')  # two prompts, one weight
+    assert reading.syntax == "A1111" and "Compel's parser rejected it" in reading.notes[0]
+
+
+def test_plain_prompt_of_any_length_reaches_the_encoder_as_written(engine: Engine) -> None:
+    prompts = engine.models[BASE.model].prompts
+    text = 'a "C++ programmer" and an A+ student, ' + LONG
+    assert read_prompt(text).segments == ([(text, 1.0)],)
+    embeds, pooled = prompts.encode(text, 0)
+    direct = [
+        compel.conditioning_provider.get_embeddings_for_weighted_prompt_fragments([[text]], [[1.0]])
+        for compel in prompts.compels(0)
+    ]
+    assert torch.equal(embeds, torch.cat(direct, dim=-1)) and embeds.shape[1] == 154
+    assert torch.equal(pooled, prompts.compels(0)[1].conditioning_provider.get_pooled_embeddings([text]))
+    short = 'a sign saying "OPEN" for the C++ programmer'
+    assert prompts.kwargs(short, "", 0) == {"prompt": short, "negative_prompt": None}
 
 
 def pixels(engine: Engine, req: GenerationRequest) -> np.ndarray:
@@ -110,6 +235,25 @@ def test_weights_change_the_embeddings(engine: Engine) -> None:
     heavy, _ = prompts.encode("a (lighthouse:1.5) at dusk", 0)
     compel, _ = prompts.encode("a lighthouse++ at dusk", 0)
     assert not torch.equal(plain, heavy) and not torch.equal(plain, compel)
+
+
+def test_weights_do_not_depend_on_an_earlier_clip_skip(engine: Engine) -> None:
+    """Compel caches the empty prompt it weights against; a clip_skip request must not leave it skipped."""
+    pipe = engine.models[BASE.model].txt2img
+    fresh, after_skip = PromptEncoder(pipe), PromptEncoder(pipe)
+    after_skip.encode("a (cat:1.5)", 2)
+    assert torch.equal(fresh.encode("a (cat:1.5)", 0)[0], after_skip.encode("a (cat:1.5)", 0)[0])
+
+
+def test_encoders_that_chunk_differently_line_up(engine: Engine) -> None:
+    """The second tokenizer never merges "!" (its pad token): "wow!." is 2 tokens for one, 3 for the other."""
+    prompts = engine.models[BASE.model].prompts
+    text = "wow!. " * 30
+    first, second = (compel.conditioning_provider.get_token_ids([text])[0] for compel in prompts.compels(0))
+    assert len(first) <= 77 < len(second)
+    embeds, _ = prompts.encode(text, 0)
+    assert embeds.shape == (1, 154, 32 + 64)
+    assert not np.array_equal(pixels(engine, replace(BASE, prompt=text)), pixels(engine, BASE))
 
 
 def test_long_prompt_is_encoded_past_77_tokens(engine: Engine) -> None:
@@ -161,10 +305,64 @@ def test_metadata_keeps_the_prompt_as_written(engine: Engine) -> None:
     assert result.parameters.prompt == prompt
 
 
-def test_long_weighted_prompt_through_cog(cog_server: CogServer) -> None:
+@pytest.mark.parametrize("prompt", [*LENIENT, "(cat:100000)", "(cat:-1)", "[ ] (cat:0)", "(" * 300 + "cat"])
+def test_no_prompt_fails_on_syntax(engine: Engine, prompt: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="engine.prompts"):
+        [result] = engine.generate(replace(BASE, prompt=prompt))
+    assert result.image.size == (128, 128) and result.parameters.prompt == prompt
+    [line] = [r.getMessage() for r in caplog.records if r.name == "engine.prompts"]
+    assert line.startswith("prompt read as ") and len(line) < 600
+
+
+def test_stray_closer_keeps_the_pipelines_own_encoding(engine: Engine) -> None:
+    """A prompt that reads as exactly its text still goes to the pipeline as text: the same image."""
+    prompts = engine.models[BASE.model].prompts
+    text = 'a sign saying "OPEN :)"'
+    assert prompts.kwargs(text, "", 0) == {"prompt": text, "negative_prompt": None}
+    assert prompts.kwargs(r"a \(cat\)", "", 0) == {"prompt": "a (cat)", "negative_prompt": None}
+
+
+def test_glued_group_is_weighted_like_a_spaced_one(engine: Engine) -> None:
+    """The tokenizer sees each piece apart, as in A1111: glued or spaced, the same embeddings."""
+    prompts = engine.models[BASE.model].prompts
+    glued, _ = prompts.encode("photo of a cat(fluffy:1.3)", 0)
+    spaced, _ = prompts.encode("photo of a cat (fluffy:1.3)", 0)
+    unweighted, _ = prompts.encode("photo of a cat fluffy", 0)
+    assert torch.equal(glued, spaced) and not torch.equal(glued, unweighted)
+
+
+def test_extreme_weights_reach_the_encoder(engine: Engine) -> None:
+    prompts = engine.models[BASE.model].prompts
+    plain, _ = prompts.encode("a cat", 0)
+    encoded = {w: prompts.encode(f"a (cat:{w})", 0)[0] for w in ("100000", "-1", "2")}
+    assert all(torch.isfinite(e).all() and not torch.equal(e, plain) for e in encoded.values())
+    assert encoded["100000"].abs().max() > 100 * encoded["2"].abs().max()
+
+
+def test_prompt_past_the_cap_is_refused_before_any_download(engine: Engine) -> None:
+    tokenizer = engine.models[BASE.model].txt2img.tokenizer
+    at_cap = " ".join(["cat"] * MAX_PROMPT_TOKENS)
+    assert count_tokens(tokenizer, at_cap) == MAX_PROMPT_TOKENS
+    engine.models[BASE.model].prompts.check_length(at_cap, "prompt")
+    unreachable = (LoraSpec("http://127.0.0.1:9/never.safetensors", 1.0),)
+    message = rf"prompt is {MAX_PROMPT_TOKENS + 1} CLIP tokens as written; the most is {MAX_PROMPT_TOKENS}"
+    with pytest.raises(InputError, match=message):
+        engine.generate(replace(BASE, prompt=at_cap + " cat", loras=unreachable))
+    with pytest.raises(InputError, match=r"negative_prompt is \d+ CLIP tokens"):
+        engine.generate(replace(BASE, negative_prompt="(blurry:1.2), " * 100, loras=unreachable))
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"prompt is 1\d{4} CLIP tokens"):
+        engine.generate(replace(BASE, prompt=("a cat " * 9000)[:50_000], loras=unreachable))  # took 39 s
+    assert time.perf_counter() - start < 2
+
+
+def test_prompts_through_cog(cog_server: CogServer) -> None:
     status, body = cog_server.predict({**FLUX_JSON, "prompt": "(masterpiece:1.3), [lowres], " + LONG})
     assert status == 200 and body["status"] == "succeeded", body.get("error")
-    status, body = cog_server.predict({**FLUX_JSON, "prompt": "a (cat:heavy) on a mat"})
-    assert body["status"] == "failed" and "malformed weight 'heavy' at character 7" in body["error"]
-    status, body = cog_server.predict({**FLUX_JSON, "prompt": "a (cat"})
-    assert body["status"] == "failed" and "never closed" in body["error"]
+    status, body = cog_server.predict({**FLUX_JSON, "prompt": 'a sign saying "OPEN :)"'})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    assert "prompt read as plain text; stray ')' at character 22 kept as text" in body["logs"]
+    status, body = cog_server.predict({**FLUX_JSON, "prompt": "photo (bokeh:"})
+    assert body["status"] == "succeeded", body.get("error")
+    status, body = cog_server.predict({**FLUX_JSON, "prompt": "a cat " * 5000})
+    assert body["status"] == "failed" and f"the most is {MAX_PROMPT_TOKENS}" in body["error"]
