@@ -161,6 +161,26 @@ FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("lora-data-bad-base64", {"lora_weights": "data:application/octet-stream;base64,@@@"}, "not valid base64"),
     ("lora-data-not-safetensors", {"lora_weights": data_uri(b"not a safetensors file")}, "not a valid .safetensors"),
     ("lora-data-no-lora-keys", {"lora_weights": data_uri(_not_a_lora())}, "holds no LoRA weights"),
+    # local-looking paths and schemes the predictor does not read: refused by name, no request
+    ("lora-etc-passwd", {"lora_weights": "/etc/passwd"}, "is not a .safetensors file"),
+    (
+        "lora-missing-local",
+        {"lora_weights": "./nowhere.safetensors"},
+        "local LoRA file ./nowhere.safetensors not found",
+    ),
+    ("lora-parent-path", {"lora_weights": "../up.safetensors"}, "local LoRA file ../up.safetensors not found"),
+    ("lora-home-path", {"lora_weights": "~/mine.safetensors"}, "local LoRA file ~/mine.safetensors not found"),
+    ("lora-directory", {"lora_weights": "/usr"}, "is a directory"),
+    ("lora-file-scheme", {"lora_weights": "file:///etc/x.safetensors"}, "file:// LoRA locations are not read"),
+    ("lora-ftp", {"extra_lora": "ftp://host/x.safetensors"}, "serve the file over https instead"),
+    ("lora-s3", {"lora_weights": "s3://bucket/x.safetensors"}, "pass a presigned https URL"),
+    ("lora-gs", {"lora_weights": "gs://bucket/x.safetensors"}, "pass a signed https URL"),
+    ("lora-empty-host", {"lora_weights": "https://"}, "has no valid host name"),
+    (
+        "lora-url-with-password",
+        {"lora_weights": f"https://user:{HF_SECRET}@/x.safetensors"},
+        "has no valid host name",
+    ),
 ]
 
 
