@@ -23,6 +23,8 @@ from engine.config import (
     DEFAULT_SCHEDULER,
     FLUX_GUIDANCE_TO_CFG,
     GO_FAST_CFG_CUTOFF,
+    GO_FAST_DEEP_CACHE_INTERVAL,
+    GO_FAST_DEEP_CACHE_START,
     MAX_CLIP_SKIP,
     MAX_OUTPUTS,
     MAX_STEPS,
@@ -81,8 +83,9 @@ class Predictor(BasePredictor):
         disable_safety_checker: bool = Input(default=False, description="Skip the safety checker"),
         go_fast: bool = Input(
             default=True,
-            description=f"Faster: classifier-free guidance stops after {GO_FAST_CFG_CUTOFF:.0%} of the steps, "
-            "which then run the UNet on half the batch (see README)",
+            description=f"Faster: after {GO_FAST_DEEP_CACHE_START:.0%} of the steps only one step in "
+            f"{GO_FAST_DEEP_CACHE_INTERVAL} runs the whole UNet (the others reuse its deep features), and "
+            f"classifier-free guidance stops after {GO_FAST_CFG_CUTOFF:.0%} of the steps (see README)",
         ),
         lora_weights: Optional[str] = Input(
             default=None,

@@ -62,6 +62,10 @@ RESIDENCY_HEADROOM_BYTES = 8 * 2**30
 
 # go_fast: classifier-free guidance stops after this fraction of the steps (see engine/steps.py).
 GO_FAST_CFG_CUTOFF = 0.6
+# go_fast: after this fraction of the steps, only one step in GO_FAST_DEEP_CACHE_INTERVAL runs the
+# whole UNet; the others reuse its deep features (see engine/deepcache.py).
+GO_FAST_DEEP_CACHE_START = 0.3
+GO_FAST_DEEP_CACHE_INTERVAL = 3
 
 MAX_OUTPUTS = 4
 # torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger

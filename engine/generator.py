@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,11 +19,14 @@ from engine.config import (
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
     GO_FAST_CFG_CUTOFF,
+    GO_FAST_DEEP_CACHE_INTERVAL,
+    GO_FAST_DEEP_CACHE_START,
     MODEL_IDS,
     MODEL_RESIDENCY,
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
 )
+from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
 from engine.metadata import GenerationParameters
@@ -36,6 +40,7 @@ from engine.steps import StepCallback
 log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**32
+DEEP_CACHE_LABEL = f"from {GO_FAST_DEEP_CACHE_START:g}, every {GO_FAST_DEEP_CACHE_INTERVAL} steps full"
 
 
 @dataclass(frozen=True)
@@ -184,21 +189,31 @@ class Engine:
             req.cfg_scale,
             req.go_fast,
         )
+        deep = DeepFeatureCache(
+            pipe.unet, lambda: pipe.num_timesteps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL
+        )
         start = time.perf_counter()
-        images = pipe(
-            **model.prompts.kwargs(
-                model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt), req.clip_skip
-            ),
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.cfg_scale,
-            num_images_per_prompt=req.num_outputs,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            clip_skip=req.clip_skip or None,
-            callback_on_step_end=on_step,
-            callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
-            **extra,
-        ).images
+        with deep.installed() if req.go_fast else contextlib.nullcontext():
+            images = pipe(
+                **model.prompts.kwargs(
+                    model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt), req.clip_skip
+                ),
+                num_inference_steps=req.num_inference_steps,
+                guidance_scale=req.cfg_scale,
+                num_images_per_prompt=req.num_outputs,
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                clip_skip=req.clip_skip or None,
+                callback_on_step_end=on_step,
+                callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
+                **extra,
+            ).images
         log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
+        if req.go_fast:
+            log.info(
+                "go_fast: the whole UNet ran in %d of %d steps, the others reused its deep features",
+                deep.full_calls,
+                deep.calls,
+            )
 
         results = [
             GeneratedImage(
@@ -216,6 +231,7 @@ class Engine:
                     clip_skip=req.clip_skip,
                     denoising_strength=req.prompt_strength if req.image is not None else None,
                     cfg_cutoff=GO_FAST_CFG_CUTOFF if req.go_fast else None,
+                    deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
                     loras=tuple((lora.name, lora.scale) for lora in loras),
                 ),
             )

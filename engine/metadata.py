@@ -21,6 +21,7 @@ class GenerationParameters:
     clip_skip: int = 0
     denoising_strength: float | None = None
     cfg_cutoff: float | None = None
+    deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3rd step full"
     loras: tuple[tuple[str, float], ...] = ()  # display names: tokens are stripped before this point
 
     def to_a1111(self) -> str:
@@ -37,6 +38,8 @@ class GenerationParameters:
             fields.append(("Clip skip", self.clip_skip))
         if self.cfg_cutoff is not None:
             fields.append(("CFG cutoff", f"{self.cfg_cutoff:g}"))
+        if self.deep_cache is not None:
+            fields.append(("Deep cache", self.deep_cache))
         if self.denoising_strength is not None:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.loras:

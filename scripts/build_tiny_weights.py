@@ -147,11 +147,10 @@ def _text_config(spec: tuple[int, int, int, int, int, str]) -> CLIPTextConfig:
     )
 
 
-def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
-    """A complete SDXL pipeline with random weights: UNet, two CLIP encoders, an x8 VAE."""
-    torch.manual_seed(seed)
+def build_unet(shape: Shape = TINY) -> UNet2DConditionModel:
+    """An SDXL-shaped UNet with random weights (the caller seeds torch)."""
     levels = len(shape.unet_channels)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=SAMPLE_SIZE[shape],
         in_channels=4,
         out_channels=4,
@@ -168,6 +167,12 @@ def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
         cross_attention_dim=shape.text_encoder[0] + shape.text_encoder_2[0],
         norm_num_groups=shape.unet_norm_groups,
     )
+
+
+def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
+    """A complete SDXL pipeline with random weights: UNet, two CLIP encoders, an x8 VAE."""
+    torch.manual_seed(seed)
+    unet = build_unet(shape)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

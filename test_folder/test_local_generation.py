@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run dire
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 from PIL import Image
 
+from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec, cfg_from_flux, loras_from_flux
@@ -130,9 +131,52 @@ def test_go_fast_changes_the_image_and_off_is_exact(engine: Engine) -> None:
     assert max_diff(slow, one(engine, replace(req, go_fast=False))) == 0
 
 
-def test_go_fast_without_guidance_changes_nothing(engine: Engine) -> None:
-    req = replace(BASE, cfg_scale=1.0, num_inference_steps=4)
-    assert max_diff(one(engine, replace(req, go_fast=True)), one(engine, replace(req, go_fast=False))) == 0
+def deep_path_calls(engine: Engine, req: GenerationRequest) -> tuple[int, int]:
+    """(UNet calls, calls that ran its deep path) of one request, read by forward hooks."""
+    unet = engine.models[req.model].txt2img.unet
+    counts = [0, 0]
+    hooks = [
+        unet.register_forward_pre_hook(lambda *_: counts.__setitem__(0, counts[0] + 1)),
+        unet.mid_block.register_forward_pre_hook(lambda *_: counts.__setitem__(1, counts[1] + 1)),
+    ]
+    try:
+        engine.generate(req)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts[0], counts[1]
+
+
+@pytest.mark.parametrize("cfg_scale", [6.0, 1.0])
+def test_go_fast_reuses_deep_features_after_30_percent(engine: Engine, cfg_scale: float) -> None:
+    """10 steps: the first 3 run the whole UNet, then one step in 3 (steps 3, 6, 9)."""
+    req = replace(BASE, num_inference_steps=10, cfg_scale=cfg_scale)
+    assert deep_path_calls(engine, replace(req, go_fast=False)) == (10, 10)
+    assert deep_path_calls(engine, replace(req, go_fast=True)) == (10, 6)
+
+
+def test_the_shallow_path_is_the_unets_own_computation(engine: Engine) -> None:
+    """Fed the deep features of the same step, the shallow path gives the full UNet's output."""
+    unet = engine.models["illustrious-xl"].txt2img.unet
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    added = {
+        "text_embeds": torch.randn(
+            2,
+            unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim,
+            generator=generator,
+        ),
+        "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2),
+    }
+    cache = DeepFeatureCache(unet, lambda: 10, start=0.0, interval=2)
+    with torch.no_grad(), cache.installed():
+        full = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]
+        cache.calls = 2  # from step 1 on, one step in 2 is full: step 2 reuses
+        shallow = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]
+    assert cache.full_calls == 1
+    assert torch.equal(full, shallow)
+    assert unet.forward.__func__ is type(unet).forward, "the plain forward is back"
 
 
 def test_img2img_uses_the_image_and_its_proportions(engine: Engine) -> None:
