@@ -13,6 +13,8 @@ MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
 CUSTOM_MODEL_ID = "custom"
 DEFAULT_MODEL = "illustrious-xl"
 SAFETY_CHECKER_DIR = "safety-checker"
+# The captioning model (BLIP) that `cog train` uses for autocaption; predict never loads it.
+CAPTIONER_DIR = "captioner"
 
 # Flux's aspect table at 1 megapixel, width x height. Sizes scale with a model's native
 # resolution (1024 px for SDXL), so the table is exact on real weights.
@@ -139,3 +141,4 @@ TRAIN_MAX_IMAGES = 1000
 TRAIN_MAX_ARCHIVE_ENTRIES = 5000
 TRAIN_MAX_ARCHIVE_BYTES = 4 * 2**30  # total uncompressed size (a zip bomb stops here)
 TRAIN_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+TRAIN_CAPTION_MAX_TOKENS = 40  # autocaption length bound

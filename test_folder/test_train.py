@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ from safetensors.torch import load_file
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
-from test_folder.conftest import CogServer, decode_data_uri
+from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import file_host
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
 from training.request import TrainingRequest
@@ -130,7 +132,7 @@ def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:
     blank = Image.new("RGB", (8, 8))
     images = [TrainingImage("a.png", blank, "a red car"), TrainingImage("b.png", blank, None)]
     assert caption_all(images, "TOK", "", "", None) == ["TOK, a red car", "TOK"]
-    assert caption_all(images, "TOK", "photo of", "at night", lambda _: "a cat") == [
+    assert caption_all(images, "TOK", "photo of", "at night", ["a cat"]) == [
         "TOK, a red car",
         "TOK, photo of a cat at night",
     ]
@@ -164,6 +166,12 @@ def test_cog_train_returns_the_tar(train_server: CogServer) -> None:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert {"lora.safetensors", "embeddings.pti", "special_params.json"} <= set(tar.getnames())
     assert "step 3/3, loss" in body["logs"] and "it/s" in body["logs"]
+    assert "autocaption: 3 caption(s)" in body["logs"], "img0 brings its own caption; the baked BLIP writes the rest"
+
+
+def test_predict_never_loads_the_captioner() -> None:
+    code = "import sys, predict; sys.exit('training' in sys.modules or 'transformers.models.blip' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=False).returncode == 0
 
 
 def test_cog_train_refuses_bad_inputs(train_server: CogServer) -> None:

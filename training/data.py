@@ -216,15 +216,19 @@ def with_trigger(caption: str, trigger: str) -> str:
 
 
 def caption_all(
-    images: list[TrainingImage], trigger: str, prefix: str, suffix: str, captioner: Callable[[Image.Image], str] | None
+    images: list[TrainingImage], trigger: str, prefix: str, suffix: str, automatic: list[str] | None
 ) -> list[str]:
-    """A .txt caption wins; else the captioner's (with prefix and suffix); else the trigger word."""
+    """A .txt caption wins; else the automatic one (with prefix and suffix); else the trigger word.
+
+    `automatic` holds one caption per image without a .txt, in order (None: autocaption is off).
+    """
+    pending = iter(automatic or [])
     captions = []
     for item in images:
         if item.caption is not None:
             text = item.caption
-        elif captioner is not None:
-            text = " ".join(part for part in (prefix.strip(), captioner(item.image).strip(), suffix.strip()) if part)
+        elif automatic is not None:
+            text = " ".join(part for part in (prefix.strip(), next(pending).strip(), suffix.strip()) if part)
         else:
             text = ""
         captions.append(with_trigger(text, trigger))

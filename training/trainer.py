@@ -36,6 +36,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
+from transformers import CLIPTokenizer
 
 from engine.config import (
     CUSTOM_MODEL_ID,
@@ -53,6 +54,7 @@ from engine.errors import InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
 from engine.models import default_device, default_dtype
 from engine.request import reduced_seed
+from training.captioner import autocaption
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive, trigger_pattern
 from training.request import TrainingRequest, buckets, nearest_bucket
 
@@ -94,9 +96,9 @@ def _model_folder(weights: Path, model: str) -> Path:
     raise WeightsMissingError(f"weights missing in {weights}: {model}. Run `make weights` or bake the real ones")
 
 
-def _check_trigger(pipe: StableDiffusionXLPipeline, trigger: str) -> None:
+def _check_trigger(tokenizer: CLIPTokenizer, trigger: str) -> None:
     """A trigger word the tokenizer shreds into many pieces is hard to learn and to write again."""
-    pieces = pipe.tokenizer.tokenize(trigger)
+    pieces = tokenizer.tokenize(trigger)
     if len(pieces) > TRAIN_TRIGGER_MAX_TOKENS:
         raise InputError(
             f"trigger_word {trigger!r} is split by the tokenizer into {len(pieces)} pieces "
@@ -114,7 +116,7 @@ class _Pivotal:
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
             if tokenizer.add_tokens(self.tokens) != len(self.tokens):
                 raise InputError(f"this model's tokenizer already holds {''.join(self.tokens)}: it cannot be tuned")
-            encoder.resize_token_embeddings(len(tokenizer))
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
             embedding = encoder.get_input_embeddings()
             if cuda:
                 embedding.to(torch.float32)  # the rows that learn stay fp32; autocast handles the rest
@@ -301,7 +303,6 @@ def train(
     request: TrainingRequest,
     weights: Path,
     out_dir: Path,
-    captioner: Callable[[Image.Image], str] | None = None,
     limits: ArchiveLimits | None = None,
     device: torch.device | None = None,
 ) -> TrainingResult:
@@ -309,21 +310,17 @@ def train(
     request.validate()
     folder = _model_folder(weights, request.model)
     images = read_archive(request.input_images, limits)
+    _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), request.trigger_word)
     quiet_library_noise()
     device = device or default_device()
     dtype = default_dtype(device)
+    uncaptioned = [i.image for i in images if i.caption is None]
+    automatic = autocaption(weights, uncaptioned, device) if request.autocaption and uncaptioned else None
     pipe = StableDiffusionXLPipeline.from_pretrained(
         folder, dtype=dtype, device_map=str(device), local_files_only=True, use_safetensors=True
     )
-    _check_trigger(pipe, request.trigger_word)
-    if request.autocaption and captioner is None and any(i.caption is None for i in images):
-        log.info("autocaption: no captioning model in this image; images without a .txt use the trigger word")
     captions = caption_all(
-        images,
-        request.trigger_word,
-        request.autocaption_prefix,
-        request.autocaption_suffix,
-        captioner if request.autocaption else None,
+        images, request.trigger_word, request.autocaption_prefix, request.autocaption_suffix, automatic
     )
     seed = secrets.randbelow(2**32) if request.seed is None or request.seed < 0 else reduced_seed(request.seed)
     log.info("seed: %d", seed)
