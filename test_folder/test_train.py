@@ -68,9 +68,13 @@ def make_zip(path: Path, files: dict[str, bytes]) -> Path:
 
 
 def dataset(count: int = 4) -> dict[str, bytes]:
-    """Patterned images of different proportions; one brings its own caption."""
+    """Patterned images of different proportions and formats; one brings its own caption."""
     sizes = [(96, 96), (128, 80), (80, 128), (112, 96), (96, 112), (64, 64)]
-    files = {f"set/img{i}.png": encoded(grid(*sizes[i % len(sizes)], shift=i % 4)) for i in range(count)}
+    formats = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")]
+    files = {}
+    for i in range(count):
+        ext, fmt = formats[i % len(formats)]
+        files[f"set/img{i}.{ext}"] = encoded(grid(*sizes[i % len(sizes)], shift=i % 4), fmt)
     files["set/img0.txt"] = b"a grid drawing of TOK"
     return files
 
@@ -126,6 +130,25 @@ def test_the_trained_tar_loads_through_lora_weights(engine: Engine, trained: Tra
         local.write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
     assert np.abs(image("a photo of a dog", str(local)) - plain).max() > 5
     assert all(k.startswith("unet.") for k in load_file(local)), "diffusers' key layout"
+
+
+def test_without_pivotal_tuning_the_tar_holds_the_lora_alone(engine: Engine, weights_dir: Path, tmp_path: Path) -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        for name, data in dataset().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    request = TrainingRequest(
+        _tar(tmp_path / "photos.tar", add), steps=4, resolution="256,512", train_text_encoder=False, autocaption=False
+    )
+    result = train(request, weights_dir, tmp_path / "out")
+    with tarfile.open(result.tar) as tar:
+        assert sorted(tar.getnames()) == ["lora.safetensors", "training_params.json"]
+        (tmp_path / "lora.safetensors").write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
+    with_store = Engine(engine.models, engine.safety, LoraStore(tmp_path / "cache", Downloader("python")), engine.swap)
+    loras = (LoraSpec(str(tmp_path / "lora.safetensors"), 1.0),)
+    assert with_store.generate(GenerationRequest(prompt="TOK", num_inference_steps=2, seed=1, loras=loras))
 
 
 def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:

@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 TAR_NAME = "trained_model.tar"
 PROBE_ITEMS = 4
+CAPTIONS_LOGGED = 5
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,6 @@ def train(
     weights: Path,
     out_dir: Path,
     limits: ArchiveLimits | None = None,
-    device: torch.device | None = None,
 ) -> TrainingResult:
     """Check everything, train, and write out_dir/trained_model.tar; any bad input fails first."""
     request.validate()
@@ -312,7 +312,7 @@ def train(
     images = read_archive(request.input_images, limits)
     _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), request.trigger_word)
     quiet_library_noise()
-    device = device or default_device()
+    device = default_device()
     dtype = default_dtype(device)
     uncaptioned = [i.image for i in images if i.caption is None]
     automatic = autocaption(weights, uncaptioned, device) if request.autocaption and uncaptioned else None
@@ -322,6 +322,10 @@ def train(
     captions = caption_all(
         images, request.trigger_word, request.autocaption_prefix, request.autocaption_suffix, automatic
     )
+    for item, caption in list(zip(images, captions, strict=True))[:CAPTIONS_LOGGED]:
+        log.info("caption of %s: %s", item.name, caption)
+    if len(images) > CAPTIONS_LOGGED:
+        log.info("(and %d more captions)", len(images) - CAPTIONS_LOGGED)
     seed = secrets.randbelow(2**32) if request.seed is None or request.seed < 0 else reduced_seed(request.seed)
     log.info("seed: %d", seed)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -333,17 +337,16 @@ def train(
     if pivotal is not None:
         pattern = trigger_pattern(request.trigger_word)
         captions = [pattern.sub(pivotal.text, c) for c in captions]
-    for caption in captions[:3]:
-        log.info("caption: %s", caption)
-    torch.manual_seed(seed)  # peft draws the LoRA's initial weights from the global generator
-    pipe.unet.add_adapter(
-        LoraConfig(
-            r=request.lora_rank,
-            lora_alpha=request.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=list(TRAIN_LORA_TARGETS),
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # peft draws the LoRA's initial weights from the global generator
+        pipe.unet.add_adapter(
+            LoraConfig(
+                r=request.lora_rank,
+                lora_alpha=request.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=list(TRAIN_LORA_TARGETS),
+            )
         )
-    )
     lora_params = [p for p in pipe.unet.parameters() if p.requires_grad]
     if cuda:
         for p in lora_params:
@@ -351,23 +354,10 @@ def train(
         pipe.unet.enable_gradient_checkpointing()
     groups = _cache_latents(pipe, images, request.resolutions())
     run = _Run(pipe, pivotal, captions)
-
-    param_groups = [{"params": lora_params, "lr": request.learning_rate, "weight_decay": 1e-4}]
-    if pivotal is not None:
-        param_groups.append({"params": pivotal.parameters(), "lr": TRAIN_EMBEDDING_LEARNING_RATE, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(param_groups)
-    warmup = max(1, min(TRAIN_WARMUP_MAX_STEPS, int(request.steps * TRAIN_WARMUP_FRACTION)))
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
-    trainable = lora_params + (pivotal.parameters() if pivotal is not None else [])
-
     probe = _probe(run, groups, torch.Generator("cpu").manual_seed(seed + 1))
     before = probe()
-    shapes = list(groups)
-    weights_by_shape = torch.tensor([len(groups[s]) for s in shapes], dtype=torch.float)
     log.info(
-        "training %s: %d images, %d steps, batch %d, rank %d, lr %g, pivotal tuning %s, warm-up %d steps, "
-        "probe loss %.4f",
+        "training %s: %d images, %d steps, batch %d, rank %d, lr %g, pivotal tuning %s, probe loss %.4f",
         request.model,
         len(images),
         request.steps,
@@ -375,45 +365,9 @@ def train(
         request.lora_rank,
         request.learning_rate,
         "on" if pivotal else "off",
-        warmup,
         before,
     )
-    start = last_log = time.perf_counter()
-    recent: list[float] = []
-    for step in range(1, request.steps + 1):
-        shape = shapes[int(torch.multinomial(weights_by_shape, 1, generator=generator))]
-        group = groups[shape]
-        picks = torch.randint(len(group), (request.batch_size,), generator=generator).tolist()
-        items = [group[i] for i in picks]
-        drop = torch.rand(len(items), generator=generator) < request.caption_dropout_rate
-        batch_captions = ["" if d else captions[i.caption] for i, d in zip(items, drop.tolist(), strict=True)]
-        sample = torch.randn((len(items), *items[0].mean.shape), generator=generator)
-        noise = torch.randn((len(items), *items[0].mean.shape), generator=generator)
-        t = torch.randint(run.scheduler.config.num_train_timesteps, (len(items),), generator=generator)
-        per_sample = run.losses(items, batch_captions, noise, sample, t)
-        loss = (per_sample * _snr_weights(run.scheduler, t.to(per_sample.device))).mean()
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent.append(loss.item())
-        now = time.perf_counter()
-        if step in (1, request.steps) or now - last_log >= TRAIN_LOG_SECONDS:
-            rate = step / (now - start)
-            log.info(
-                "step %d/%d, loss %.4f, %.2f it/s, %s left",
-                step,
-                request.steps,
-                sum(recent) / len(recent),
-                rate,
-                _format_seconds((request.steps - step) / rate),
-            )
-            recent.clear()
-            last_log = now
-    elapsed = time.perf_counter() - start
+    elapsed = _fit(run, groups, request, lora_params, generator)
     after = probe()
     log.info(
         "trained %d steps in %s (%.2f it/s); probe loss %.4f -> %.4f",
@@ -433,6 +387,64 @@ def train(
     }
     tar = _write_tar(pipe, pivotal, request.trigger_word, record, out_dir)
     return TrainingResult(tar, before, after, request.steps / elapsed)
+
+
+def _fit(
+    run: _Run,
+    groups: dict[tuple[int, int], list[Item]],
+    request: TrainingRequest,
+    lora_params: list[torch.nn.Parameter],
+    generator: torch.Generator,
+) -> float:
+    """The training steps, with progress in the log at most every TRAIN_LOG_SECONDS; returns seconds."""
+    param_groups = [{"params": lora_params, "lr": request.learning_rate, "weight_decay": 1e-4}]
+    trainable = list(lora_params)
+    if run.pivotal is not None:
+        embeddings = run.pivotal.parameters()
+        param_groups.append({"params": embeddings, "lr": TRAIN_EMBEDDING_LEARNING_RATE, "weight_decay": 0.0})
+        trainable += embeddings
+    optimizer = torch.optim.AdamW(param_groups)
+    warmup = max(1, min(TRAIN_WARMUP_MAX_STEPS, int(request.steps * TRAIN_WARMUP_FRACTION)))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.cuda)
+    shapes = list(groups)
+    weights_by_shape = torch.tensor([len(groups[s]) for s in shapes], dtype=torch.float)
+    timesteps = run.scheduler.config.num_train_timesteps
+    start = last_log = time.perf_counter()
+    recent: list[float] = []
+    for step in range(1, request.steps + 1):
+        group = groups[shapes[int(torch.multinomial(weights_by_shape, 1, generator=generator))]]
+        items = [group[i] for i in torch.randint(len(group), (request.batch_size,), generator=generator).tolist()]
+        drop = (torch.rand(len(items), generator=generator) < request.caption_dropout_rate).tolist()
+        captions = ["" if d else run.captions[i.caption] for i, d in zip(items, drop, strict=True)]
+        sample = torch.randn((len(items), *items[0].mean.shape), generator=generator)
+        noise = torch.randn((len(items), *items[0].mean.shape), generator=generator)
+        t = torch.randint(timesteps, (len(items),), generator=generator)
+        per_sample = run.losses(items, captions, noise, sample, t)
+        loss = (per_sample * _snr_weights(run.scheduler, t.to(per_sample.device))).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent.append(loss.item())
+        now = time.perf_counter()
+        if step in (1, request.steps) or now - last_log >= TRAIN_LOG_SECONDS:
+            rate = step / (now - start)
+            log.info(
+                "step %d/%d, loss %.4f, lr %.2g, %.2f it/s, %s left",
+                step,
+                request.steps,
+                sum(recent) / len(recent),
+                lr_schedule.get_last_lr()[0],
+                rate,
+                _format_seconds((request.steps - step) / rate),
+            )
+            recent.clear()
+            last_log = now
+    return time.perf_counter() - start
 
 
 def _write_tar(
