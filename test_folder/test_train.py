@@ -181,15 +181,36 @@ def zip_data_uri(files: dict[str, bytes]) -> str:
     return "data:application/zip;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def test_cog_train_returns_the_tar(train_server: CogServer) -> None:
+@pytest.fixture(scope="module")
+def cog_trained(train_server: CogServer) -> dict:
+    """One training through the Cog runtime, as `cog train -i input_images=@photos.zip` sends it."""
     inputs = {"input_images": zip_data_uri(dataset()), "steps": 3, "resolution": "256", "seed": 1}
     status, body = train_server.predict(inputs, path="/trainings")
     assert status == 200 and body["status"] == "succeeded", body.get("error")
-    _, data = decode_data_uri(body["output"]["weights"])
+    return body
+
+
+def test_cog_train_returns_the_tar(cog_trained: dict) -> None:
+    _, data = decode_data_uri(cog_trained["output"]["weights"])
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert {"lora.safetensors", "embeddings.pti", "special_params.json"} <= set(tar.getnames())
-    assert "step 3/3, loss" in body["logs"] and "it/s" in body["logs"]
-    assert "autocaption: 3 caption(s)" in body["logs"], "img0 brings its own caption; the baked BLIP writes the rest"
+    logs = cog_trained["logs"]
+    assert "step 3/3, loss" in logs and "it/s" in logs
+    assert "autocaption: 3 caption(s)" in logs, "img0 brings its own caption; the baked BLIP writes the rest"
+
+
+def test_cog_predict_uses_the_tar_with_its_trigger_word(cog_trained: dict, cog_server: CogServer) -> None:
+    _, data = decode_data_uri(cog_trained["output"]["weights"])
+    host = file_host({"me/trained_model.tar": data})
+    request = {"prompt": "a photo of TOK", "num_inference_steps": 2, "seed": 5, "output_format": "png"}
+    try:
+        _, base = cog_server.predict(request)
+        _, tuned = cog_server.predict({**request, "lora_weights": f"{host.url}/me/trained_model.tar"})
+    finally:
+        host.close()
+    assert tuned["status"] == "succeeded", tuned.get("error")
+    assert "LoRAs active" in tuned["logs"]
+    assert decode_data_uri(base["output"][0])[1] != decode_data_uri(tuned["output"][0])[1]
 
 
 def test_predict_never_loads_the_captioner() -> None:
