@@ -7,6 +7,7 @@ layout), so a Flux user's round trip works unchanged: train, then pass the tar's
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from typing import Optional
 
@@ -29,6 +30,10 @@ from engine.config import (
 )
 from training.request import TrainingRequest
 from training.trainer import train as run_training
+
+# One folder for the tar: Cog has sent the previous training's file when the next one starts, so
+# it is cleared each time and disk use stays flat on a long-running server.
+OUTPUT_DIR = Path(tempfile.gettempdir()) / "cog-training-output"
 
 
 class TrainingOutput(BaseModel):
@@ -99,5 +104,6 @@ def train(
         train_text_encoder=train_text_encoder,
         seed=seed,
     )
-    result = run_training(request, weights_root(), Path(tempfile.mkdtemp(prefix="training-")))
+    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+    result = run_training(request, weights_root(), OUTPUT_DIR)
     return TrainingOutput(weights=Path(result.tar))

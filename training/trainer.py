@@ -457,7 +457,7 @@ def _write_tar(
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         folder = Path(tmp)
         StableDiffusionXLPipeline.save_lora_weights(
-            folder, unet_lora_layers={k: v.detach().to(torch.float16) for k, v in state.items()}
+            folder, unet_lora_layers={k: v.detach().to("cpu", torch.float16) for k, v in state.items()}
         )
         members = {"lora.safetensors": folder / "pytorch_lora_weights.safetensors"}
         if pivotal is not None:
