@@ -467,7 +467,8 @@ def _write_tar(
             members["special_params.json"] = folder / "special_params.json"
         (folder / "training_params.json").write_text(json.dumps(record, indent=2))
         members["training_params.json"] = folder / "training_params.json"
-        with tarfile.open(tar_path, "w") as tar:
+        # Plain ustar: short names need no pax headers, and every tar reader takes it.
+        with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for name, path in members.items():
                 tar.add(path, arcname=name)
     log.info("wrote %s (%.1f MB)", TAR_NAME, tar_path.stat().st_size / 1e6)
