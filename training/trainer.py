@@ -41,6 +41,7 @@ from transformers import CLIPTokenizer
 from engine.config import (
     CUSTOM_MODEL_ID,
     MODEL_IDS,
+    REFERENCE_RESOLUTION,
     TRAIN_EMBEDDING_LEARNING_RATE,
     TRAIN_LOG_SECONDS,
     TRAIN_LORA_TARGETS,
@@ -115,8 +116,7 @@ class _Pivotal:
         self.embeddings: list[torch.nn.Embedding] = []
         self.ids: list[list[int]] = []
         for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-            if tokenizer.add_tokens(self.tokens) != len(self.tokens):
-                raise InputError(f"this model's tokenizer already holds {''.join(self.tokens)}: it cannot be tuned")
+            tokenizer.add_tokens(self.tokens)
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
             embedding = encoder.get_input_embeddings()
             if cuda:
@@ -184,7 +184,9 @@ def _cache_latents(
             chosen = set()
             for resolution in resolutions:
                 ref = nearest_bucket(item.image.size, buckets(resolution))
-                chosen.add(tuple(max(multiple, round(v * native / 1024 / multiple) * multiple) for v in ref))
+                chosen.add(
+                    tuple(max(multiple, round(v * native / REFERENCE_RESOLUTION / multiple) * multiple) for v in ref)
+                )
             for width, height in sorted(chosen):
                 w, h = item.image.size
                 scale = max(width / w, height / h)
@@ -222,7 +224,7 @@ def _format_seconds(seconds: float) -> str:
 
 
 class _Run:
-    """The frozen model, what learns, and one step of training on a batch."""
+    """The frozen model, what learns, and the loss of a batch."""
 
     def __init__(self, pipe: StableDiffusionXLPipeline, pivotal: _Pivotal | None, captions: list[str]) -> None:
         self.pipe = pipe
