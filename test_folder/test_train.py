@@ -263,6 +263,17 @@ def test_bad_archives_are_refused_by_name(case: str, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.zip", "work"], "nothing was extracted"
 
 
+def test_images_are_read_upright_and_reduced_to_the_largest_resolution(tmp_path: Path) -> None:
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to view
+    grid(900, 600).save(rotated, "JPEG", exif=exif)
+    files = {**dataset(), "set/phone.jpg": rotated.getvalue(), "set/small.png": encoded(grid(40, 30))}
+    images = {i.name: i.image for i in read_archive(make_zip(tmp_path / "in.zip", files), short_side=300)}
+    assert images["set/phone.jpg"].size == (300, 450), "upright, shorter side reduced to 300"
+    assert images["set/small.png"].size == (40, 30), "never enlarged"
+
+
 def test_tar_links_and_non_archives_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"'set/link\.png' is a link or special file"):
         read_archive(_tar(tmp_path / "links.tar", _symlink))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import tarfile
 import zipfile
@@ -27,6 +28,7 @@ from engine.config import (
     TRAIN_MAX_ARCHIVE_ENTRIES,
     TRAIN_MAX_IMAGES,
     TRAIN_MIN_IMAGES,
+    TRAIN_RESOLUTION_MAX,
 )
 from engine.errors import InputError
 
@@ -122,8 +124,12 @@ def _read_bounded(opener: Callable[[], IO[bytes]], name: str, budget: int, limit
     return b"".join(chunks)
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
-    """A checked RGB image, refused by name when it is damaged or larger than inputs may be."""
+def _decode(data: bytes, name: str, short_side: int) -> Image.Image:
+    """A checked RGB image, refused by name when it is damaged or larger than inputs may be.
+
+    It is reduced to `short_side` on its shorter side right away (JPEGs while decoding): no
+    bucket needs more, and a thousand full-size photos would not fit in memory.
+    """
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
@@ -134,9 +140,17 @@ def _decode(data: bytes, name: str) -> Image.Image:
                 )
             probe.verify()
         with Image.open(io.BytesIO(data)) as image:
+            scale = short_side / min(width, height)
+            if scale < 1:
+                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             # Phone photos store rotation in EXIF: train on what their owner sees.
-            return ImageOps.exif_transpose(image).convert("RGB")
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+        scale = short_side / min(upright.size)
+        if scale < 1:
+            size = (max(1, round(upright.width * scale)), max(1, round(upright.height * scale)))
+            upright = upright.resize(size, Image.Resampling.LANCZOS)
+        return upright
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
@@ -146,8 +160,11 @@ def _decode(data: bytes, name: str) -> Image.Image:
         ) from None
 
 
-def read_archive(path: Path, limits: ArchiveLimits | None = None) -> list[TrainingImage]:
-    """Every image of the archive with its .txt caption when it has one, in name order."""
+def read_archive(
+    path: Path, limits: ArchiveLimits | None = None, short_side: int = TRAIN_RESOLUTION_MAX
+) -> list[TrainingImage]:
+    """Every image of the archive (at most `short_side` on its shorter side) with its .txt caption
+    when it has one, in name order."""
     limits = limits or ArchiveLimits()
     images: dict[str, TrainingImage] = {}
     captions: dict[str, str] = {}
@@ -182,7 +199,7 @@ def read_archive(path: Path, limits: ArchiveLimits | None = None) -> list[Traini
                 f"input_images: {name} and {images[stem].name} share a name: rename one, so each caption "
                 "belongs to one image"
             )
-        images[stem] = TrainingImage(name, _decode(data, name), None)
+        images[stem] = TrainingImage(name, _decode(data, name, short_side), None)
     if not images:
         raise InputError(
             "input_images holds no images: send a .zip or .tar of .jpg, .jpeg, .png or .webp files "

@@ -311,7 +311,8 @@ def train(
     """Check everything, train, and write out_dir/trained_model.tar; any bad input fails first."""
     request.validate()
     folder = _model_folder(weights, request.model)
-    images = read_archive(request.input_images, limits)
+    # Reference-scale sides: enough for every bucket on a real model, more than enough on the tiny one.
+    images = read_archive(request.input_images, limits, short_side=max(request.resolutions()))
     _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), request.trigger_word)
     quiet_library_noise()
     device = default_device()
