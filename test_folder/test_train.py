@@ -246,6 +246,7 @@ BAD_ARCHIVES = {
     "dotdot": ({**dataset(), "../evil.png": encoded(grid(8, 8))}, "'../evil.png' points outside the archive"),
     "absolute": ({**dataset(), "/tmp/evil.png": encoded(grid(8, 8))}, "'/tmp/evil.png' has an absolute path"),
     "too few": (dataset(2), "holds 2 image(s): training needs at least 4"),
+    "same name": ({**dataset(), "set/img1.png": encoded(grid(8, 8))}, "set/img1.png and set/img1.jpg share a name"),
     "too many files": ({**dataset(), **{f"x/{i}.md": b"" for i in range(20)}}, "holds more than 16 files"),
     "zip bomb": ({**dataset(), "set/zeros.txt": bytes(1 << 20)}, "unpacks to more than 0.5 MiB"),
 }
@@ -288,7 +289,7 @@ def test_tar_links_and_non_archives_are_refused(tmp_path: Path) -> None:
         ({"trigger_word": " "}, "trigger_word is empty"),
         ({"trigger_word": "two words"}, "must be one word of letters"),
         ({"trigger_word": "<s0>"}, "must be one word of letters"),
-        ({"trigger_word": "zqxjvkwpfhgb"}, "is split by the tokenizer into"),
+        ({"trigger_word": "zqxjvkwpfhgb", "train_text_encoder": False}, "is split by the tokenizer into"),
         ({"steps": 0}, "steps must be between 1 and 6000"),
         ({"steps": 6001}, "steps must be between 1 and 6000"),
         ({"lora_rank": 0}, "lora_rank must be between 1 and 128"),

@@ -99,12 +99,13 @@ def _model_folder(weights: Path, model: str) -> Path:
 
 
 def _check_trigger(tokenizer: CLIPTokenizer, trigger: str) -> None:
-    """A trigger word the tokenizer shreds into many pieces is hard to learn and to write again."""
+    """A trigger word that stays text is learned through its pieces: many pieces learn poorly."""
     pieces = tokenizer.tokenize(trigger)
     if len(pieces) > TRAIN_TRIGGER_MAX_TOKENS:
         raise InputError(
             f"trigger_word {trigger!r} is split by the tokenizer into {len(pieces)} pieces "
-            f"({' '.join(p.removesuffix('</w>') for p in pieces)}): use a short rare word such as TOK"
+            f"({' '.join(p.removesuffix('</w>') for p in pieces)}): use a short rare word such as TOK, "
+            "or turn train_text_encoder on"
         )
 
 
@@ -313,7 +314,8 @@ def train(
     folder = _model_folder(weights, request.model)
     # Reference-scale sides: enough for every bucket on a real model, more than enough on the tiny one.
     images = read_archive(request.input_images, limits, short_side=max(request.resolutions()))
-    _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), request.trigger_word)
+    if not request.train_text_encoder:  # with pivotal tuning the word becomes new tokens instead
+        _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), request.trigger_word)
     quiet_library_noise()
     device = default_device()
     dtype = default_dtype(device)
