@@ -12,6 +12,7 @@ import sys
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +124,13 @@ def test_the_trained_tar_loads_through_lora_weights(engine: Engine, trained: Tra
         host.close()
     assert np.abs(lora_plain - plain).max() > 5, "the LoRA changes the image"
     assert np.abs(lora_tok - tok).mean() > np.abs(lora_plain - plain).mean(), "the trigger word changes it more"
-    assert np.array_equal(image("a photo of TOK"), tok), "without the LoRA the image is exactly as before"
 
     local = tmp_path / "lora.safetensors"
     with tarfile.open(trained.tar) as tar:
         local.write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
-    assert np.abs(image("a photo of a dog", str(local)) - plain).max() > 5
     assert all(k.startswith("unet.") for k in load_file(local)), "diffusers' key layout"
+    assert np.abs(image("a photo of a dog", str(local)) - plain).max() > 5, "the file alone works as a local path"
+    assert np.array_equal(image("a photo of TOK"), tok), "without the LoRA the image is exactly as before"
 
 
 def test_without_pivotal_tuning_the_tar_holds_the_lora_alone(engine: Engine, weights_dir: Path, tmp_path: Path) -> None:
@@ -140,15 +141,26 @@ def test_without_pivotal_tuning_the_tar_holds_the_lora_alone(engine: Engine, wei
             tar.addfile(info, io.BytesIO(data))
 
     request = TrainingRequest(
-        _tar(tmp_path / "photos.tar", add), steps=4, resolution="256,512", train_text_encoder=False, autocaption=False
+        _tar(tmp_path / "photos.tar", add),
+        steps=4,
+        learning_rate=1e-3,
+        resolution="256,512",
+        train_text_encoder=False,
+        autocaption=False,
     )
     result = train(request, weights_dir, tmp_path / "out")
     with tarfile.open(result.tar) as tar:
         assert sorted(tar.getnames()) == ["lora.safetensors", "training_params.json"]
         (tmp_path / "lora.safetensors").write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
     with_store = Engine(engine.models, engine.safety, LoraStore(tmp_path / "cache", Downloader("python")), engine.swap)
-    loras = (LoraSpec(str(tmp_path / "lora.safetensors"), 1.0),)
-    assert with_store.generate(GenerationRequest(prompt="TOK", num_inference_steps=2, seed=1, loras=loras))
+    request = GenerationRequest(prompt="a photo of TOK", num_inference_steps=2, seed=1)
+    lora = (LoraSpec(str(tmp_path / "lora.safetensors"), 1.0),)
+    plain, tuned, again = (
+        np.asarray(with_store.generate(r)[0].image, dtype=np.int16)
+        for r in (request, replace(request, loras=lora), request)
+    )
+    assert not np.array_equal(tuned, plain), "the LoRA changes the image"
+    assert np.array_equal(again, plain), "and nothing of it stays"
 
 
 def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:
