@@ -41,9 +41,7 @@ def one_thread() -> Iterator[None]:
     other and make a training step 30x slower. One thread per process keeps the module fast."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")  # for the Cog server's worker
-        yield
+    yield
     torch.set_num_threads(threads)
 
 
@@ -177,7 +175,9 @@ def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:
 
 @pytest.fixture(scope="module")
 def train_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    server = CogServer(weights_dir, tmp_path_factory.mktemp("train-server") / "server.log", train=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # one thread in its worker too (see one_thread)
+        server = CogServer(weights_dir, tmp_path_factory.mktemp("train-server") / "server.log", train=True)
     try:
         assert server.wait_ready()["status"] == "READY"
         yield server
