@@ -287,6 +287,19 @@ def test_images_are_read_upright_and_reduced_to_the_largest_resolution(tmp_path:
     assert images["set/small.png"].size == (40, 30), "never enlarged"
 
 
+def test_a_tar_bomb_stops_at_its_declared_sizes(tmp_path: Path) -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("zeros.md")  # not an image: skipped, but its bytes are still read through
+        info.size = 1 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        add(tar)
+    with pytest.raises(InputError, match=r"unpacks to more than 0\.5 MiB"):
+        read_archive(bomb, ArchiveLimits(max_bytes=2**19))
+
+
 def test_tar_links_and_non_archives_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"'set/link\.png' is a link or special file"):
         read_archive(_tar(tmp_path / "links.tar", _symlink))

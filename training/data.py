@@ -1,9 +1,10 @@
 """The training archive: read safely, every image checked and captioned before any training step.
 
-Entries are read from the archive one by one into files the trainer names itself (never the
-archive's names), so an entry with `..`, an absolute path or a link cannot write outside the work
-folder. The number of entries and the bytes read are bounded while reading, whatever sizes the
-archive declares (a zip bomb stops at the bound).
+Nothing is extracted: entries are read into memory one by one and only their bytes are used, so
+an entry with `..`, an absolute path or a link cannot write anywhere (and is refused, named). The
+number of entries and the bytes read are bounded while reading, whatever sizes a zip declares (a
+zip bomb stops at the bound); a tar's declared sizes, which its reader must skip through, count
+against the same bound.
 """
 
 from __future__ import annotations
@@ -74,7 +75,13 @@ def _safe_name(name: str) -> str:
     return normalized
 
 
-def _entries(path: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
+def _too_large(limit: int, name: str) -> InputError:
+    return InputError(
+        f"input_images unpacks to more than {limit / 2**20:g} MiB (stopped at {name!r}): send fewer or smaller images"
+    )
+
+
+def _entries(path: Path, max_bytes: int) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
     """(name, opener) for every regular file of a zip or tar; links and devices are refused."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -90,9 +97,14 @@ def _entries(path: Path) -> Iterator[tuple[str, Callable[[], IO[bytes]]]]:
             "input_images must be a .zip or .tar archive of .jpg, .jpeg, .png or .webp images "
             "(optionally with same-named .txt captions)"
         ) from None
+    declared = 0
     with archive:
         for member in archive:
             name = _safe_name(member.name)
+            # Even a skipped member is decompressed to reach the next one (.tar.gz): count it.
+            declared += member.size
+            if declared > max_bytes:
+                raise _too_large(max_bytes, name)
             if member.isdir():
                 continue
             if not member.isfile():
@@ -112,10 +124,7 @@ def _read_bounded(opener: Callable[[], IO[bytes]], name: str, budget: int, limit
             while chunk := source.read(min(_CHUNK, budget - size + 1)):
                 size += len(chunk)
                 if size > budget:
-                    raise InputError(
-                        f"input_images unpacks to more than {limit / 2**20:g} MiB "
-                        f"(stopped at {name!r}): send fewer or smaller images"
-                    )
+                    raise _too_large(limit, name)
                 chunks.append(chunk)
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
         raise InputError(
@@ -170,7 +179,7 @@ def read_archive(
     captions: dict[str, str] = {}
     used = 0
     count = 0
-    for name, opener in _entries(path):
+    for name, opener in _entries(path, limits.max_bytes):
         count += 1
         if count > limits.max_entries:
             raise InputError(f"input_images holds more than {limits.max_entries} files: send at most that many")
