@@ -115,7 +115,7 @@ SDXL_FAMILY_BASES = (
 # Training (train.py, training/). Inputs follow Replicate's Flux LoRA trainer; the bounds are ours.
 TRAIN_DEFAULT_STEPS = 1000
 TRAIN_MAX_STEPS = 6000
-TRAIN_DEFAULT_RANK = 16  # Flux's default; SDXL LoRAs of rank 16 hold a subject or style at ~45 MB
+TRAIN_DEFAULT_RANK = 16  # Flux's default; on SDXL's attention a rank-16 LoRA holds a subject or style in 46 MB (fp16)
 TRAIN_MAX_RANK = 128
 TRAIN_DEFAULT_LEARNING_RATE = 1e-4  # the usual SDXL LoRA rate (Flux's 4e-4 is tuned for Flux)
 TRAIN_MAX_LEARNING_RATE = 1e-2
