@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
+from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import file_host
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
@@ -223,6 +224,18 @@ def test_cog_predict_uses_the_tar_with_its_trigger_word(cog_trained: dict, cog_s
     assert tuned["status"] == "succeeded", tuned.get("error")
     assert "LoRAs active" in tuned["logs"]
     assert decode_data_uri(base["output"][0])[1] != decode_data_uri(tuned["output"][0])[1]
+
+
+def test_the_training_schema_leads_with_the_flux_trainers_inputs() -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    props = schema["components"]["schemas"]["TrainingInput"]["properties"]
+    flux = ["input_images", "trigger_word", "autocaption", "autocaption_prefix", "autocaption_suffix", "steps"]
+    flux += ["lora_rank", "learning_rate", "batch_size", "resolution", "caption_dropout_rate"]
+    assert list(props)[: len(flux)] == flux
+    assert list(props)[len(flux) :] == ["model", "train_text_encoder", "seed"]
+    assert schema["components"]["schemas"]["TrainingInput"]["required"] == ["input_images"]
+    assert (props["steps"]["minimum"], props["steps"]["maximum"], props["trigger_word"]["default"]) == (1, 6000, "TOK")
+    assert "/trainings" in schema["paths"] and "/predictions" in schema["paths"]
 
 
 def test_predict_never_loads_the_captioner() -> None:
