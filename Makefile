@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 WEIGHTS_DIR ?= weights
 export WEIGHTS_DIR
 
-.PHONY: install weights schema demo test serve lint
+.PHONY: install weights schema demo test serve serve-train lint
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: weights
 serve: weights
 	PATH="$(CURDIR)/$(BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
 		$(BIN)/python -m cog.server.http --host $(HOST)
+
+# The same runtime in training mode: POST {"input": {...}} to /trainings (see README, "Training").
+serve-train: weights
+	PATH="$(CURDIR)/$(BIN):$$PATH" COG_TRAIN_TYPE_STUB=train.py:train PORT=$(PORT) \
+		$(BIN)/python -m cog.server.http --host $(HOST) --x-mode train
 
 lint: install
 	$(BIN)/ruff check .

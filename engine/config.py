@@ -13,6 +13,8 @@ MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
 CUSTOM_MODEL_ID = "custom"
 DEFAULT_MODEL = "illustrious-xl"
 SAFETY_CHECKER_DIR = "safety-checker"
+# The captioning model (BLIP) that `cog train` uses for autocaption; predict never loads it.
+CAPTIONER_DIR = "captioner"
 
 # Flux's aspect table at 1 megapixel, width x height. Sizes scale with a model's native
 # resolution (1024 px for SDXL), so the table is exact on real weights.
@@ -119,3 +121,34 @@ SDXL_FAMILY_BASES = (
     "Pony",
     "NoobAI",
 )
+
+# Training (train.py, training/). Inputs follow Replicate's Flux LoRA trainer; the bounds are ours.
+TRAIN_DEFAULT_STEPS = 1000
+TRAIN_MAX_STEPS = 6000
+TRAIN_DEFAULT_RANK = 16  # Flux's default; on SDXL's attention a rank-16 LoRA holds a subject or style in 46 MB (fp16)
+TRAIN_MAX_RANK = 128
+TRAIN_DEFAULT_LEARNING_RATE = 1e-4  # the usual SDXL LoRA rate (Flux's 4e-4 is tuned for Flux)
+TRAIN_MAX_LEARNING_RATE = 1e-2
+# The pivotal-tuning embeddings learn at their own rate, as in cog-sdxl (ti_lr).
+TRAIN_EMBEDDING_LEARNING_RATE = 3e-4
+TRAIN_MAX_BATCH_SIZE = 8
+TRAIN_DEFAULT_RESOLUTION = "1024"
+# Bucket sides (at reference scale): multiples of 64 between these, aspect ratios 1:2 to 2:1.
+TRAIN_RESOLUTION_MIN = 256
+TRAIN_RESOLUTION_MAX = 1536
+TRAIN_BUCKET_MULTIPLE = 64
+TRAIN_BUCKET_MAX_ASPECT = 2.0
+TRAIN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections
+TRAIN_PIVOTAL_TOKENS = 2  # new tokens per trigger word, <s0><s1>, as in cog-sdxl
+TRAIN_MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (Hang et al. 2023)
+TRAIN_WARMUP_FRACTION = 0.1  # linear LR warm-up over this share of the steps, at most 100 steps
+TRAIN_WARMUP_MAX_STEPS = 100
+TRAIN_LOG_SECONDS = 10.0  # one progress line at most this often (first and last step always)
+TRAIN_TRIGGER_MAX_TOKENS = 4  # a trigger word the tokenizer splits into more pieces is refused
+# The training archive: fewer images than this cannot teach a subject; 10-20 work well.
+TRAIN_MIN_IMAGES = 4
+TRAIN_MAX_IMAGES = 1000
+TRAIN_MAX_ARCHIVE_ENTRIES = 5000
+TRAIN_MAX_ARCHIVE_BYTES = 4 * 2**30  # total uncompressed size (a zip bomb stops here)
+TRAIN_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+TRAIN_CAPTION_MAX_TOKENS = 40  # autocaption length bound

@@ -5,8 +5,9 @@ benchmarks on a GPU host (never for images anyone should look at).
 
 The result is `weights/<model-id>/` (a diffusers folder that
 `StableDiffusionXLPipeline.from_pretrained` loads) for every model id, plus
-`weights/safety-checker/`. The tokenizers use the real CLIP BPE vocabulary
-shipped inside the open-clip-torch wheel, so prompts tokenize exactly as on
+`weights/safety-checker/` and `weights/captioner/` (a BLIP captioner for `cog train`'s
+autocaption, random weights: its captions are gibberish, the code path is the real one). The
+tokenizers use the real CLIP BPE vocabulary shipped inside the open-clip-torch wheel, so prompts tokenize exactly as on
 the real models. Each model gets its own seed so switching models is visible.
 
 Usage: python scripts/build_tiny_weights.py [--out DIR] [--force]
@@ -27,6 +28,11 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPTextConfig,
@@ -38,7 +44,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import MODEL_IDS, SAFETY_CHECKER_DIR, weights_root
+from engine.config import CAPTIONER_DIR, MODEL_IDS, SAFETY_CHECKER_DIR, weights_root
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408
@@ -235,6 +241,44 @@ def build_safety_checker(shape: Shape = TINY) -> tuple[StableDiffusionSafetyChec
     return checker, processor
 
 
+# BLIP's special tokens ([DEC] starts a caption) and a few words for the random decoder to pick.
+CAPTION_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+CAPTION_WORDS = "a an the photo drawing painting of with on in at and red blue cat dog man woman car house tree sky"
+
+
+def build_captioner() -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """A tiny BLIP captioner, the architecture bake/manifest.json bakes for real."""
+    torch.manual_seed(0)
+    vocab = {word: i for i, word in enumerate([*CAPTION_SPECIALS, *CAPTION_WORDS.split()])}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", model_max_length=64)
+    width = 32
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "encoder_hidden_size": width,
+            "bos_token_id": vocab["[DEC]"],
+            "sep_token_id": vocab["[SEP]"],
+            "pad_token_id": vocab["[PAD]"],
+        },
+        vision_config={
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=width,
+    )
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    return BlipForConditionalGeneration(config), processor
+
+
 def _save_atomically(target: Path, save: callable) -> None:
     """Write into a temporary sibling folder, then rename, so a kill leaves nothing half-built."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -272,6 +316,16 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
             processor.save_pretrained(d)
 
         _save_atomically(target, save)
+        written.append(target)
+    target = root / CAPTIONER_DIR
+    if force or not target.exists():
+        captioner, caption_processor = build_captioner()
+
+        def save_captioner(d: Path) -> None:
+            captioner.save_pretrained(d)
+            caption_processor.save_pretrained(d)
+
+        _save_atomically(target, save_captioner)
         written.append(target)
     return written
 

@@ -1,10 +1,12 @@
-"""Write .cog/openapi_schema.json from predict.py's signature, following the Cog CLI's rules.
+"""Write .cog/openapi_schema.json from predict.py's and train.py's signatures, by the Cog CLI's rules.
 
 The Go `cog` CLI writes this file at build time; the Python package cannot. Without it the
 coglet server validates nothing (no 422s) and /openapi.json answers 503. This script
 reads the signature with cog's own inspector and lays it out the way the CLI does
 (choices as enum components behind allOf, Optional[T] nullable with a null default,
-a None default on a non-Optional input meaning "required").
+a None default on a non-Optional input meaning "required"). As the CLI does when cog.yaml has
+both `predict` and `train`, the training schema (TrainingInput, TrainingOutput, /trainings) is
+merged into the prediction one, whose components win a name clash (both declare `model`).
 
 Usage: python scripts/cog_schema.py [--check]
 """
@@ -21,6 +23,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / ".cog" / "openapi_schema.json"
 PREDICTOR_REF = ("predict", "Predictor")
+TRAINER_REF = ("train", "train")
 
 _RESPONSE_200 = {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}
 _RESPONSE_422 = {
@@ -82,33 +85,39 @@ def _input_schema(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return schema, enums
 
 
-def build_schema() -> dict[str, Any]:
-    """The whole OpenAPI 3.0.2 document the CLI would bake into the image."""
-    sys.path.insert(0, str(REPO_ROOT))
+def _mode_schema(ref: tuple[str, str], train: bool) -> dict[str, Any]:
+    """The OpenAPI 3.0.2 document the CLI generates for one mode."""
     import cog
     from cog._inspector import create_predictor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # BasePredictor is a documented choice
-        info = create_predictor(*PREDICTOR_REF)
+        info = create_predictor(*ref)
     input_schema, enums = _input_schema(info.inputs)
-    ref = "#/components/schemas/"
+    names = (
+        ("TrainingInput", "TrainingOutput", "TrainingRequest", "TrainingResponse")
+        if train
+        else ("Input", "Output", "PredictionRequest", "PredictionResponse")
+    )
+    input_key, output_key, request_key, response_key = names
+    input_schema["title"] = input_key
+    ref_ = "#/components/schemas/"
     string = {"type": "string"}
     schemas: dict[str, Any] = {
-        "Input": input_schema,
-        "Output": info.output.json_type(),
+        input_key: input_schema,
+        output_key: info.output.json_type(),
         **enums,
-        "PredictionRequest": {
-            "title": "PredictionRequest",
+        request_key: {
+            "title": request_key,
             "type": "object",
-            "properties": {"id": {"title": "Id", **string}, "input": {"$ref": ref + "Input"}},
+            "properties": {"id": {"title": "Id", **string}, "input": {"$ref": ref_ + input_key}},
         },
-        "PredictionResponse": {
-            "title": "PredictionResponse",
+        response_key: {
+            "title": response_key,
             "type": "object",
             "properties": {
-                "input": {"$ref": ref + "Input"},
-                "output": {"$ref": ref + "Output"},
+                "input": {"$ref": ref_ + input_key},
+                "output": {"$ref": ref_ + output_key},
                 "id": {"title": "Id", **string},
                 "version": {"title": "Version", **string},
                 "created_at": {"title": "Created At", **string, "format": "date-time"},
@@ -129,7 +138,7 @@ def build_schema() -> dict[str, Any]:
         "HTTPValidationError": {
             "title": "HTTPValidationError",
             "type": "object",
-            "properties": {"detail": {"title": "Detail", "type": "array", "items": {"$ref": ref + "ValidationError"}}},
+            "properties": {"detail": {"title": "Detail", "type": "array", "items": {"$ref": ref_ + "ValidationError"}}},
         },
         "ValidationError": {
             "title": "ValidationError",
@@ -146,24 +155,30 @@ def build_schema() -> dict[str, Any]:
             },
         },
     }
-    predict_op = {
-        "summary": "Predict",
-        "description": "Run a single prediction on the model",
-        "operationId": "predict_predictions_post",
-        "requestBody": {"content": {"application/json": {"schema": {"$ref": ref + "PredictionRequest"}}}},
+    kind, resource = ("trainings", "training") if train else ("predictions", "prediction")
+    main_op = {
+        "summary": "Train" if train else "Predict",
+        "description": "Run a single training on the model" if train else "Run a single prediction on the model",
+        "operationId": f"{'train' if train else 'predict'}_{kind}_post",
+        "requestBody": {"content": {"application/json": {"schema": {"$ref": ref_ + request_key}}}},
         "responses": {
             "200": {
                 "description": "Successful Response",
-                "content": {"application/json": {"schema": {"$ref": ref + "PredictionResponse"}}},
+                "content": {"application/json": {"schema": {"$ref": ref_ + response_key}}},
             },
             "422": _RESPONSE_422,
         },
     }
     cancel_op = {
         "summary": "Cancel",
-        "operationId": "cancel_predictions__prediction_id__cancel_post",
+        "operationId": f"cancel_{kind}__{resource}_id__cancel_post",
         "parameters": [
-            {"required": True, "schema": {"title": "Prediction Id", **string}, "name": "prediction_id", "in": "path"}
+            {
+                "required": True,
+                "schema": {"title": _title(f"{resource}_id"), **string},
+                "name": f"{resource}_id",
+                "in": "path",
+            }
         ],
         "responses": {"200": _RESPONSE_200, "422": _RESPONSE_422},
     }
@@ -179,11 +194,24 @@ def build_schema() -> dict[str, Any]:
                     "responses": {"200": _RESPONSE_200},
                 }
             },
-            "/predictions": {"post": predict_op},
-            "/predictions/{prediction_id}/cancel": {"post": cancel_op},
+            f"/{kind}": {"post": main_op},
+            f"/{kind}/{{{resource}_id}}/cancel": {"post": cancel_op},
         },
         "components": {"schemas": schemas},
     }
+
+
+def build_schema() -> dict[str, Any]:
+    """The whole document the CLI would bake into the image: predict's, with train's merged in."""
+    sys.path.insert(0, str(REPO_ROOT))
+    schema = _mode_schema(PREDICTOR_REF, train=False)
+    training = _mode_schema(TRAINER_REF, train=True)
+    for key in ("paths",):
+        for name, value in training[key].items():
+            schema[key].setdefault(name, value)
+    for name, value in training["components"]["schemas"].items():
+        schema["components"]["schemas"].setdefault(name, value)
+    return schema
 
 
 def render() -> str:

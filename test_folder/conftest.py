@@ -85,9 +85,9 @@ def free_port() -> int:
 
 
 class CogServer:
-    """`python -m cog.server.http` on a loopback port, as `make serve` runs it."""
+    """`python -m cog.server.http` on a loopback port, as `make serve` (or `make serve-train`) runs it."""
 
-    def __init__(self, weights: Path, log_path: Path) -> None:
+    def __init__(self, weights: Path, log_path: Path, train: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -95,12 +95,13 @@ class CogServer:
             PORT=str(self.port),
             WEIGHTS_DIR=str(weights),
             COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+            COG_TRAIN_TYPE_STUB="train.py:train",
             # coglet starts its worker with `python` from PATH: the venv's must come first.
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         )
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *(["--x-mode", "train"] if train else [])],
             cwd=REPO_ROOT,
             env=env,
             stdout=self.log,
@@ -126,13 +127,13 @@ class CogServer:
         with urllib.request.urlopen(self.url + path, timeout=30) as resp:
             return json.loads(resp.read())
 
-    def predict(self, inputs: dict[str, Any], timeout: float = 300) -> tuple[int, dict[str, Any]]:
-        """POST /predictions; retries briefly on coglet's spurious 409 'At capacity'."""
+    def predict(
+        self, inputs: dict[str, Any], timeout: float = 300, path: str = "/predictions"
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /predictions (or /trainings); retries briefly on coglet's spurious 409 'At capacity'."""
         body = json.dumps({"input": inputs}).encode()
         for _ in range(50):
-            req = urllib.request.Request(
-                self.url + "/predictions", data=body, headers={"Content-Type": "application/json"}
-            )
+            req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=timeout) as resp:
                     return resp.status, json.loads(resp.read())

@@ -1,0 +1,350 @@
+"""`cog train` on the tiny model: a LoRA learned from a patterned image set, loaded back through
+`lora_weights` (over HTTP and as a local file) and through the Cog runtime in train mode; every
+bad input refused with its message before any training step."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from engine.errors import InputError
+from engine.generator import Engine
+from engine.request import GenerationRequest, LoraSpec
+from scripts.cog_schema import SCHEMA_PATH
+from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
+from test_folder.emulators import file_host
+from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
+from training.request import TrainingRequest
+from training.trainer import TrainingResult, train
+from weightstore.cache import LoraStore
+from weightstore.transfer import Downloader
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """This 2-core machine is shared: OpenMP threads of several busy processes spin against each
+    other and make a training step 30x slower. One thread per process keeps the module fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def grid(width: int, height: int, shift: int = 0) -> Image.Image:
+    """A strong, distinctive pattern: a red and blue grid on black."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, shift::8] = (255, 0, 0)
+    pixels[shift::8, :] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def make_zip(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def dataset(count: int = 4) -> dict[str, bytes]:
+    """Patterned images of different proportions and formats; one brings its own caption."""
+    sizes = [(96, 96), (128, 80), (80, 128), (112, 96), (96, 112), (64, 64)]
+    formats = [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")]
+    files = {}
+    for i in range(count):
+        ext, fmt = formats[i % len(formats)]
+        files[f"set/img{i}.{ext}"] = encoded(grid(*sizes[i % len(sizes)], shift=i % 4), fmt)
+    files["set/img0.txt"] = b"a grid drawing of TOK"
+    return files
+
+
+@pytest.fixture(scope="module")
+def trained(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainingResult:
+    root = tmp_path_factory.mktemp("train")
+    request = TrainingRequest(
+        make_zip(root / "photos.zip", dataset()),
+        steps=STEPS,
+        learning_rate=1e-3,
+        batch_size=2,
+        resolution="512",
+        seed=7,
+        autocaption=False,
+    )
+    return train(request, weights_dir, root / "out")
+
+
+def test_loss_falls_and_the_tar_has_replicates_layout(trained: TrainingResult) -> None:
+    assert trained.probe_loss_after < trained.probe_loss_before * 0.98, trained
+    with tarfile.open(trained.tar) as tar:
+        names = sorted(tar.getnames())
+        read = {name: tar.extractfile(name).read() for name in names}  # type: ignore[union-attr]
+    assert names == ["embeddings.pti", "lora.safetensors", "special_params.json", "training_params.json"]
+    assert json.loads(read["special_params.json"]) == {"TOK": "<s0><s1>"}
+    params = json.loads(read["training_params.json"])
+    assert params["steps"] == STEPS and params["images"] == 4 and params["trigger_word"] == "TOK"
+    assert "input_images" not in params, "no server path in the tar"
+
+
+def test_the_trained_tar_loads_through_lora_weights(engine: Engine, trained: TrainingResult, tmp_path: Path) -> None:
+    host = file_host({"me/trained_model.tar": trained.tar.read_bytes()})
+    with_store = Engine(engine.models, engine.safety, LoraStore(tmp_path / "cache", Downloader("python")), engine.swap)
+
+    def image(prompt: str, lora: str | None = None) -> np.ndarray:
+        loras = (LoraSpec(lora, 1.0),) if lora else ()
+        request = GenerationRequest(prompt=prompt, num_inference_steps=4, seed=3, loras=loras)
+        return np.asarray(with_store.generate(request)[0].image, dtype=np.int16)
+
+    url = f"{host.url}/me/trained_model.tar"
+    try:
+        plain, tok = image("a photo of a dog"), image("a photo of TOK")
+        lora_plain, lora_tok = image("a photo of a dog", url), image("a photo of TOK", url)
+    finally:
+        host.close()
+    assert np.abs(lora_plain - plain).max() > 5, "the LoRA changes the image"
+    assert np.abs(lora_tok - tok).mean() > np.abs(lora_plain - plain).mean(), "the trigger word changes it more"
+
+    local = tmp_path / "lora.safetensors"
+    with tarfile.open(trained.tar) as tar:
+        local.write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
+    assert all(k.startswith("unet.") for k in load_file(local)), "diffusers' key layout"
+    assert np.abs(image("a photo of a dog", str(local)) - plain).max() > 5, "the file alone works as a local path"
+    assert np.array_equal(image("a photo of TOK"), tok), "without the LoRA the image is exactly as before"
+
+
+def test_without_pivotal_tuning_the_tar_holds_the_lora_alone(engine: Engine, weights_dir: Path, tmp_path: Path) -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        for name, data in dataset().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    request = TrainingRequest(
+        _tar(tmp_path / "photos.tar", add),
+        steps=4,
+        learning_rate=1e-3,
+        resolution="256,512",
+        train_text_encoder=False,
+        autocaption=False,
+    )
+    result = train(request, weights_dir, tmp_path / "out")
+    with tarfile.open(result.tar) as tar:
+        assert sorted(tar.getnames()) == ["lora.safetensors", "training_params.json"]
+        (tmp_path / "lora.safetensors").write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
+    with_store = Engine(engine.models, engine.safety, LoraStore(tmp_path / "cache", Downloader("python")), engine.swap)
+    request = GenerationRequest(prompt="a photo of TOK", num_inference_steps=2, seed=1)
+    lora = (LoraSpec(str(tmp_path / "lora.safetensors"), 1.0),)
+    plain, tuned, again = (
+        np.asarray(with_store.generate(r)[0].image, dtype=np.int16)
+        for r in (request, replace(request, loras=lora), request)
+    )
+    assert not np.array_equal(tuned, plain), "the LoRA changes the image"
+    assert np.array_equal(again, plain), "and nothing of it stays"
+
+
+def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:
+    blank = Image.new("RGB", (8, 8))
+    images = [TrainingImage("a.png", blank, "a red car"), TrainingImage("b.png", blank, None)]
+    assert caption_all(images, "TOK", "", "", None) == ["TOK, a red car", "TOK"]
+    assert caption_all(images, "TOK", "photo of", "at night", ["a cat"]) == [
+        "TOK, a red car",
+        "TOK, photo of a cat at night",
+    ]
+    named = [TrainingImage("c.png", blank, "TOK riding a bike")]
+    assert caption_all(named, "TOK", "", "", None) == ["TOK riding a bike"]
+
+
+@pytest.fixture(scope="module")
+def train_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # one thread in its worker too (see one_thread)
+        server = CogServer(weights_dir, tmp_path_factory.mktemp("train-server") / "server.log", train=True)
+    try:
+        assert server.wait_ready()["status"] == "READY"
+        yield server
+    finally:
+        server.stop()
+
+
+def zip_data_uri(files: dict[str, bytes]) -> str:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return "data:application/zip;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def cog_trained(train_server: CogServer) -> dict:
+    """One training through the Cog runtime, as `cog train -i input_images=@photos.zip` sends it."""
+    inputs = {"input_images": zip_data_uri(dataset()), "steps": 3, "resolution": "256", "seed": 1}
+    status, body = train_server.predict(inputs, path="/trainings")
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    return body
+
+
+def test_cog_train_returns_the_tar(cog_trained: dict) -> None:
+    _, data = decode_data_uri(cog_trained["output"]["weights"])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert {"lora.safetensors", "embeddings.pti", "special_params.json"} <= set(tar.getnames())
+    logs = cog_trained["logs"]
+    assert "step 3/3, loss" in logs and "it/s" in logs
+    assert "autocaption: 3 caption(s)" in logs, "img0 brings its own caption; the baked BLIP writes the rest"
+
+
+def test_cog_predict_uses_the_tar_with_its_trigger_word(cog_trained: dict, cog_server: CogServer) -> None:
+    _, data = decode_data_uri(cog_trained["output"]["weights"])
+    host = file_host({"me/trained_model.tar": data})
+    request = {"prompt": "a photo of TOK", "num_inference_steps": 2, "seed": 5, "output_format": "png"}
+    try:
+        _, base = cog_server.predict(request)
+        _, tuned = cog_server.predict({**request, "lora_weights": f"{host.url}/me/trained_model.tar"})
+    finally:
+        host.close()
+    assert tuned["status"] == "succeeded", tuned.get("error")
+    assert "LoRAs active" in tuned["logs"]
+    assert decode_data_uri(base["output"][0])[1] != decode_data_uri(tuned["output"][0])[1]
+
+
+def test_the_training_schema_leads_with_the_flux_trainers_inputs() -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    props = schema["components"]["schemas"]["TrainingInput"]["properties"]
+    flux = ["input_images", "trigger_word", "autocaption", "autocaption_prefix", "autocaption_suffix", "steps"]
+    flux += ["lora_rank", "learning_rate", "batch_size", "resolution", "caption_dropout_rate"]
+    assert list(props)[: len(flux)] == flux
+    assert list(props)[len(flux) :] == ["model", "train_text_encoder", "seed"]
+    assert schema["components"]["schemas"]["TrainingInput"]["required"] == ["input_images"]
+    assert (props["steps"]["minimum"], props["steps"]["maximum"], props["trigger_word"]["default"]) == (1, 6000, "TOK")
+    assert "/trainings" in schema["paths"] and "/predictions" in schema["paths"]
+
+
+def test_predict_never_loads_the_captioner() -> None:
+    code = "import sys, predict; sys.exit('training' in sys.modules or 'transformers.models.blip' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=False).returncode == 0
+
+
+def test_cog_train_refuses_bad_inputs(train_server: CogServer) -> None:
+    status, body = train_server.predict({"input_images": zip_data_uri(dataset()), "steps": 0}, path="/trainings")
+    assert status == 422, body
+    status, body = train_server.predict({"input_images": zip_data_uri({"notes.md": b"x"})}, path="/trainings")
+    assert status == 200 and body["status"] == "failed"
+    assert "InputError: input_images holds no images" in body["error"]
+
+
+def _tar(path: Path, add: Callable[[tarfile.TarFile], None]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        add(tar)
+    return path
+
+
+def _symlink(tar: tarfile.TarFile) -> None:
+    info = tarfile.TarInfo("set/link.png")
+    info.type = tarfile.SYMTYPE
+    info.linkname = "/etc/passwd"
+    tar.addfile(info)
+
+
+BAD_ARCHIVES = {
+    "no images": ({"notes.md": b"hello"}, "input_images holds no images"),
+    "corrupt": ({**dataset(), "set/broken.jpg": b"\xff\xd8\xff not a jpeg"}, "set/broken.jpg could not be read"),
+    "gif": ({**dataset(), "set/anim.gif": encoded(grid(8, 8), "GIF")}, "set/anim.gif is a GIF file"),
+    "dotdot": ({**dataset(), "../evil.png": encoded(grid(8, 8))}, "'../evil.png' points outside the archive"),
+    "absolute": ({**dataset(), "/tmp/evil.png": encoded(grid(8, 8))}, "'/tmp/evil.png' has an absolute path"),
+    "too few": (dataset(2), "holds 2 image(s): training needs at least 4"),
+    "same name": ({**dataset(), "set/img1.png": encoded(grid(8, 8))}, "set/img1.png and set/img1.jpg share a name"),
+    "too many files": ({**dataset(), **{f"x/{i}.md": b"" for i in range(20)}}, "holds more than 16 files"),
+    "zip bomb": ({**dataset(), "set/zeros.txt": bytes(1 << 20)}, "unpacks to more than 0.5 MiB"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARCHIVES))
+def test_bad_archives_are_refused_by_name(case: str, tmp_path: Path) -> None:
+    files, message = BAD_ARCHIVES[case]
+    (tmp_path / "work").mkdir()
+    archive = make_zip(tmp_path / "work" / "in.zip", files)
+    limits = ArchiveLimits(max_entries=16, max_bytes=2**19)
+    with pytest.raises(InputError, match="input_images") as err:
+        read_archive(archive, limits)
+    assert message in str(err.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.zip", "work"], "nothing was extracted"
+
+
+def test_images_are_read_upright_and_reduced_to_the_largest_resolution(tmp_path: Path) -> None:
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees to view
+    grid(900, 600).save(rotated, "JPEG", exif=exif)
+    files = {**dataset(), "set/phone.jpg": rotated.getvalue(), "set/small.png": encoded(grid(40, 30))}
+    images = {i.name: i.image for i in read_archive(make_zip(tmp_path / "in.zip", files), short_side=300)}
+    assert images["set/phone.jpg"].size == (300, 450), "upright, shorter side reduced to 300"
+    assert images["set/small.png"].size == (40, 30), "never enlarged"
+
+
+def test_a_tar_bomb_stops_at_its_declared_sizes(tmp_path: Path) -> None:
+    def add(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("zeros.md")  # not an image: skipped, but its bytes are still read through
+        info.size = 1 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        add(tar)
+    with pytest.raises(InputError, match=r"unpacks to more than 0\.5 MiB"):
+        read_archive(bomb, ArchiveLimits(max_bytes=2**19))
+
+
+def test_tar_links_and_non_archives_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"'set/link\.png' is a link or special file"):
+        read_archive(_tar(tmp_path / "links.tar", _symlink))
+    (tmp_path / "photo.png").write_bytes(encoded(grid(8, 8)))
+    with pytest.raises(InputError, match=r"must be a \.zip or \.tar archive"):
+        read_archive(tmp_path / "photo.png")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trigger_word": " "}, "trigger_word is empty"),
+        ({"trigger_word": "two words"}, "must be one word of letters"),
+        ({"trigger_word": "<s0>"}, "must be one word of letters"),
+        ({"trigger_word": "zqxjvkwpfhgb", "train_text_encoder": False}, "is split by the tokenizer into"),
+        ({"steps": 0}, "steps must be between 1 and 6000"),
+        ({"steps": 6001}, "steps must be between 1 and 6000"),
+        ({"lora_rank": 0}, "lora_rank must be between 1 and 128"),
+        ({"lora_rank": 129}, "lora_rank must be between 1 and 128"),
+        ({"learning_rate": 0.0}, "learning_rate must be above 0"),
+        ({"resolution": "1024,big"}, "resolution must be comma-separated sizes"),
+        ({"resolution": "64"}, "resolution must be comma-separated sizes"),
+        ({"model": "custom"}, "no custom checkpoint is baked"),
+    ],
+)
+def test_bad_settings_fail_before_any_step(
+    change: dict, message: str, weights_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    archive = make_zip(tmp_path / "in.zip", dataset())
+    request = TrainingRequest(archive, steps=2, resolution="256", autocaption=False)
+    request = TrainingRequest(**{**request.__dict__, **change})
+    with pytest.raises(InputError, match=message):
+        train(request, weights_dir, tmp_path / "out")
+    assert "step 1/" not in caplog.text
+    assert not (tmp_path / "out").exists()

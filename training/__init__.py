@@ -1,0 +1,1 @@
+"""LoRA training for `cog train`, without Cog: train.py adapts it, tests drive it directly."""
