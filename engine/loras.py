@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", ".oft_": "OFT", "glora_": "GLoRA"}
 # The pipeline's modules a LoRA file can hold weights for, named as its keys' prefixes.
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# fp32 elements of a delta computed at once: 1 MiB stays in a CPU core's cache; a GPU barely notices.
+_WORKSPACE_ELEMENTS = 2**18
 # Text-encoder modules diffusers reads ranks for (_load_lora_into_text_encoder).
 _TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 
@@ -73,6 +75,11 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
     out.copy_(tensor)
     return out
+
+
+def _pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """A factor as read from the file, pinned on CUDA machines; without CUDA, no copy at all."""
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor.contiguous()
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,7 @@ def _layers(
         rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_name), config.lora_alpha)
         scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-        layers[(component, module_name)] = Layer(_host_copy(down), _host_copy(up), scaling)
+        layers[(component, module_name)] = Layer(_pinned(down), _pinned(up), scaling)
     if missing and not layers:
         raise ValueError(f"none of its {component} modules exist in this model (e.g. {missing[0]})")
     if missing:
@@ -234,7 +241,7 @@ class LoraSet:
             raise ValueError("it holds no weights for the UNet or the text encoders")
         embeddings = None
         if lora.embeddings is not None:
-            embeddings = {k: _host_copy(v) for k, v in load_file(str(lora.embeddings)).items()}
+            embeddings = load_file(str(lora.embeddings))
         tensors = [t for layer in layers.values() for t in (layer.down, layer.up)] + [*(embeddings or {}).values()]
         return ParsedLora(layers, embeddings, sum(t.nbytes for t in tensors))
 
@@ -252,8 +259,11 @@ class LoraSet:
             with torch.no_grad():
                 for key in self.merged - updates.keys():
                     self._restore(key)
+                # One fp32 buffer for every delta: no allocation (and no page faults) per weight.
+                size = max([_WORKSPACE_ELEMENTS] + [self._weight(key)[0].numel() for key in updates])
+                workspace = torch.empty(size, dtype=torch.float32, device=self.pipe.unet.device)
                 for key, terms in updates.items():
-                    self._write(key, terms)
+                    self._write(key, terms, workspace)
             done = True
         except RuntimeError as exc:
             raise self._load_error(", ".join(lora.name for lora in loras), exc) from exc
@@ -270,19 +280,32 @@ class LoraSet:
         component, module = key
         return getattr(self.pipe, component).get_submodule(module).weight
 
-    def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]]) -> None:
-        """W = W0 + sum of scale * scaling * up @ down, in fp32 on the weight's device, cast once."""
+    def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]], workspace: torch.Tensor) -> None:
+        """W = W0 + sum of scale * scaling * up @ down: the delta in fp32, added to W0 in fp32 and
+        cast once into the weight. Row blocks of the workspace's size keep the delta in cache, so
+        memory traffic is one read of W0 and one write of W."""
         param = self._weight(key)
         if key not in self.originals:
             self.originals[key] = _host_copy(param.detach())
         self.merged.add(key)  # before writing: a cancel half-way still gets this weight restored
-        fused = self.originals[key].to(param.device, torch.float32, non_blocking=True, copy=True)
-        flat = fused.view(fused.shape[0], -1)
-        for layer, scale in terms:
-            up = layer.up.to(param.device, torch.float32, non_blocking=True).flatten(1)
-            down = layer.down.to(param.device, torch.float32, non_blocking=True).flatten(1)
-            flat.addmm_(up, down, alpha=scale * layer.scaling)
-        param.data.copy_(fused)
+        device = param.device
+        factors = [
+            (
+                layer.up.to(device, torch.float32, non_blocking=True).flatten(1),
+                layer.down.to(device, torch.float32, non_blocking=True).flatten(1),
+                scale * layer.scaling,
+            )
+            for layer, scale in terms
+        ]
+        original = self.originals[key].to(device, non_blocking=True).view(param.shape[0], -1)
+        target = param.data.view(param.shape[0], -1)
+        rows = max(1, workspace.numel() // target.shape[1])
+        for start in range(0, target.shape[0], rows):
+            stop = min(start + rows, target.shape[0])
+            delta = workspace[: (stop - start) * target.shape[1]].view(stop - start, -1)
+            for i, (up, down, alpha) in enumerate(factors):
+                delta.addmm_(up[start:stop], down, beta=0 if i == 0 else 1, alpha=alpha)
+            torch.add(original[start:stop], delta, out=target[start:stop])
 
     def _restore(self, key: tuple[str, str]) -> None:
         self._weight(key).data.copy_(self.originals[key])
