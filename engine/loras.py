@@ -184,6 +184,8 @@ class LoraSet:
         self.warm_max_bytes = int(os.environ.get("LORA_WARM_MAX_BYTES") or LORA_WARM_MAX_BYTES)
         self.originals: dict[tuple[str, str], torch.Tensor] = {}  # exact copies of base weights, kept
         self.merged: set[tuple[str, str]] = set()  # weights that differ from their originals now
+        self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
+        self.workspace: torch.Tensor | None = None
         self.tokens: dict[str, list[str]] = {}  # adapter name -> its pivotal tokens in the tokenizers
         self.triggers: list[tuple[str, str]] = []  # (what the user writes, the tokens it stands for)
 
@@ -259,11 +261,8 @@ class LoraSet:
             with torch.no_grad():
                 for key in self.merged - updates.keys():
                     self._restore(key)
-                # One fp32 buffer for every delta: no allocation (and no page faults) per weight.
-                size = max([_WORKSPACE_ELEMENTS] + [self._weight(key)[0].numel() for key in updates])
-                workspace = torch.empty(size, dtype=torch.float32, device=self.pipe.unet.device)
                 for key, terms in updates.items():
-                    self._write(key, terms, workspace)
+                    self._write(key, terms)
             done = True
         except RuntimeError as exc:
             raise self._load_error(", ".join(lora.name for lora in loras), exc) from exc
@@ -276,11 +275,21 @@ class LoraSet:
         if updates or loras:
             log.info("fused %d weights for %d LoRA(s) in %.2fs", len(updates), len(loras), time.perf_counter() - start)
 
-    def _weight(self, key: tuple[str, str]) -> torch.nn.Parameter:
-        component, module = key
-        return getattr(self.pipe, component).get_submodule(module).weight
+    def _workspace(self, size: int, device: torch.device) -> torch.Tensor:
+        """One fp32 buffer, kept, for every delta: no allocation (and no page faults) per weight."""
+        size = max(size, _WORKSPACE_ELEMENTS)
+        if self.workspace is None or self.workspace.numel() < size or self.workspace.device != device:
+            self.workspace = torch.empty(size, dtype=torch.float32, device=device)
+        return self.workspace
 
-    def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]], workspace: torch.Tensor) -> None:
+    def _weight(self, key: tuple[str, str]) -> torch.nn.Parameter:
+        """The parameter itself, looked up once: moving a model swaps its `.data`, not the object."""
+        if key not in self.params:
+            component, module = key
+            self.params[key] = getattr(self.pipe, component).get_submodule(module).weight
+        return self.params[key]
+
+    def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]]) -> None:
         """W = W0 + sum of scale * scaling * up @ down: the delta in fp32, added to W0 in fp32 and
         cast once into the weight. Row blocks of the workspace's size keep the delta in cache, so
         memory traffic is one read of W0 and one write of W."""
@@ -299,7 +308,8 @@ class LoraSet:
         ]
         original = self.originals[key].to(device, non_blocking=True).view(param.shape[0], -1)
         target = param.data.view(param.shape[0], -1)
-        rows = max(1, workspace.numel() // target.shape[1])
+        workspace = self._workspace(target.shape[1], device)
+        rows = workspace.numel() // target.shape[1]
         for start in range(0, target.shape[0], rows):
             stop = min(start + rows, target.shape[0])
             delta = workspace[: (stop - start) * target.shape[1]].view(stop - start, -1)
