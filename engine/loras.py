@@ -221,6 +221,8 @@ class LoraSet:
         start = time.perf_counter()
         try:
             parsed = self._parse(lora)
+        except InputError:
+            raise  # already says what to change
         except (ValueError, KeyError, RuntimeError) as exc:
             raise self._load_error(lora.name, exc) from exc
         self.warm[lora.key] = parsed
@@ -272,8 +274,8 @@ class LoraSet:
                     for key in list(self.merged):
                         self._restore(key)
         self.active = tuple((lora.key, lora.scale) for lora in loras)
-        if updates or loras:
-            log.info("fused %d weights for %d LoRA(s) in %.2fs", len(updates), len(loras), time.perf_counter() - start)
+        done_what = f"fused {len(updates)} weights" if loras else "restored the base weights"
+        log.info("%s on %s in %.2fs", done_what, self.model_id, time.perf_counter() - start)
 
     def _workspace(self, size: int, device: torch.device) -> torch.Tensor:
         """One fp32 buffer, kept, for every delta: no allocation (and no page faults) per weight."""
