@@ -2,8 +2,9 @@
 fused LoRAs; prints a Markdown table for the README.
 
 - Switching, through the engine's LoraSet: first load (parse + fuse), a warm switch A -> B (both
-  parsed before), a scale-only change, and the naive switch (`unload_lora_weights()` +
-  `load_lora_weights()`) for comparison. Tiny model, and real SDXL shapes with random weights
+  parsed before), a scale-only change, and for comparison the naive switch
+  (`unload_lora_weights()` + `load_lora_weights()`, unfused) and diffusers' own fused switch
+  (`unfuse_lora()`, unload, load, `fuse_lora()`). Tiny model, and real SDXL shapes with random weights
   (a rank-32 LoRA on every attention projection of the UNet).
 - UNet step time at real SDXL shapes: plain, one and two fused LoRAs, and one unfused PEFT
   adapter (what the engine did before fusing), best of interleaved rounds.
@@ -13,7 +14,7 @@ Real-size weights are bf16: this CPU has no fast fp16 matmul (about 3 GFLOPS aga
 bf16), and bf16 moves the same bytes as the fp16 a GPU uses. The step runs at a small latent
 (`--latent`, 32 = 256 px) so a round takes seconds on two cores; every weight has its real shape.
 
-Usage: python scripts/benchmark_loras.py [--skip-full-size] [--latent 32] [--rounds 5]
+Usage: python scripts/benchmark_loras.py [--skip-full-size] [--latent 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ def _rss_mib() -> float:
 def _pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[LocalLora, LocalLora]:
     a = LocalLora("a", diffusers_lora(pipe, root / "a", seed=1, rank=rank), 1.0, "A")
     b = LocalLora("b", diffusers_lora(pipe, root / "b", seed=2, rank=rank), 1.0, "B")
-    pipe.unload_lora_weights()  # the factory leaves empty PEFT wrappers behind: the plain modules again
     return a, b
 
 
 def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora, rounds: int) -> list[str]:
-    """Seconds for: first load, warm switch, scale-only change, naive switch (best of interleaved
-    rounds, so a busy machine slows both sides alike); and the speed-up."""
+    """Seconds for: first load, warm switch, scale-only change, the naive switch, diffusers' own
+    fused switch (best of interleaved rounds, so a busy machine slows every side alike); and the
+    warm switch's speed-up over both. `unfuse_lora` subtracts, so the base drifts after the fused
+    case; the next round's first load writes every touched weight from the exact copies again."""
 
     def cold() -> None:
         loras.apply([])
@@ -74,25 +76,38 @@ def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: 
         pipe.unload_lora_weights()
         pipe.load_lora_weights(str(b.path), adapter_name="naive")
 
+    def library_fused(lora: LocalLora) -> Callable[[], None]:
+        def switch() -> None:
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+            pipe.load_lora_weights(str(lora.path), adapter_name=f"fused_{lora.key}")
+            pipe.fuse_lora()
+
+        return switch
+
     half_b = LocalLora("b", b.path, 0.5, "B")
     cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {  # name: (setup, timed)
         "first": (cold, lambda: loras.apply([a])),
         "switch": (lambda: loras.apply([a]), lambda: loras.apply([b])),
         "rescale": (lambda: loras.apply([b]), lambda: loras.apply([half_b])),
         "naive": (lambda: loras.apply([]), naive),
+        "library fused": (library_fused(a), library_fused(b)),
     }
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(rounds):
         for name, (setup, timed) in cases.items():
             best[name] = min(best[name], _seconds(timed, setup=setup, repeat=1))
+        pipe.unfuse_lora()
         pipe.unload_lora_weights()
-    return [f"{best[n]:.3f}" for n in cases] + [f"{best['naive'] / best['switch']:.1f}x"]
+    speed_ups = [f"{best[n] / best['switch']:.1f}x" for n in ("naive", "library fused")]
+    return [f"{best[n]:.3f}" for n in cases] + speed_ups
 
 
 def steps(
     pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora, latent: int, rounds: int
 ) -> list[str]:
-    """Best UNet step time of interleaved rounds: plain, one and two fused LoRAs, one unfused adapter."""
+    """Best UNet step time of interleaved rounds (each case warmed up by one untimed step): plain,
+    one and two fused LoRAs, one unfused adapter."""
     unet = pipe.unet
     dtype = unet.dtype
     sample = torch.randn(2, 4, latent, latent, dtype=dtype)  # batch 2: classifier-free guidance
@@ -105,8 +120,12 @@ def steps(
     def step() -> None:
         unet(sample, 500, encoder_hidden_states=context, added_cond_kwargs=added)
 
+    def warmed(setup: Callable[[], object]) -> Callable[[], None]:
+        return lambda: (setup(), step())
+
     def unfused() -> None:
         loras.apply([])
+        pipe.unload_lora_weights()
         pipe.load_lora_weights(str(a.path), adapter_name="unfused")
 
     cases: dict[str, Callable[[], object]] = {
@@ -118,7 +137,7 @@ def steps(
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(rounds):
         for name, setup in cases.items():
-            best[name] = min(best[name], _seconds(step, setup=setup, repeat=1))
+            best[name] = min(best[name], _seconds(step, setup=warmed(setup), repeat=2))
             pipe.unload_lora_weights()
     loras.apply([])
     plain = best["plain"]
@@ -140,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-full-size", action="store_true", help="only the tiny model")
     parser.add_argument("--latent", type=int, default=32, help="latent side for the step timing (128 = 1024 px)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each real-size timing")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each real-size timing")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     diffusers_logging.set_verbosity_error()  # the naive loads warn that the LoRAs hold no text-encoder keys
@@ -149,7 +168,9 @@ def main() -> None:
         "warm switch A → B, both parsed before (s)",
         "scale-only change (s)",
         "naive `unload_lora_weights()` + `load_lora_weights()` (s)",
+        "diffusers' fused switch: `unfuse_lora`, unload, load, `fuse_lora` (s)",
         "warm switch speed-up over naive",
+        "warm switch speed-up over diffusers' fused switch",
     ]
     step_names = [
         "UNet step, plain (s)",
