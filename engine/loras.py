@@ -294,10 +294,15 @@ class LoraSet:
     def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]]) -> None:
         """W = W0 + sum of scale * scaling * up @ down: the delta in fp32, added to W0 in fp32 and
         cast once into the weight. Row blocks of the workspace's size keep the delta in cache, so
-        memory traffic is one read of W0 and one write of W."""
+        memory traffic is one read of W0 and one write of W. A weight that holds W0 now is its own
+        W0 (bit for bit), so no saved copy moves to the device for it."""
         param = self._weight(key)
         if key not in self.originals:
             self.originals[key] = _host_copy(param.detach())
+        target = param.data.view(param.shape[0], -1)
+        original = target  # a weight not merged now holds W0 bit for bit: nothing to copy to the device
+        if key in self.merged:
+            original = self.originals[key].to(param.device, non_blocking=True).view_as(target)
         self.merged.add(key)  # before writing: a cancel half-way still gets this weight restored
         device = param.device
         factors = [
@@ -308,8 +313,6 @@ class LoraSet:
             )
             for layer, scale in terms
         ]
-        original = self.originals[key].to(device, non_blocking=True).view(param.shape[0], -1)
-        target = param.data.view(param.shape[0], -1)
         workspace = self._workspace(target.shape[1], device)
         rows = workspace.numel() // target.shape[1]
         for start in range(0, target.shape[0], rows):

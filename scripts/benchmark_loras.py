@@ -66,7 +66,7 @@ def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: 
     """Seconds for: first load, warm switch, scale-only change, the naive switch, diffusers' own
     fused switch (best of interleaved rounds, so a busy machine slows every side alike); and the
     warm switch's speed-up over both. `unfuse_lora` subtracts, so the base drifts after the fused
-    case; the next round's first load writes every touched weight from the exact copies again."""
+    case (timings only: the next restore copies the exact weights back)."""
 
     def cold() -> None:
         loras.apply([])
@@ -162,12 +162,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each real-size timing")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    # Random weights make denormal activations, which x86 computes slowly and GPUs do not: without
+    # flushing them, step times depend on the weights' values, not on what the forward runs.
+    torch.set_flush_denormal(True)
     diffusers_logging.set_verbosity_error()  # the naive loads warn that the LoRAs hold no text-encoder keys
     switch_names = [
         "first load of a LoRA: parse + fuse (s)",
         "warm switch A → B, both parsed before (s)",
         "scale-only change (s)",
-        "naive `unload_lora_weights()` + `load_lora_weights()` (s)",
+        "naive `unload_lora_weights()` + `load_lora_weights()`, unfused (s)",
         "diffusers' fused switch: `unfuse_lora`, unload, load, `fuse_lora` (s)",
         "warm switch speed-up over naive",
         "warm switch speed-up over diffusers' fused switch",
