@@ -96,6 +96,10 @@ LORA_CACHE_DIR = "/tmp/lora-cache"
 LORA_CACHE_MAX_BYTES = 20 * 2**30
 LORA_CACHE_MIN_FREE_BYTES = 2 * 2**30
 LORA_MAX_FILE_BYTES = 2 * 2**30
+# Parsed LoRAs (their factors, pinned CPU memory on CUDA) kept per base model so a switch back or a
+# scale change reads no file; the least recently used go first, the active ones never. Read by
+# engine/loras.py; overridable by LORA_WARM_MAX_BYTES. A rank-32 SDXL LoRA takes about 0.1-0.2 GB.
+LORA_WARM_MAX_BYTES = 4 * 2**30
 # Read timeout of one HTTP request, and the bound on one whole pget run, in seconds.
 LORA_DOWNLOAD_TIMEOUT = 60
 LORA_DOWNLOAD_TOTAL_TIMEOUT = 1800

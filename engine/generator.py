@@ -250,7 +250,7 @@ class Engine:
         log.info("moved %s to %s in %.2fs", model.model_id, device, model.move(device))
 
     def _fetch_loras(self, req: GenerationRequest) -> list[LocalLora]:
-        """Local files for the request's LoRAs; two names for one file become one adapter."""
+        """Local files for the request's LoRAs; two names for one file are merged once, at the sum of their scales."""
         if not req.loras:
             return []
         if self.loras is None:

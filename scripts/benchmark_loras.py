@@ -1,12 +1,20 @@
-"""LoRA switching and download benchmark; prints Markdown tables for the README.
+"""LoRA benchmark: switching on the tiny model and at real SDXL shapes, and UNet step time with
+fused LoRAs; prints a Markdown table for the README.
 
-- On the tiny model (through the engine's LoraSet) and on real-size SDXL shapes with random
-  fp16 weights on the CPU (a rank-32 LoRA on every attention projection): first load, a switch
-  A -> B with both files cached, a scale-only change, and the naive switch
-  (`unload_lora_weights()` + `load_lora_weights()`) for comparison.
+- Switching, through the engine's LoraSet: first load (parse + fuse), a warm switch A -> B (both
+  parsed before), a scale-only change, and for comparison the naive switch
+  (`unload_lora_weights()` + `load_lora_weights()`, unfused) and diffusers' own fused switch
+  (`unfuse_lora()`, unload, load, `fuse_lora()`). Tiny model, and real SDXL shapes with random weights
+  (a rank-32 LoRA on every attention projection of the UNet).
+- UNet step time at real SDXL shapes: plain, one and two fused LoRAs, and one unfused PEFT
+  adapter (what the engine did before fusing), best of interleaved rounds.
 - Resident memory over 100 A <-> B switches on the tiny model.
 
-Usage: python scripts/benchmark_loras.py [--skip-full-size]
+Real-size weights are bf16: this CPU has no fast fp16 matmul (about 3 GFLOPS against 400 in
+bf16), and bf16 moves the same bytes as the fp16 a GPU uses. The step runs at a small latent
+(`--latent`, 32 = 256 px) so a round takes seconds on two cores; every weight has its real shape.
+
+Usage: python scripts/benchmark_loras.py [--skip-full-size] [--latent 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import logging as diffusers_logging
 
 from engine.loras import LoraSet
 from engine.request import LocalLora
@@ -31,9 +40,11 @@ from scripts.build_tiny_weights import FULL, TINY, build_model
 from test_folder.lora_factory import diffusers_lora
 
 
-def _seconds(fn: Callable[[], object], repeat: int = 3) -> float:
+def _seconds(fn: Callable[[], object], setup: Callable[[], object] = lambda: None, repeat: int = 3) -> float:
+    """Best of `repeat` timings of fn, each after an untimed setup."""
     best = float("inf")
     for _ in range(repeat):
+        setup()
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
@@ -45,72 +56,154 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def switching(pipe: StableDiffusionXLPipeline, root: Path, rank: int, label: str) -> list[tuple[str, str]]:
+def _pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[LocalLora, LocalLora]:
     a = LocalLora("a", diffusers_lora(pipe, root / "a", seed=1, rank=rank), 1.0, "A")
     b = LocalLora("b", diffusers_lora(pipe, root / "b", seed=2, rank=rank), 1.0, "B")
-    loras = LoraSet(pipe, label)
+    return a, b
 
-    def first() -> None:
+
+def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora, rounds: int) -> list[str]:
+    """Seconds for: first load, warm switch, scale-only change, the naive switch, diffusers' own
+    fused switch (best of interleaved rounds, so a busy machine slows every side alike); and the
+    warm switch's speed-up over both. `unfuse_lora` subtracts, so the base drifts after the fused
+    case (timings only: the next restore copies the exact weights back)."""
+
+    def cold() -> None:
         loras.apply([])
-        loras.apply([a])
-
-    def switch() -> None:
-        loras.apply([a])
-        loras.apply([b])
-
-    def rescale() -> None:
-        loras.apply([b])
-        loras.apply([LocalLora("b", b.path, 0.5, "B")])
+        loras.warm.clear()
 
     def naive() -> None:
         pipe.unload_lora_weights()
         pipe.load_lora_weights(str(b.path), adapter_name="naive")
 
-    rows = [
-        (f"{label}: first load of A (s)", f"{_seconds(first):.3f}"),
-        (f"{label}: apply A, then switch to cached B (s)", f"{_seconds(switch):.3f}"),
-        (f"{label}: apply B, then scale-only change (s)", f"{_seconds(rescale):.3f}"),
-    ]
+    def library_fused(lora: LocalLora) -> Callable[[], None]:
+        def switch() -> None:
+            pipe.unfuse_lora()
+            pipe.unload_lora_weights()
+            pipe.load_lora_weights(str(lora.path), adapter_name=f"fused_{lora.key}")
+            pipe.fuse_lora()
+
+        return switch
+
+    half_b = LocalLora("b", b.path, 0.5, "B")
+    cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {  # name: (setup, timed)
+        "first": (cold, lambda: loras.apply([a])),
+        "switch": (lambda: loras.apply([a]), lambda: loras.apply([b])),
+        "rescale": (lambda: loras.apply([b]), lambda: loras.apply([half_b])),
+        "naive": (lambda: loras.apply([]), naive),
+        "library fused": (library_fused(a), library_fused(b)),
+    }
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(rounds):
+        for name, (setup, timed) in cases.items():
+            best[name] = min(best[name], _seconds(timed, setup=setup, repeat=1))
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    speed_ups = [f"{best[n] / best['switch']:.1f}x" for n in ("naive", "library fused")]
+    return [f"{best[n]:.3f}" for n in cases] + speed_ups
+
+
+def steps(
+    pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora, latent: int, rounds: int
+) -> list[str]:
+    """Best UNet step time of interleaved rounds (each case warmed up by one untimed step): plain,
+    one and two fused LoRAs, one unfused adapter."""
+    unet = pipe.unet
+    dtype = unet.dtype
+    sample = torch.randn(2, 4, latent, latent, dtype=dtype)  # batch 2: classifier-free guidance
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=dtype)
+    added = {
+        "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim, dtype=dtype),
+        "time_ids": torch.randn(2, 6, dtype=dtype),
+    }
+
+    def step() -> None:
+        unet(sample, 500, encoder_hidden_states=context, added_cond_kwargs=added)
+
+    def warmed(setup: Callable[[], object]) -> Callable[[], None]:
+        return lambda: (setup(), step())
+
+    def unfused() -> None:
+        loras.apply([])
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(a.path), adapter_name="unfused")
+
+    cases: dict[str, Callable[[], object]] = {
+        "plain": lambda: loras.apply([]),
+        "one": lambda: loras.apply([a]),
+        "two": lambda: loras.apply([a, b]),
+        "unfused": unfused,
+    }
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(rounds):
+        for name, setup in cases.items():
+            best[name] = min(best[name], _seconds(step, setup=warmed(setup), repeat=2))
+            pipe.unload_lora_weights()
     loras.apply([])
-    rows.append((f"{label}: naive unload_lora_weights() + load_lora_weights() (s)", f"{_seconds(naive):.3f}"))
-    pipe.unload_lora_weights()
-    return rows
+    plain = best["plain"]
+    return [f"{best[n]:.2f} ({best[n] / plain:.3f}x)" if n != "plain" else f"{plain:.2f}" for n in cases]
 
 
-def memory(pipe: StableDiffusionXLPipeline, root: Path) -> list[tuple[str, str]]:
-    a = LocalLora("a", diffusers_lora(pipe, root / "ma", seed=3), 1.0, "A")
-    b = LocalLora("b", diffusers_lora(pipe, root / "mb", seed=4), 1.0, "B")
-    loras = LoraSet(pipe, "tiny")
-    for i in range(10):  # warm allocator caches first
+def memory(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora) -> str:
+    for i in range(10):  # warm allocator caches, the parsed LoRAs and the saved weights first
         loras.apply([a if i % 2 else b])
     before = _rss_mib()
     for i in range(100):
         loras.apply([a if i % 2 else b])
     after = _rss_mib()
     loras.apply([])
-    return [("tiny: RSS growth over 100 A <-> B switches (MiB)", f"{after - before:+.1f}")]
+    return f"{after - before:+.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-full-size", action="store_true", help="only the tiny model")
+    parser.add_argument("--latent", type=int, default=32, help="latent side for the step timing (128 = 1024 px)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each real-size timing")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    # Random weights make denormal activations, which x86 computes slowly and GPUs do not: without
+    # flushing them, step times depend on the weights' values, not on what the forward runs.
+    torch.set_flush_denormal(True)
+    diffusers_logging.set_verbosity_error()  # the naive loads warn that the LoRAs hold no text-encoder keys
+    switch_names = [
+        "first load of a LoRA: parse + fuse (s)",
+        "warm switch A → B, both parsed before (s)",
+        "scale-only change (s)",
+        "naive `unload_lora_weights()` + `load_lora_weights()`, unfused (s)",
+        "diffusers' fused switch: `unfuse_lora`, unload, load, `fuse_lora` (s)",
+        "warm switch speed-up over naive",
+        "warm switch speed-up over diffusers' fused switch",
+    ]
+    step_names = [
+        "UNet step, plain (s)",
+        "UNet step, one fused rank-32 LoRA (s, x plain)",
+        "UNet step, two fused rank-32 LoRAs (s, x plain)",
+        "UNet step, one unfused PEFT adapter, as before (s, x plain)",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        rows = [("torch", torch.__version__), ("CPU threads", str(torch.get_num_threads()))]
         tiny = build_model(1, TINY)
-        rows += switching(tiny, root / "tiny", rank=4, label="tiny")
-        rows += memory(tiny, root / "mem")
+        a, b = _pair(tiny, root / "tiny", rank=4)
+        tiny_switch = switching(tiny, LoraSet(tiny, "tiny"), a, b, rounds=5)
+        tiny_memory = memory(tiny, LoraSet(tiny, "tiny"), a, b)
+        full_switch = [""] * len(switch_names)
+        full_steps = [""] * len(step_names)
         if not args.skip_full_size:
-            torch.set_default_dtype(torch.float16)  # half the memory for 3.5B random parameters
+            torch.set_default_dtype(torch.bfloat16)  # half the memory for 3.5B random parameters
             full = build_model(1, FULL)
             torch.set_default_dtype(torch.float32)
-            rows += switching(full, root / "full", rank=32, label="SDXL-size, CPU, rank 32")
-            del full
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+            a, b = _pair(full, root / "full", rank=32)
+            loras = LoraSet(full, "SDXL-size")
+            full_switch = switching(full, loras, a, b, args.rounds)
+            full_steps = steps(full, loras, a, b, args.latent, args.rounds)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, step latent {args.latent}²\n")
+    print("| measure | tiny | SDXL-size |\n|---|---|---|")
+    for name, tiny_value, full_value in zip(switch_names, tiny_switch, full_switch, strict=True):
+        print(f"| {name} | {tiny_value} | {full_value} |")
+    for name, full_value in zip(step_names, full_steps, strict=True):
+        print(f"| {name} | | {full_value} |")
+    print(f"| RSS growth over 100 A ↔ B switches (MiB) | {tiny_memory} | |")
 
 
 if __name__ == "__main__":

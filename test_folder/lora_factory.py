@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save, save_file
 
@@ -25,6 +26,7 @@ def _peft_state(module: torch.nn.Module, targets: list[str], seed: int, rank: in
     state = get_peft_model_state_dict(module, adapter_name="make")
     # diffusers models name it delete_adapters, transformers models delete_adapter.
     (module.delete_adapters if hasattr(module, "delete_adapters") else module.delete_adapter)("make")
+    recurse_remove_peft_layers(module)  # deleting leaves empty wrappers in the forward path: the plain modules again
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 

@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from safetensors.torch import load, save
 from engine.config import REPO_ROOT
 from engine.errors import InputError, LoraLoadError
 from engine.generator import Engine
-from engine.request import Credentials, GenerationRequest, LoraSpec
+from engine.loras import LoraSet
+from engine.request import Credentials, GenerationRequest, LocalLora, LoraSpec
 from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, file_host, hugging_face, trained_tar
 from weights import Downloader, LoraStore, WeightsError, parse_lora
 
@@ -212,26 +213,92 @@ def test_two_loras_and_scale_only_change_reloads_nothing(
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
+def test_warm_switches_read_no_file(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A -> B -> A and a scale change parse each file once; evicted (budget 0), A is read again."""
+    a, b = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/b.safetensors"
+    loras = engine.models["illustrious-xl"].loras
+    loras.warm.clear()
+    reads: list[str] = []
+    real = LoraSet._parse
+    monkeypatch.setattr(LoraSet, "_parse", lambda self, lora: (reads.append(lora.name), real(self, lora))[1])
+    first_a = pixels(engine, with_loras((a, 1.0)))
+    first_b = pixels(engine, with_loras((b, 1.0)))
+    assert np.array_equal(pixels(engine, with_loras((a, 1.0))), first_a)
+    half_a = pixels(engine, with_loras((a, 0.5)))
+    assert np.array_equal(pixels(engine, with_loras((b, 1.0))), first_b)
+    assert reads == [a, b], "warm switches and a scale change read no file"
+    assert np.abs(half_a - first_a).max() > 5
+    monkeypatch.setattr(loras, "warm_max_bytes", 0)
+    assert np.array_equal(pixels(engine, with_loras((a, 0.5))), half_a)
+    assert list(loras.warm) == [loras.active[0][0]], "over budget, only the active LoRA stays parsed"
+    assert np.array_equal(pixels(engine, with_loras((b, 1.0))), first_b)
+    assert reads == [a, b, b]
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_a_lora_switch_never_recompiles(engine: Engine, lora_files: dict, tmp_path: Path) -> None:
+    """Weights change in place, so a compiled block keeps its one graph across base -> A -> B ->
+    a scale change -> base, and sees each set of weights (it matches the eager block every time)."""
+    pipe = engine.models["illustrious-xl"].txt2img
+    loras = engine.models["illustrious-xl"].loras
+    (tmp_path / "a.safetensors").write_bytes(lora_files["a"])
+    (tmp_path / "te.safetensors").write_bytes(lora_files["te"])
+    a = LocalLora("compile-a", tmp_path / "a.safetensors", 1.0, "A")
+    b = LocalLora("compile-b", tmp_path / "te.safetensors", 1.0, "B")
+    block = pipe.unet.down_blocks[1].attentions[0]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, block.config.in_channels, 8, 8, generator=generator)
+    context = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., object]:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend=counting, dynamic=False)
+    outputs = []
+    with torch.no_grad():
+        for state in ([], [a], [b], [replace(b, scale=0.3)], []):
+            loras.apply(state)
+            out = compiled(hidden, encoder_hidden_states=context).sample
+            assert torch.equal(out, block(hidden, encoder_hidden_states=context).sample)
+            outputs.append(out)
+            if len(outputs) == 1:
+                compiled_once = len(graphs)
+    torch._dynamo.reset()
+    assert compiled_once >= 1 and len(graphs) == compiled_once, "a LoRA switch must not recompile"
+    assert torch.equal(outputs[0], outputs[-1]), "back to the base weights, bit for bit"
+    assert all(not torch.equal(outputs[0], out) for out in outputs[1:4])
+    assert not torch.equal(outputs[2], outputs[3])
+
+
 def test_loras_never_leak_into_the_other_model(engine: Engine, store: LoraStore, hosts: dict) -> None:
     sdxl = replace(BASE, model="sdxl")
     sdxl_base = pixels(engine, sdxl)
     pixels(engine, with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
     assert np.array_equal(pixels(engine, sdxl), sdxl_base)
-    assert engine.models["sdxl"].loras.loaded == {}
+    assert engine.models["sdxl"].loras.active == () and not engine.models["sdxl"].loras.merged
 
 
-def test_switching_many_times_keeps_adapters_and_parameters_flat(
+def test_switching_many_times_replaces_no_module_and_keeps_parameters_flat(
     engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray
 ) -> None:
-    unet = engine.models["illustrious-xl"].txt2img.unet
+    """Fused in place: the forward path holds the plain modules and parameters it held before."""
+    pipe = engine.models["illustrious-xl"].txt2img
     a, b = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/b.safetensors"
     pixels(engine, BASE)
-    params = sum(p.numel() for p in unet.parameters())
+    modules = {name: id(m) for name, m in pipe.unet.named_modules()}
+    params = {name: id(p) for name, p in pipe.unet.named_parameters()}
     for i in range(10):
         engine.generate(replace(with_loras((a if i % 2 else b, 1.0)), num_inference_steps=1))
-    assert len(engine.models["illustrious-xl"].loras.loaded) == 1
+        assert {name: id(m) for name, m in pipe.unet.named_modules()} == modules
+        assert {name: id(p) for name, p in pipe.unet.named_parameters()} == params
+    assert len(engine.models["illustrious-xl"].loras.active) == 1
+    assert all(names == [] for names in pipe.get_list_adapters().values()), "no PEFT adapter is injected"
     assert np.array_equal(pixels(engine, BASE), baseline)
-    assert sum(p.numel() for p in unet.parameters()) == params
 
 
 def test_unsupported_formats_are_refused_by_name(engine: Engine, store: LoraStore, hosts: dict) -> None:
@@ -239,7 +306,7 @@ def test_unsupported_formats_are_refused_by_name(engine: Engine, store: LoraStor
         engine.generate(with_loras((hosts["files"].url + "/loha.safetensors", 1.0)))
     with pytest.raises(InputError, match="does not fit illustrious-xl"):
         engine.generate(with_loras((hosts["files"].url + "/sd15.safetensors", 1.0)))
-    assert engine.models["illustrious-xl"].loras.loaded == {}
+    assert engine.models["illustrious-xl"].loras.active == ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,6 +551,19 @@ def test_bad_inputs_are_refused_before_any_download(engine: Engine, store: LoraS
 # Loading faults: each surfaces as what it is, and leaves nothing half-made behind
 
 
+def fail_after(monkeypatch: pytest.MonkeyPatch, writes: int, fault: BaseException) -> None:
+    """Let the merge write `writes` weights, then raise `fault` (what a GPU or a cancel would)."""
+    real = LoraSet._write
+    count = iter(range(writes))
+
+    def write(self: LoraSet, *args: object) -> None:
+        if next(count, None) is None:
+            raise fault
+        real(self, *args)
+
+    monkeypatch.setattr(LoraSet, "_write", write)
+
+
 @pytest.mark.parametrize(
     ("fault", "message"),
     [
@@ -492,18 +572,22 @@ def test_bad_inputs_are_refused_before_any_download(engine: Engine, store: LoraS
     ],
 )
 def test_a_loader_failure_is_reported_as_what_it_is(
-    engine: Engine, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch, fault: Exception, message: str
+    engine: Engine,
+    store: LoraStore,
+    hosts: dict,
+    baseline: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: Exception,
+    message: str,
 ) -> None:
-    """Faults a CPU cannot produce (memory, a driver) are injected at the loader's UNet step."""
-    pipe = engine.models["illustrious-xl"].txt2img
-
-    def fail(*args: object, **kwargs: object) -> None:
-        raise fault
-
-    monkeypatch.setattr(pipe, "load_lora_into_unet", fail)
+    """Faults a CPU cannot produce (memory, a driver) are injected half-way through the merge."""
+    fail_after(monkeypatch, 10, fault)
     with pytest.raises(LoraLoadError, match=message) as err:
         engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
     assert "another base model" not in str(err.value)
+    assert not engine.models["illustrious-xl"].loras.merged, "every written weight is copied back"
+    monkeypatch.undo()
+    assert np.array_equal(pixels(engine, BASE), baseline)
 
 
 class Cancelled(BaseException):
@@ -513,22 +597,17 @@ class Cancelled(BaseException):
 def test_a_cancel_during_a_lora_load_leaves_nothing_behind(
     engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pipe = engine.models["illustrious-xl"].txt2img
-    url = hosts["files"].url + "/te.safetensors"
-    expected = pixels(engine, with_loras((url, 1.0)))
-    pixels(engine, BASE)  # unloads it
-    real = pipe.load_lora_into_text_encoder
-
-    def cancelled_half_way(*args: object, **kwargs: object) -> None:
-        real(*args, **kwargs)  # the first text encoder gets its adapter, then the cancel lands
-        raise Cancelled
-
-    monkeypatch.setattr(pipe, "load_lora_into_text_encoder", cancelled_half_way)
+    """A cancel landing half-way through a switch from another LoRA (part of the UNet written)."""
+    a, te = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/te.safetensors"
+    expected = pixels(engine, with_loras((te, 1.0)))
+    pixels(engine, with_loras((a, 1.0)))  # the cancel lands on a switch away from another LoRA
+    fail_after(monkeypatch, 30, Cancelled())
     with pytest.raises(Cancelled):
-        engine.generate(with_loras((url, 1.0)))
+        engine.generate(with_loras((te, 1.0)))
     monkeypatch.undo()
-    assert all(names == [] for names in pipe.get_list_adapters().values()), "no half-made adapter is left"
-    assert np.array_equal(pixels(engine, with_loras((url, 1.0))), expected), "the same LoRA loads again"
+    assert not engine.models["illustrious-xl"].loras.merged, "no half-merged weight is left"
+    assert np.array_equal(pixels(engine, BASE), baseline)
+    assert np.array_equal(pixels(engine, with_loras((te, 1.0))), expected), "the same LoRA applies again"
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
@@ -540,7 +619,7 @@ def test_pivotal_tokens_never_leak_when_the_second_encoder_refuses_them(
     with pytest.raises(InputError, match="embeddings that do not fit illustrious-xl"):
         engine.generate(replace(BASE, prompt="a photo of TOK", loras=(LoraSpec("acme/badpivot", 1.0),)))
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
-    assert all(names == [] for names in pipe.get_list_adapters().values())
+    assert not engine.models["illustrious-xl"].loras.merged
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
