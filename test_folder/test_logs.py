@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import base64
-import logging
 from typing import Any
 
-import pytest
 from PIL import Image
 
-from engine.logs import quiet_library_noise
 from test_folder.conftest import CogServer, image_data_uri
 
 BASE = {"prompt": "a cat", "num_inference_steps": 2, "megapixels": "0.25", "seed": 7, "output_format": "png"}
@@ -63,22 +60,3 @@ def test_lora_switches_img2img_and_inpaint_log_only_the_engine(
         if "lora_weights" in inputs:
             assert "LoRAs active on illustrious-xl" in logs
     assert not noisy, "\n".join(noisy)
-
-
-def _report(rows: list[str]) -> logging.LogRecord:
-    message = "CLIPTextModel LOAD REPORT\nKey | Status | \n----+--------+-\n" + "\n".join(rows) + "\n\nNotes: ..."
-    return logging.LogRecord("transformers.integrations.peft", logging.WARNING, __file__, 1, message, None, None)
-
-
-@pytest.mark.parametrize(
-    ("rows", "shown"),
-    [
-        (["encoder.layers.0.q_proj.lora_A.lora_abc.weight | MISSING | "], False),
-        (["x.lora_A.lora_new.weight | UNEXPECTED | ", "y.lora_A.lora_abc.weight | MISSING | "], True),
-        (["x.lora_A.lora_new.weight | MISMATCH | shapes"], True),
-    ],
-)
-def test_only_the_false_missing_report_is_dropped(rows: list[str], shown: bool) -> None:
-    quiet_library_noise()
-    logger = logging.getLogger("transformers.integrations.peft")
-    assert all(f.filter(_report(rows)) for f in logger.filters) is shown
