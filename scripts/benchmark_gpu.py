@@ -1,9 +1,11 @@
-"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, model switch, memory.
+"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches, memory.
 
 Builds the full-size random weights first when the folder is empty (see build_tiny_weights.py
 --full-size), then drives the real engine. Prints a Markdown table for the README.
+`--tiny` runs the same script on the tiny weights (on the CPU too), to check it before GPU time
+is spent on it; its numbers mean nothing.
 
-Usage: python scripts/benchmark_gpu.py --weights /tmp/full-weights [--steps 30] [--runs 3]
+Usage: python scripts/benchmark_gpu.py --weights /tmp/full-weights [--steps 30] [--runs 3] [--tiny]
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import MODEL_IDS
 from engine.generator import Engine
-from engine.request import GenerationRequest, LoraSpec
-from scripts.build_tiny_weights import FULL, build_all
+from engine.request import Credentials, GenerationRequest, LoraSpec
+from scripts.build_tiny_weights import FULL, TINY, build_all
 from test_folder.lora_factory import diffusers_lora
 from weights import lora_store
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> tuple[float, object]:
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     result = fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - start, result
 
 
@@ -45,18 +52,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    parser.add_argument("--tiny", action="store_true", help="check the script on the tiny weights")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows: list[tuple[str, str]] = [("GPU", torch.cuda.get_device_name()), ("torch", torch.__version__)]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    rows: list[tuple[str, str]] = [("GPU", device), ("torch", torch.__version__)]
+    size = 128 if args.tiny else 1024
 
-    build_s, _ = _timed(lambda: build_all(args.weights, shape=FULL))
+    build_s, _ = _timed(lambda: build_all(args.weights, shape=TINY if args.tiny else FULL))
     rows.append(("build random full-size weights (s, skipped if present)", f"{build_s:.1f}"))
 
     files = sorted(p for m in MODEL_IDS for p in (args.weights / m).rglob("*.safetensors"))
     size_gb = sum(p.stat().st_size for p in files) / 1e9
-    raw_s, _ = _timed(lambda: [load_file(p, device="cuda") for p in files])
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    raw_s, _ = _timed(lambda: [load_file(p, device="cuda" if torch.cuda.is_available() else "cpu") for p in files])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     rows.append((f"raw safetensors read to GPU, {size_gb:.1f} GB (s)", f"{raw_s:.2f}"))
 
     setup_s, engine = _timed(lambda: Engine.load(args.weights, loras=lora_store()))
@@ -78,7 +89,7 @@ def main() -> None:
     for fast, label in ((False, "off"), (True, "on")):
         rows.append(
             (
-                f"1024x1024, {args.steps} steps, go_fast {label}: best / median of {args.runs} (s)",
+                f"{size}x{size}, {args.steps} steps, go_fast {label}: best / median of {args.runs} (s)",
                 f"{latency[fast]:.3f} / {statistics.median(runs[fast]):.3f}",
             )
         )
@@ -98,18 +109,46 @@ def main() -> None:
     rows.append(("first request on the other model, both resident (s)", f"{switch_s:.3f}"))
     rows.append(("and back (s)", f"{back_s:.3f}"))
     # The LoRA and long-prompt paths on fp16 CUDA: one rank-32 LoRA, a weighted 130-token prompt.
-    lora_path = diffusers_lora(engine.models[req.model].txt2img, args.weights / "bench-lora", seed=7, rank=32)
+    pipe = engine.models[req.model].txt2img
+    lora_a = diffusers_lora(pipe, args.weights / "bench-lora", seed=7, rank=32)
+    lora_b = diffusers_lora(pipe, args.weights / "bench-lora-b", seed=8, rank=32)
     long_prompt = "(masterpiece:1.2), [lowres], " + ", ".join(["1girl", "solo", "long hair", "blue eyes"] * 12)
-    lora_req = replace(req, prompt=long_prompt, loras=(LoraSpec(str(lora_path), 0.8),))
-    first_s, _ = _timed(lambda: engine.generate(lora_req))
-    again_s, _ = _timed(lambda: engine.generate(lora_req))
-    rows.append(
-        (
-            f"rank-32 LoRA + weighted 130-token prompt, {args.steps} steps: first / again (s)",
-            f"{first_s:.3f} / {again_s:.3f}",
+    one = replace(req, go_fast=False, loras=(LoraSpec(str(lora_a), 0.8),))
+    cases = {
+        "plain": replace(req, go_fast=False),
+        "weighted 130-token prompt": replace(req, go_fast=False, prompt=long_prompt),
+        "one rank-32 LoRA": one,
+        "two rank-32 LoRAs": replace(one, loras=(*one.loras, LoraSpec(str(lora_b), 0.6))),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.runs):  # interleaved; each case is entered once untimed (its switch), then timed
+        for name, case in cases.items():
+            engine.generate(case)
+            timings[name].append(_timed(lambda c=case: engine.generate(c))[0])
+    plain = min(timings["plain"])
+    for name, times in timings.items():
+        rows.append(
+            (
+                f"{size}x{size}, {args.steps} steps, go_fast off, {name}: best / median (s), x plain",
+                f"{min(times):.3f} / {statistics.median(times):.3f}, {min(times) / plain:.3f}x",
+            )
         )
-    )
-    rows.append(("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
+    # Warm switches: both LoRAs parsed and cached; only the fused weights change.
+    loras = engine.models[req.model].loras
+    fetched = engine.loras.fetch_all([(str(lora_a), 0.8), (str(lora_b), 0.8)], Credentials())
+    switches: dict[str, list[float]] = {"A -> B": [], "B -> A": [], "scale only": [], "to none": []}
+    for _ in range(args.runs):
+        loras.apply([fetched[0]])
+        switches["A -> B"].append(_timed(lambda: loras.apply([fetched[1]]))[0])
+        switches["B -> A"].append(_timed(lambda: loras.apply([fetched[0]]))[0])
+        switches["scale only"].append(_timed(lambda: loras.apply([replace(fetched[0], scale=0.4)]))[0])
+        switches["to none"].append(_timed(lambda: loras.apply([]))[0])
+    for name, times in switches.items():
+        rows.append(
+            (f"warm LoRA switch {name}: best / median (s)", f"{min(times):.3f} / {statistics.median(times):.3f}")
+        )
+    if torch.cuda.is_available():
+        rows.append(("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
 
     print("| measure | value |\n|---|---|")
     for name, value in rows:
