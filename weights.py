@@ -38,11 +38,7 @@ __all__ = [
     "hf_endpoint",
     "lora_store",
     "parse_lora",
-    "redact_url",
 ]
-
-# The name scripts/bake.py knows: a URL as it may be shown.
-redact_url = display_url
 
 
 def lora_store(root: Path | None = None) -> LoraStore:

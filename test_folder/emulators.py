@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pytest
+
 
 @dataclass
 class Reply:
@@ -152,6 +154,13 @@ def hugging_face(repos: dict[str, HfRepo]) -> Loopback:
         return Reply(200, data, {"X-Repo-Commit": repo.commit, "ETag": etag})
 
     return Loopback(route)
+
+
+def point_hub_client_at(hub: Loopback, monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub talks to this emulator, without telemetry and without a machine token."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
 
 
 @dataclass

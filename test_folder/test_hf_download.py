@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run directly
 
-from test_folder.emulators import HfRepo, Loopback, hugging_face
+from test_folder.emulators import HfRepo, Loopback, hugging_face, point_hub_client_at
 from weights import WeightsError, download_hf_file
 
 TOKEN = "hf_testtoken_do_not_leak_123"
@@ -29,9 +29,7 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
             "acme/private-lora": HfRepo(files={"lora.safetensors": PRIVATE}, token=TOKEN),
         }
     )
-    monkeypatch.setenv("HF_ENDPOINT", emulator.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    point_hub_client_at(emulator, monkeypatch)
     yield emulator
     emulator.close()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
+from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face, point_hub_client_at
 from weights import Credentials, Downloader, LoraStore, WeightsError, parse_lora
 
 URL_TOKEN = "url-query-secret-5150"
@@ -189,9 +189,7 @@ def hub(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iterat
             "acme/gated": HfRepo({"g.safetensors": lora_files["b"]}, token=HF_TOKEN, gated=True),
         }
     )
-    monkeypatch.setenv("HF_ENDPOINT", hf.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    point_hub_client_at(hf, monkeypatch)
     yield hf
     hf.close()
 

@@ -61,7 +61,6 @@ class LoraStore:
         self.max_bytes = int(env_number("LORA_CACHE_MAX_BYTES", config.LORA_CACHE_MAX_BYTES))
         self.min_free = int(env_number("LORA_CACHE_MIN_FREE_BYTES", config.LORA_CACHE_MIN_FREE_BYTES))
         self.alias_ttl = env_number("LORA_ALIAS_TTL_SECONDS", config.LORA_ALIAS_TTL_SECONDS)
-        self.hits = self.misses = 0
         with self._index() as index:
             salt = self.root / "salt"
             if not salt.exists():
@@ -102,7 +101,6 @@ class LoraStore:
             hit = self._by_key(resolved.key, ref, tag)
             if hit is None:
                 return ref, resolved, tag
-        self.hits += 1
         log.info("LoRA cache hit: %s (%d bytes, %.3fs)", ref.display, hit[1]["size"], time.perf_counter() - start)
         return self._local(*hit, ref.display)
 
@@ -167,7 +165,6 @@ class LoraStore:
             finally:
                 part.unlink(missing_ok=True)
                 embeddings_of(part).unlink(missing_ok=True)
-        self.misses += 1
         log.info("LoRA cache miss: %s downloaded, %d bytes in %.2fs", ref.display, size, time.perf_counter() - start)
         return self._local(key, entry, ref.display)
 
