@@ -69,6 +69,14 @@ GO_FAST_CFG_CUTOFF = 0.6
 GO_FAST_DEEP_CACHE_START = 0.3
 GO_FAST_DEEP_CACHE_INTERVAL = 3
 
+# torch.compile of each UNet's repeated transformer blocks (engine/compiling.py): "auto" compiles
+# on CUDA only, "on" / "off" force it. Deploy-time override: UNET_COMPILE. Setup then runs one
+# go_fast warm-up per model at each of these aspect ratios (batch 2 and 1, two token counts), after
+# which no size, batch or LoRA switch compiles again.
+UNET_COMPILE = "auto"
+COMPILE_WARMUP_ASPECTS: tuple[str, ...] = ("1:1", "16:9")
+COMPILE_WARMUP_STEPS = 10
+
 MAX_OUTPUTS = 4
 # torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger
 # seeds are reduced modulo 2^64 rather than refused; output i uses seed + i, wrapping the same way.

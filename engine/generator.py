@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.compiling import compile_blocks, compile_wanted, uncompile_blocks, warm_up
 from engine.config import (
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
@@ -25,6 +27,7 @@ from engine.config import (
     MODEL_RESIDENCY,
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
+    UNET_COMPILE,
 )
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
@@ -116,8 +119,10 @@ class Engine:
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         residency: str | None = None,
+        compile: str | None = None,
     ) -> Engine:
-        """Load from the weights root only; fail fast, naming the fix, when something is missing."""
+        """Load from the weights root only; fail fast, naming the fix, when something is missing.
+        `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up."""
         quiet_library_noise()
         device = device or default_device()
         dtype = dtype or default_dtype(device)
@@ -136,7 +141,32 @@ class Engine:
         }
         _share_identical_vaes(root, list(models.values()))
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
-        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), loras, swap)
+        engine = cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), loras, swap)
+        if compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device):
+            engine.compile("inductor")
+        return engine
+
+    def compile(self, backend: str | Callable[..., Any]) -> None:
+        """Compile every UNet's repeated blocks and warm them up, so no request compiles.
+
+        A compiler failure must not take the model down: the UNets go back to eager with a
+        warning that names the error (the images are the same, only slower).
+        """
+        unets = [model.txt2img.unet for model in self.models.values()]
+        compile_blocks(unets, backend)
+        try:
+            seconds = warm_up(self.generate, list(self.models))
+        except Exception as e:  # any compiler fault: run eager, and say why
+            uncompile_blocks(unets)
+            torch._dynamo.reset()
+            log.warning(
+                "torch.compile failed while warming up (%s: %s); the UNets run uncompiled. "
+                "Set UNET_COMPILE=off to skip the attempt.",
+                type(e).__name__,
+                e,
+            )
+            return
+        log.info("UNets compiled and warmed up in %.1fs (%s)", seconds, ", ".join(self.models))
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one."""

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from PIL import Image
-from transformers import CLIPImageProcessor
+from transformers import CLIPImageProcessorPil
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,8 @@ class SafetyChecker:
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.model = StableDiffusionSafetyChecker.from_pretrained(folder, dtype=dtype).to(device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(folder)
+        # The PIL backend: the default one needs torchvision, which the image does not install.
+        self.processor = CLIPImageProcessorPil.from_pretrained(folder)
         self.device = device
         self.dtype = dtype
 

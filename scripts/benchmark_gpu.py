@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.compiling import compile_wanted
 from engine.config import MODEL_IDS
 from engine.generator import Engine
 from engine.request import Credentials, GenerationRequest, LoraSpec
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--tiny", action="store_true", help="check the script on the tiny weights")
+    parser.add_argument("--compile", default="auto", help="also time the compiled UNets: auto (on CUDA), on, off")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -70,8 +72,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     rows.append((f"raw safetensors read to GPU, {size_gb:.1f} GB (s)", f"{raw_s:.2f}"))
 
-    setup_s, engine = _timed(lambda: Engine.load(args.weights, loras=lora_store()))
-    rows.append(("Engine.load, both models + checker (s)", f"{setup_s:.2f}"))
+    setup_s, engine = _timed(lambda: Engine.load(args.weights, loras=lora_store(), compile="off"))
+    rows.append(("Engine.load, both models + checker, uncompiled (s)", f"{setup_s:.2f}"))
     rows.append(("setup / raw read", f"{setup_s / raw_s:.2f}x"))
 
     req = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=args.steps, seed=1)
@@ -147,6 +149,8 @@ def main() -> None:
         rows.append(
             (f"warm LoRA switch {name}: best / median (s)", f"{min(times):.3f} / {statistics.median(times):.3f}")
         )
+    if compile_wanted(args.compile, torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        rows.extend(_compiled(engine, cases, args.runs, size, args.steps))
     if torch.cuda.is_available():
         rows.append(("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
 
@@ -155,6 +159,32 @@ def main() -> None:
         print(f"| {name} | {value} |")
     if args.json:
         args.json.write_text(json.dumps(dict(rows), indent=2))
+
+
+def _compiled(
+    engine: Engine, cases: dict[str, GenerationRequest], runs: int, size: int, steps: int
+) -> list[tuple[str, str]]:
+    """The same engine after setup's compile and warm-up: plain, go_fast, one LoRA (interleaved)."""
+    compile_s, _ = _timed(lambda: engine.compile("inductor"))
+    rows = [("compile + warm-up, both models (s)", f"{compile_s:.1f}")]
+    compiled_cases = {
+        "plain": cases["plain"],
+        "plain, go_fast on": replace(cases["plain"], go_fast=True),
+        "one rank-32 LoRA": cases["one rank-32 LoRA"],
+    }
+    timings: dict[str, list[float]] = {name: [] for name in compiled_cases}
+    for _ in range(runs):
+        for name, case in compiled_cases.items():
+            engine.generate(case)
+            timings[name].append(_timed(lambda c=case: engine.generate(c))[0])
+    for name, times in timings.items():
+        rows.append(
+            (
+                f"compiled, {size}x{size}, {steps} steps, {name}: best / median (s)",
+                f"{min(times):.3f} / {statistics.median(times):.3f}",
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""torch.compile for the UNets: regional compilation, warmed up at setup so no request pays for it.
+
+Only the UNet's repeated transformer blocks are compiled (diffusers' `compile_repeated_blocks`):
+they hold most of the UNet's work, and one graph serves every block of the same shape, so compile
+time stays short. Shapes are warmed up at setup: a go_fast run changes the batch mid-run (the
+guidance cutoff halves it) and two sizes change the token count, after which torch marks those
+dimensions dynamic and no later size, batch or LoRA switch compiles again (LoRAs are written into
+the weights in place; `test_compiled_unet_never_recompiles_after_setup` counts the graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from engine.config import COMPILE_WARMUP_ASPECTS, COMPILE_WARMUP_STEPS
+from engine.request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+
+
+def compile_wanted(setting: str, device: torch.device) -> bool:
+    """`auto` compiles on CUDA, where it pays; on a CPU the compile time outweighs the gain."""
+    if setting not in COMPILE_SETTINGS:
+        raise ValueError(f"UNET_COMPILE must be one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def compile_blocks(unets: Iterable[torch.nn.Module], backend: str | Callable[..., Any]) -> None:
+    """Mark each UNet's repeated blocks for compilation; the graphs are built on first use."""
+    for unet in unets:
+        unet.compile_repeated_blocks(backend=backend, fullgraph=True)
+
+
+def uncompile_blocks(unets: Iterable[torch.nn.Module]) -> None:
+    """Back to eager blocks (`nn.Module.compile` keeps the compiled call beside the module)."""
+    for unet in unets:
+        for block in unet.modules():
+            if block.__class__.__name__ in unet._repeated_blocks:
+                block._compiled_call_impl = None
+
+
+def warm_up(generate: Callable[[GenerationRequest], Any], model_ids: Iterable[str]) -> float:
+    """Run the shapes requests will bring, once per model; returns the seconds it took.
+
+    go_fast on with COMPILE_WARMUP_STEPS steps has full UNet passes both before and after the
+    guidance cutoff (batch 2 and batch 1), and the two aspect ratios give two token counts.
+    """
+    start = time.perf_counter()
+    for model_id in model_ids:
+        for aspect in COMPILE_WARMUP_ASPECTS:
+            generate(
+                GenerationRequest(
+                    prompt="warm-up",
+                    model=model_id,
+                    aspect_ratio=aspect,
+                    num_inference_steps=COMPILE_WARMUP_STEPS,
+                    seed=0,
+                    go_fast=True,
+                    safety_checker=False,
+                )
+            )
+    return time.perf_counter() - start
