@@ -14,6 +14,8 @@ in their own layer of the image and `setup()` never touches a network.
 - Resumable: files are staged in weights/.staging/<id>/ and each appears only once complete,
   so a killed bake continues where it stopped; a staged file that no longer matches the
   manifest is fetched again; a model folder is installed by one rename.
+- A JSON file with `"set": {...}` gets those keys written after the download (the fp16-fix VAE's
+  config says `force_upcast: false`, so fp16 runs decode without a float32 copy of the VAE).
 - A pickled torch file with `"safetensors": NAME` is converted once, tensors only, to NAME;
   only the converted file is installed.
 - Single-file checkpoints are converted once, here, with a config folder shipped in the repo
@@ -117,6 +119,8 @@ def describe(manifest: dict[str, Any], only: list[str] | None) -> list[str]:
                 target = f.get("target") or f["path"]
                 if f.get("safetensors"):
                     target = f"{f['safetensors']} (converted from {target} at bake time)"
+                if f.get("set"):
+                    target = f"{target} (with {json.dumps(f['set'])})"
                 status = f"not pinned: {', '.join(gaps)}" if gaps else f"pinned, {f['size']} bytes"
                 lines.append(f"{model_id}: {source_name(source, f['path'])} -> {target} [{status}]")
                 pinned, total = pinned + (not gaps), total + 1
@@ -135,6 +139,8 @@ def check_manifest(manifest: dict[str, Any]) -> list[str]:
                 problems.append(f"{model_id}: {f['path']}: sha256 is not 64 lowercase hex digits")
             if f.get("size") is not None and (not isinstance(f["size"], int) or f["size"] < 0):
                 problems.append(f"{model_id}: {f['path']}: size is not a byte count")
+            if f.get("set") is not None and not (isinstance(f["set"], dict) and f["path"].endswith(".json")):
+                problems.append(f"{model_id}: {f['path']}: 'set' is for keys of a .json file")
             if f.get("safetensors") and not f["safetensors"].endswith(".safetensors"):
                 problems.append(f"{model_id}: {f['path']} converts to {f['safetensors']}, not a .safetensors name")
         single = entry.get("single_file")
@@ -226,6 +232,15 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
                 target.unlink()
             log.info("%s: fetching %s", model_id, name)
             record[key] = _fetch(source, f, target, name)
+    for f in (f for source in entry["sources"] for f in source["files"] if f.get("set")):
+        target = staging / (f.get("target") or f["path"])
+        config = json.loads(target.read_text())
+        if any(config.get(k) != v for k, v in f["set"].items()):
+            log.info("%s: setting %s in %s", model_id, json.dumps(f["set"]), target.name)
+            part = target.with_name(target.name + ".part")
+            part.write_text(json.dumps({**config, **f["set"]}, indent=2))
+            os.replace(part, target)  # a killed bake never leaves half a config
+        record[str(target.relative_to(staging))] = sha256_of(target)
     pickles = []
     for source in entry["sources"]:
         for f in (f for f in source["files"] if f.get("safetensors")):

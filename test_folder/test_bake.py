@@ -294,13 +294,20 @@ def test_single_file_checkpoint_is_converted_once_at_bake_time(
     )
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     manifest = tmp_path / "manifest.json"
+    upcast_off = {"force_upcast": False}
     entry = {
         "sources": [
             {
                 "hf": "acme/illustrious-single",
                 "files": [{"path": "Illustrious.safetensors", "target": "checkpoint.safetensors"}],
             },
-            {"hf": "acme/vae-fix", "files": [{"path": name, "target": f"vae/{name}"} for name in vae]},
+            {
+                "hf": "acme/vae-fix",
+                "files": [
+                    {"path": name, "target": f"vae/{name}", **({"set": upcast_off} if ".json" in name else {})}
+                    for name in vae
+                ],
+            },
         ],
         "single_file": {"checkpoint": "checkpoint.safetensors", "config": str(config)},
     }
@@ -320,6 +327,8 @@ def test_single_file_checkpoint_is_converted_once_at_bake_time(
     assert {t.dtype for t in stored.values()} == {torch.float16}, "baked as fp16, as real runs load it"
     sdxl_vae = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl").vae.state_dict()
     assert all(torch.equal(v.half(), baked.vae.state_dict()[k]) for k, v in sdxl_vae.items()), "the VAE override"
+    assert json.loads((weights_dir / "sdxl" / "vae" / "config.json").read_text())["force_upcast"]
+    assert baked.vae.config.force_upcast is False, "the fp16-fix VAE decodes in fp16, no upcast"
 
 
 def test_custom_checkpoint_by_url(
