@@ -18,7 +18,8 @@ class SafetyChecker:
     """The baked checker and its feature extractor on the generation device."""
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
-        self.model = StableDiffusionSafetyChecker.from_pretrained(folder, dtype=dtype).to(device).eval()
+        # Straight onto the device: no CPU copy first (cold start reads each byte once).
+        self.model = StableDiffusionSafetyChecker.from_pretrained(folder, dtype=dtype, device_map=str(device)).eval()
         # The PIL backend: the default one needs torchvision, which the image does not install.
         self.processor = CLIPImageProcessorPil.from_pretrained(folder)
         self.device = device
