@@ -8,6 +8,7 @@ its source, and the body makes each output pixel depend on its neighbourhood, as
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterator
 from itertools import pairwise
@@ -18,13 +19,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from engine.config import UPSCALE_FACTORS, UPSCALER_DIR, UPSCALER_NAME
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from engine.upscale import Upscaler, check_upscale, tile_spans
+from scripts.bake import MANIFEST, bake
 from test_folder.conftest import CogServer, decode_data_uri
+from test_folder.emulators import HfRepo, hugging_face, point_hub_client_at
 
 # 256x256 at Flux's scale is 32x32 on the tiny model (native 128 px instead of 1024).
 BASE = {
@@ -210,3 +214,30 @@ def test_without_the_upscaler_folder_upscale_is_refused_before_any_step(
         assert unbaked.generate(GenerationRequest(prompt="a lighthouse", num_inference_steps=2, seed=1))
     finally:
         hook.remove()
+
+
+def test_the_manifest_entry_bakes_a_folder_the_upscaler_loads(
+    weights_dir: Path, upscaler: Upscaler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bake/manifest.json's own entry, against a loopback hub holding the tiny stand-in in the real
+    repo's layout (config.json and a pickled pytorch_model.bin at the pinned commit): the bake
+    converts the pickle, and the folder it installs gives the engine's upscaler, pixel for pixel."""
+    entry = json.loads(MANIFEST.read_text())["models"][UPSCALER_DIR]
+    [source] = entry["sources"]
+    torch.save(load_file(weights_dir / UPSCALER_DIR / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    files = {"config.json": (weights_dir / UPSCALER_DIR / "config.json").read_bytes()}
+    files["pytorch_model.bin"] = (tmp_path / "pytorch_model.bin").read_bytes()
+    hub = hugging_face({source["hf"]: HfRepo(files, commit=source["revision"])})
+    point_hub_client_at(hub, monkeypatch)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": {UPSCALER_DIR: entry}}))
+    try:
+        assert bake(tmp_path / "weights", manifest) == [UPSCALER_DIR]
+    finally:
+        hub.close()
+    baked = tmp_path / "weights" / UPSCALER_DIR
+    assert sorted(p.name for p in baked.iterdir()) == [".baked", "config.json", "model.safetensors"]
+    image = _smooth_image(40, 32)
+    loaded = Upscaler.load_if_baked(tmp_path / "weights", torch.device("cpu"), torch.float32)
+    assert loaded is not None
+    assert np.array_equal(_pixels(loaded.upscale(image, 4)), _pixels(upscaler.upscale(image, 4)))
