@@ -166,7 +166,7 @@ UPSCALE_FACTORS: dict[str, int] = {"none": 1, "2x": 2, "4x": 4}
 # Tiles, in input pixels: the model runs on tiles of at most this side, overlapping by at least this
 # much and blended across the overlap, so its memory is bounded whatever the image size. The side
 # is rounded down to the model's window (8): tiles start on the window grid the whole image uses.
-UPSCALE_TILE = 512
+UPSCALE_TILE = 576
 UPSCALE_TILE_OVERLAP = 32
 # The largest upscaled image, in pixels, at Flux's sizes (SDXL's generated sizes): 4x of every
 # 1-megapixel size of the aspect table (4x of 1024x1024 is exactly 4096x4096) and 2x of every size.

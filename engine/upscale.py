@@ -108,13 +108,7 @@ class Upscaler:
         self.grid: int = self.model.config.window_size
         self.tile = max(self.grid, tile // self.grid * self.grid)
         self.overlap = overlap
-        log.info(
-            "loaded the upscaler (%s, x%d) from %s in %.1fs",
-            UPSCALER_NAME,
-            self.scale,
-            folder,
-            time.perf_counter() - start,
-        )
+        log.info("loaded the upscaler (%s) from %s in %.2fs", UPSCALER_NAME, folder, time.perf_counter() - start)
 
     @classmethod
     def load_if_baked(cls, root: Path, device: torch.device, dtype: torch.dtype) -> Upscaler | None:
