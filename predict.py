@@ -31,6 +31,8 @@ from engine.config import (
     MEGAPIXELS,
     MODEL_IDS,
     OUTPUT_FORMATS,
+    UPSCALE_FACTORS,
+    UPSCALE_MAX_PIXELS,
     weights_root,
 )
 from engine.generator import Engine
@@ -124,6 +126,13 @@ class Predictor(BasePredictor):
             "'Clip skip 2' on CivitAI SDXL/Illustrious pages is the standard, i.e. 0 here",
         ),
         mask: Optional[Path] = Input(default=None, description="Inpainting mask for image: white is repainted"),
+        upscale: str = Input(
+            default="none",
+            choices=list(UPSCALE_FACTORS),
+            description="Enlarge each image 2x or 4x with a built-in Swin2SR upscaler, after the safety checker "
+            f"(2x is its 4x result reduced). Refused past {UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels, "
+            "e.g. 4x of a size above 1 megapixel",
+        ),
     ) -> list[Path]:
         request = GenerationRequest(
             prompt=prompt,
@@ -149,6 +158,7 @@ class Predictor(BasePredictor):
                 hf=hf_api_token.get_secret_value() if hf_api_token else None,
                 civitai=civitai_api_token.get_secret_value() if civitai_api_token else None,
             ),
+            upscale=upscale,
         )
         results = self.engine.generate(request)
         # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.

@@ -164,3 +164,18 @@ TRAIN_MAX_ARCHIVE_ENTRIES = 5000
 TRAIN_MAX_ARCHIVE_BYTES = 4 * 2**30  # total uncompressed size (a zip bomb stops here)
 TRAIN_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 TRAIN_CAPTION_MAX_TOKENS = 40  # autocaption length bound
+
+# Upscaler (engine/upscale.py): Swin2SR real-world x4 (transformers), baked into weights/<UPSCALER_DIR>,
+# run on each kept output after the safety checker. "2x" is the x4 result reduced by half with
+# Lanczos (A1111 does the same with its x4 upscalers), so one model serves both choices.
+UPSCALER_DIR = "upscaler"
+UPSCALER_NAME = "Swin2SR realworld x4"  # what the output metadata names
+UPSCALE_FACTORS: dict[str, int] = {"none": 1, "2x": 2, "4x": 4}
+# Tiles, in input pixels: the model runs on tiles of at most this side, overlapping by at least this
+# much and blended across the overlap, so its memory is bounded whatever the image size. The side
+# is rounded down to the model's window (8): tiles start on the window grid the whole image uses.
+UPSCALE_TILE = 576
+UPSCALE_TILE_OVERLAP = 32
+# The largest upscaled image, in pixels, at Flux's sizes (SDXL's generated sizes): 4x of every
+# 1-megapixel size of the aspect table (4x of 1024x1024 is exactly 4096x4096) and 2x of every size.
+UPSCALE_MAX_PIXELS = 4096 * 4096

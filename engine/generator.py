@@ -28,6 +28,8 @@ from engine.config import (
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
     UNET_COMPILE,
+    UPSCALE_FACTORS,
+    UPSCALER_NAME,
 )
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
@@ -39,6 +41,7 @@ from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
 from engine.steps import StepCallback
+from engine.upscale import Upscaler, check_upscale
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +98,9 @@ def _log_trigger_words(lora: LocalLora, prompt: str) -> None:
 
 
 class Engine:
-    """Every baked model and the safety checker, resident on one device. LoRA files come from the
-    `loras` source its caller hands in (predict.py builds the store of weights.py); without one,
-    a request naming a LoRA is refused."""
+    """Every baked model, the safety checker and the upscaler (when baked), resident on one device.
+    LoRA files come from the `loras` source its caller hands in (predict.py builds the store of
+    weights.py); without one, a request naming a LoRA is refused."""
 
     def __init__(
         self,
@@ -105,11 +108,13 @@ class Engine:
         safety: SafetyChecker,
         loras: LoraSource | None = None,
         swap: bool = False,
+        upscaler: Upscaler | None = None,
     ) -> None:
         self.models = models
         self.safety = safety
         self.loras = loras
         self.swap = swap  # idle models wait in CPU RAM; the requested one is moved in
+        self.upscaler = upscaler  # None when not baked: requests with upscale are refused
 
     @classmethod
     def load(
@@ -141,7 +146,8 @@ class Engine:
         }
         _share_identical_vaes(root, list(models.values()))
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
-        engine = cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), loras, swap)
+        safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
+        engine = cls(models, safety, loras, swap, upscaler=Upscaler.load_if_baked(root, device, dtype))
         if compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device):
             engine.compile("inductor")
         return engine
@@ -169,7 +175,8 @@ class Engine:
         log.info("UNets compiled and warmed up in %.1fs (%s)", seconds, ", ".join(self.models))
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
-        """Run one request; images flagged by the safety checker are dropped one by one."""
+        """Run one request; images flagged by the safety checker are dropped one by one, and the
+        kept ones upscaled when the request asks."""
         req.validate()
         if req.model == CUSTOM_MODEL_ID and req.model not in self.models:
             raise InputError(
@@ -191,6 +198,7 @@ class Engine:
             image_size=req.image.size if req.image is not None else None,
         )
         width, height = scale_to_model(ref, model.native_resolution)
+        check_upscale(self.upscaler, req.upscale, ref)
         loras = self._fetch_loras(req)
         if self.swap:
             self._move_in(model)
@@ -267,7 +275,8 @@ class Engine:
             )
             for i, image in enumerate(images)
         ]
-        return self._drop_flagged(results) if req.safety_checker else results
+        kept = self._drop_flagged(results) if req.safety_checker else results
+        return self._upscaled(kept, req.upscale)
 
     def _move_in(self, model: BaseModel) -> None:
         """Swap mode: the requested model onto the device, whichever held it back to CPU RAM."""
@@ -311,6 +320,35 @@ class Engine:
             "width": width,
             "height": height,
         }
+
+    def _upscaled(self, results: list[GeneratedImage], upscale: str) -> list[GeneratedImage]:
+        """Each kept output through the upscaler; its metadata says so and keeps the generated size."""
+        factor = UPSCALE_FACTORS[upscale]
+        if factor == 1:
+            return results
+        upscaler = self.upscaler
+        assert upscaler is not None, "check_upscale refuses an upscale without an upscaler, before any work"
+        start = time.perf_counter()
+        upscaled = [
+            GeneratedImage(
+                upscaler.upscale(r.image, factor),
+                replace(r.parameters, upscale_by=factor, upscaler=UPSCALER_NAME),
+            )
+            for r in results
+        ]
+        (w, h), (uw, uh) = results[0].image.size, upscaled[0].image.size
+        log.info(
+            "upscaled %d image(s) %s with %s, %dx%d -> %dx%d, in %.2fs",
+            len(upscaled),
+            upscale,
+            UPSCALER_NAME,
+            w,
+            h,
+            uw,
+            uh,
+            time.perf_counter() - start,
+        )
+        return upscaled
 
     def _drop_flagged(self, results: list[GeneratedImage]) -> list[GeneratedImage]:
         flags = self.safety.flags([r.image for r in results])

@@ -23,6 +23,10 @@ class GenerationParameters:
     cfg_cutoff: float | None = None
     deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3rd step full"
     loras: tuple[tuple[str, float], ...] = ()  # display names: tokens are stripped before this point
+    # The built-in upscaler, in A1111's postprocessing keys; width and height stay the generated size,
+    # so the parameters reproduce the generation and say what was done to it after.
+    upscale_by: int | None = None
+    upscaler: str | None = None
 
     def to_a1111(self) -> str:
         """`prompt\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` in A1111's order."""
@@ -44,6 +48,9 @@ class GenerationParameters:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.loras:
             fields.append(("Lora", ", ".join(f'"{name}: {scale:g}"' for name, scale in self.loras)))
+        if self.upscale_by is not None:
+            fields.append(("Postprocess upscale by", self.upscale_by))
+            fields.append(("Postprocess upscaler", self.upscaler))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG, MAX_STEPS, SEED_MAX
+from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG, MAX_STEPS, SEED_MAX, UPSCALE_FACTORS
 from engine.errors import InputError
 
 
@@ -78,6 +78,7 @@ class GenerationRequest:
     safety_checker: bool = True
     loras: tuple[LoraSpec, ...] = ()
     credentials: Credentials = Credentials()
+    upscale: str = "none"  # a key of UPSCALE_FACTORS, applied to each output after the safety checker
 
     def validate(self) -> None:
         """Refuse what the schema cannot express, with a message that says what to change."""
@@ -99,6 +100,8 @@ class GenerationRequest:
             _check_mask_proportions(self.image.size, self.mask.size)
         if isinstance(self.seed, float) and not (math.isfinite(self.seed) and self.seed.is_integer()):
             raise InputError(f"seed must be a whole number, got {self.seed}")
+        if self.upscale not in UPSCALE_FACTORS:
+            raise InputError(f"upscale must be one of {', '.join(UPSCALE_FACTORS)}, got {self.upscale!r}")
 
 
 def _check_mask_proportions(image: tuple[int, int], mask: tuple[int, int]) -> None:

@@ -1,4 +1,4 @@
-"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches, memory.
+"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches, upscale, memory.
 
 Builds the full-size random weights first when the folder is empty (see build_tiny_weights.py
 --full-size), then drives the real engine. Prints a Markdown table for the README.
@@ -26,9 +26,11 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.compiling import compile_wanted
-from engine.config import MODEL_IDS
+from engine.config import MODEL_IDS, UPSCALER_DIR
 from engine.generator import Engine
+from engine.models import default_device, default_dtype
 from engine.request import Credentials, GenerationRequest, LoraSpec
+from engine.upscale import Upscaler
 from scripts.build_tiny_weights import FULL, TINY, build_all
 from test_folder.lora_factory import diffusers_lora
 from weights import lora_store
@@ -45,6 +47,39 @@ def _timed(fn) -> tuple[float, object]:
     result = fn()
     _sync()
     return time.perf_counter() - start, result
+
+
+def _upscale_rows(engine: Engine, plain: GenerationRequest, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """upscale=4x: its setup (a second copy is loaded to time it), the latency it adds to a plain
+    request, and its own peak memory on top of the resident models, at 1:1 and at Flux's widest size."""
+    device = default_device()
+    load_s, upscaler = _timed(lambda: Upscaler(args.weights / UPSCALER_DIR, device, default_dtype(device)))
+    weights_mib = sum(p.numel() * p.element_size() for p in upscaler.model.parameters()) / 2**20
+    del upscaler
+    rows = [("upscaler load, Swin2SR x4 (s)", f"{load_s:.2f}"), ("upscaler weights (MiB)", f"{weights_mib:.0f}")]
+    four = replace(plain, upscale="4x")
+    engine.generate(four)  # warm-up
+    runs: dict[str, list[float]] = {"plain": [], "4x": []}
+    for _ in range(args.runs):  # interleaved, as above
+        for name, case in (("plain", plain), ("4x", four)):
+            runs[name].append(_timed(lambda c=case: engine.generate(c))[0])
+    best = min(runs["4x"]) - min(runs["plain"])
+    median = statistics.median(runs["4x"]) - statistics.median(runs["plain"])
+    # engine.generate returns images: the time to encode a 16-megapixel file (predict.py) is not in it.
+    rows.append((f"upscale 4x, added to a {args.steps}-step request: best / median (s)", f"{best:.3f} / {median:.3f}"))
+    assert engine.upscaler is not None
+    for aspect in ("1:1", "21:9"):
+        image = engine.generate(replace(plain, aspect_ratio=aspect))[0].image
+        if torch.cuda.is_available():
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        t, result = _timed(lambda im=image: engine.upscaler.upscale(im, 4))
+        name = f"upscale 4x alone, {image.width}x{image.height} -> {result.width}x{result.height}"
+        rows.append((f"{name} (s)", f"{t:.3f}"))
+        if torch.cuda.is_available():
+            peak = (torch.cuda.max_memory_allocated() - resident) / 2**30
+            rows.append((f"{name}: peak GPU memory above the resident models (GiB)", f"{peak:.2f}"))
+    return rows
 
 
 def main() -> None:
@@ -73,7 +108,7 @@ def main() -> None:
     rows.append((f"raw safetensors read to GPU, {size_gb:.1f} GB (s)", f"{raw_s:.2f}"))
 
     setup_s, engine = _timed(lambda: Engine.load(args.weights, loras=lora_store(), compile="off"))
-    rows.append(("Engine.load, both models + checker, uncompiled (s)", f"{setup_s:.2f}"))
+    rows.append(("Engine.load, both models + checker + upscaler, uncompiled (s)", f"{setup_s:.2f}"))
     rows.append(("setup / raw read", f"{setup_s / raw_s:.2f}x"))
 
     req = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=args.steps, seed=1)
@@ -153,6 +188,7 @@ def main() -> None:
         rows.extend(_compiled(engine, cases, args.runs, size, args.steps))
     if torch.cuda.is_available():
         rows.append(("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
+    rows.extend(_upscale_rows(engine, replace(req, go_fast=False), args))
 
     print("| measure | value |\n|---|---|")
     for name, value in rows:

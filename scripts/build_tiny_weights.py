@@ -5,8 +5,9 @@ benchmarks on a GPU host (never for images anyone should look at).
 
 The result is `weights/<model-id>/` (a diffusers folder that
 `StableDiffusionXLPipeline.from_pretrained` loads) for every model id, plus
-`weights/safety-checker/` and `weights/captioner/` (a BLIP captioner for `cog train`'s
-autocaption, random weights: its captions are gibberish, the code path is the real one). The
+`weights/safety-checker/`, `weights/captioner/` (a BLIP captioner for `cog train`'s
+autocaption, random weights: its captions are gibberish, the code path is the real one) and
+`weights/upscaler/` (Swin2SR x4 in the real-world model's configuration, see build_upscaler). The
 tokenizers use the real CLIP BPE vocabulary shipped inside the open-clip-torch wheel, so prompts tokenize exactly as on
 the real models. Each model gets its own seed so switching models is visible.
 
@@ -40,11 +41,13 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
+    Swin2SRConfig,
+    Swin2SRForImageSuperResolution,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import CAPTIONER_DIR, MODEL_IDS, SAFETY_CHECKER_DIR, weights_root
+from engine.config import CAPTIONER_DIR, MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, weights_root
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408
@@ -69,6 +72,8 @@ class Shape:
     text_encoder_2: tuple[int, int, int, int, int, str]
     # (width, layers, heads, mlp width, image size, patch, projection) of the checker's ViT.
     checker_vision: tuple[int, int, int, int, int, int, int]
+    # (width, blocks per stage, heads per stage) of the upscaler's Swin body.
+    upscaler: tuple[int, tuple[int, ...], tuple[int, ...]]
 
 
 TINY = Shape(
@@ -84,6 +89,7 @@ TINY = Shape(
     text_encoder=(32, 6, 4, 64, 32, "gelu"),
     text_encoder_2=(64, 6, 4, 128, 32, "gelu"),
     checker_vision=(16, 1, 2, 32, 32, 8, 16),
+    upscaler=(16, (2, 2), (2, 2)),
 )
 FULL = Shape(
     unet_channels=(320, 640, 1280),
@@ -98,6 +104,7 @@ FULL = Shape(
     text_encoder=(768, 12, 12, 3072, 768, "quick_gelu"),
     text_encoder_2=(1280, 32, 20, 5120, 1280, "gelu"),
     checker_vision=(1024, 24, 16, 4096, 224, 14, 768),
+    upscaler=(180, (6,) * 6, (6,) * 6),  # caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr
 )
 # The UNet's latent size: native resolution / 8, i.e. 128 px for TINY and 1024 px for FULL.
 SAMPLE_SIZE = {TINY: 16, FULL: 128}
@@ -279,6 +286,56 @@ def build_captioner() -> tuple[BlipForConditionalGeneration, BlipProcessor]:
     return BlipForConditionalGeneration(config), processor
 
 
+# The tiny upscaler's Swin body adds its random output at this fraction of its scale (see build_upscaler).
+UPSCALER_BODY_SCALE = 0.1
+
+
+def build_upscaler(shape: Shape = TINY) -> Swin2SRForImageSuperResolution:
+    """Swin2SR x4 in the configuration of the real-world model bake/manifest.json bakes
+    (nearest+conv head, window 8, 64 px training patches), with the body's size from `shape`.
+
+    Random weights, except that the head is set to carry the input through as a nearest-neighbour
+    x4 (each sign on its own channel, so the leaky ReLUs pass it) and the body's random output is
+    added at UPSCALER_BODY_SCALE. Like a trained upscaler, the result then resembles its input, so
+    a test can catch swapped channels, flips or misplaced tiles; and the body still makes every
+    output pixel depend on its neighbourhood through the shifted windows, so tiling is tested for real.
+    """
+    torch.manual_seed(0)
+    width, depths, heads = shape.upscaler
+    config = Swin2SRConfig(
+        embed_dim=width,
+        depths=list(depths),
+        num_heads=list(heads),
+        upscale=4,
+        upsampler="nearest+conv",
+        image_size=64,
+        window_size=8,
+        img_range=1.0,
+    )
+    model = Swin2SRForImageSuperResolution(config).eval()
+    rgb = torch.eye(3)
+    signed = torch.cat([rgb, -rgb])  # channels 0-2 carry +x, 3-5 carry -x
+    head = model.upsample
+
+    def centre(conv: torch.nn.Conv2d, matrix: torch.Tensor) -> None:
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[: matrix.shape[0], : matrix.shape[1], 1, 1] = matrix
+
+    with torch.no_grad():
+        first = model.swin2sr.first_convolution  # channels 0-2 keep the input; the rest stay random
+        first.weight[:3] = 0
+        first.weight[:3, :, 1, 1] = rgb
+        first.bias[:3] = 0
+        model.swin2sr.conv_after_body.weight.mul_(UPSCALER_BODY_SCALE)
+        model.swin2sr.conv_after_body.bias.mul_(UPSCALER_BODY_SCALE)
+        centre(head.conv_before_upsample, signed)
+        for conv in (head.conv_up1, head.conv_up2, head.conv_hr):
+            centre(conv, torch.eye(6))
+        centre(head.final_convolution, torch.cat([rgb, -rgb], dim=1))
+    return model
+
+
 def _save_atomically(target: Path, save: callable) -> None:
     """Write into a temporary sibling folder, then rename, so a kill leaves nothing half-built."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +383,11 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
             caption_processor.save_pretrained(d)
 
         _save_atomically(target, save_captioner)
+        written.append(target)
+    target = root / UPSCALER_DIR
+    if force or not target.exists():
+        upscaler = build_upscaler(shape)  # fp32 like the real checkpoint; the engine casts it
+        _save_atomically(target, lambda d: upscaler.save_pretrained(d))
         written.append(target)
     return written
 
