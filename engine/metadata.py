@@ -23,6 +23,7 @@ class GenerationParameters:
     cfg_cutoff: float | None = None
     deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3rd step full"
     loras: tuple[tuple[str, float], ...] = ()  # display names: tokens are stripped before this point
+    ip_adapter: tuple[str, float, int] | None = None  # (adapter, scale, reference images) when one was used
 
     def to_a1111(self) -> str:
         """`prompt\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` in A1111's order."""
@@ -44,6 +45,9 @@ class GenerationParameters:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.loras:
             fields.append(("Lora", ", ".join(f'"{name}: {scale:g}"' for name, scale in self.loras)))
+        if self.ip_adapter is not None:
+            name, scale, count = self.ip_adapter
+            fields.append(("IP-Adapter", f'"{name}: {scale:g}, {count} image{"s" if count > 1 else ""}"'))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
