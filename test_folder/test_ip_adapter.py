@@ -18,6 +18,7 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
+from test_folder.test_logs import noisy_lines
 from test_folder.test_server import FLUX_JSON
 from utils import read_parameters
 
@@ -71,6 +72,14 @@ def test_a_reference_changes_the_image_and_each_reference_differs(server: CogSer
     assert 'IP-Adapter: "ip-adapter-plus_sdxl_vit-h: 0.6, 2 images"' in both_params
     again, _ = run(server, ip_adapter_image=[REF_A])
     assert again == a  # same seed, same reference: the same file
+
+
+def test_one_log_line_and_no_library_noise(server: CogServer) -> None:
+    status, body = server.predict({**SMALL, "ip_adapter_image": [REF_A, REF_B], "go_fast": True})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    lines = [line for line in body["logs"].splitlines() if "IP-Adapter" in line]
+    assert len(lines) == 1 and lines[0].startswith("IP-Adapter: 2 reference image(s) at scale 0.6, encoded in ")
+    assert noisy_lines(body["logs"]) == []
 
 
 def test_scale_changes_the_image_and_zero_is_no_reference(server: CogServer) -> None:
