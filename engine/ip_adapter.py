@@ -8,6 +8,10 @@ call only. Every other request runs the UNet exactly as an engine without the ad
 plain processors are the UNet's own objects, put back). Setting processors is a dictionary walk
 over the attention modules, no weight moves.
 
+Every base model is SDXL-shaped and the adapter file is one, so the models share one set of adapter
+modules and one image encoder: loaded once (0.8 GB in fp16 for the adapter, 1.2 GB for ViT-H),
+installed into whichever UNet runs the request.
+
 The guidance cutoff (engine/steps.py) halves the batch mid-run through the pipeline's callback,
 which cannot reach the image embeddings; a forward pre-hook keeps their conditional half then.
 """
@@ -32,10 +36,17 @@ class IpAdapter:
     """The adapter loaded into one base model's UNet, installed only around a pipeline call."""
 
     def __init__(self, pipe: StableDiffusionXLPipeline, folder: Path, shared: IpAdapter | None = None) -> None:
+        self.pipe = pipe
         self.unet = pipe.unet
         self.plain = self.unet.attn_processors
         if shared is not None:  # one image encoder for every model: load_ip_adapter keeps a registered one
             pipe.register_modules(image_encoder=shared.image_encoder, feature_extractor=shared.feature_extractor)
+            if shared.layout == self.layout:  # the same UNet shape: the same adapter modules fit it
+                self.processors, self.projection, self.modules = shared.processors, shared.projection, shared.modules
+                self.image_encoder, self.feature_extractor = shared.image_encoder, shared.feature_extractor
+                self.shares = True
+                return
+        self.shares = False
         pipe.load_ip_adapter(
             str(folder),
             subfolder="",
@@ -43,7 +54,6 @@ class IpAdapter:
             image_encoder_folder=IP_ADAPTER_ENCODER_DIR,
             local_files_only=True,
         )
-        self.pipe = pipe
         self.image_encoder = pipe.image_encoder
         self.feature_extractor = pipe.feature_extractor
         self.projection = self.unet.encoder_hid_proj
@@ -59,6 +69,12 @@ class IpAdapter:
             [self.projection, *(p for p in self.processors.values() if isinstance(p, torch.nn.Module))]
         )
         self._uninstall()
+
+    @property
+    def layout(self) -> tuple[Any, ...]:
+        """What decides the shapes of the adapter's weights in this UNet."""
+        config = self.unet.config
+        return tuple(self.plain), tuple(config.block_out_channels), config.cross_attention_dim
 
     def _uninstall(self) -> None:
         self.unet.encoder_hid_proj = None

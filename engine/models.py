@@ -75,15 +75,16 @@ class BaseModel:
         return (self.txt2img, self.img2img, self.inpaint)
 
     def load_ip_adapter(self, folder: Path, shared: IpAdapter | None) -> IpAdapter:
-        """Load the baked IP-Adapter into the UNet (uninstalled until a request uses it), sharing
-        `shared`'s image encoder when given; img2img and inpaint get the encoder too."""
+        """Load the baked IP-Adapter for the UNet (installed only while a request uses it), or share
+        `shared`'s adapter modules and image encoder; img2img and inpaint get the encoder too."""
         start = time.perf_counter()
         self.ip_adapter = IpAdapter(self.txt2img, folder, shared)
         for pipe in (self.img2img, self.inpaint):
             pipe.register_modules(
                 image_encoder=self.txt2img.image_encoder, feature_extractor=self.txt2img.feature_extractor
             )
-        log.info("loaded the IP-Adapter into %s in %.1fs", self.model_id, time.perf_counter() - start)
+        how = "shares the IP-Adapter loaded for another model" if self.ip_adapter.shares else "loaded the IP-Adapter"
+        log.info("%s %s in %.1fs", self.model_id, how, time.perf_counter() - start)
         return self.ip_adapter
 
     def use_vae(self, vae: torch.nn.Module) -> None:

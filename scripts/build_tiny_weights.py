@@ -335,7 +335,8 @@ def build_ip_adapter(shape: Shape = TINY) -> tuple[CLIPVisionModelWithProjection
             hidden_act="gelu",
         )
     )
-    unet = build_unet(shape)
+    with torch.device("meta"):  # only its processor names and config are read
+        unet = build_unet(shape)
     hidden, queries = shape.ip_resampler
     resampler = IPAdapterPlusImageProjection(
         embed_dims=width,

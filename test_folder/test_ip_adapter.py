@@ -203,9 +203,11 @@ def test_without_the_folder_a_reference_is_refused(engine_without_ip: Engine) ->
         engine_without_ip.generate(GenerationRequest(**{**REQUEST.__dict__, "ip_adapter_images": (noise(1),)}))
 
 
-def test_one_image_encoder_and_every_pipeline_has_it(engine: Engine) -> None:
+def test_one_adapter_and_one_image_encoder_for_every_model_and_pipeline(engine: Engine) -> None:
     encoders = {id(pipe.image_encoder) for model in engine.models.values() for pipe in model.pipelines}
     assert len(encoders) == 1 and None not in encoders
+    adapters = [model.ip_adapter for model in engine.models.values()]
+    assert all(a is not None and a.modules is adapters[0].modules for a in adapters)
 
 
 def test_the_guidance_cutoff_halves_the_image_embeddings(engine: Engine) -> None:
