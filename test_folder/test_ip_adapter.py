@@ -133,10 +133,18 @@ def test_img2img_inpaint_and_both_models(server: CogServer) -> None:
     assert np.abs(pixels(illustrious) - pixels(sdxl)).max() > 0
 
 
-def test_go_fast_on_and_off(server: CogServer) -> None:
+def test_go_fast_on_and_off_unguided_and_two_outputs(server: CogServer) -> None:
     fast, _ = run(server, ip_adapter_image=[REF_A], num_inference_steps=10)
     slow, _ = run(server, ip_adapter_image=[REF_A], num_inference_steps=10, go_fast=False)
     assert np.abs(pixels(fast) - pixels(slow)).max() > 0
+    # guidance 0: no negative half to the image embeddings
+    unguided, _ = run(server, guidance=0)
+    unguided_ref, _ = run(server, guidance=0, ip_adapter_image=[REF_A])
+    assert np.abs(pixels(unguided) - pixels(unguided_ref)).max() > 0
+    status, body = server.predict({**SMALL, "ip_adapter_image": [REF_A], "num_outputs": 2})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    first, second = (pixels(decode_data_uri(uri)[1]) for uri in body["output"])
+    assert np.abs(first - second).max() > 0
 
 
 @pytest.mark.parametrize(
