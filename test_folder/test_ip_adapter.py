@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -191,13 +192,13 @@ def engine_without_ip(weights_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 def test_no_reference_is_the_engine_without_the_adapter(engine: Engine, engine_without_ip: Engine) -> None:
     for model in ("illustrious-xl", "sdxl"):
-        plain = GenerationRequest(**{**REQUEST.__dict__, "model": model})
+        plain = replace(REQUEST, model=model)
         expected = image_hash(engine_without_ip, plain)
         assert image_hash(engine, plain) == expected
-        image_hash(engine, GenerationRequest(**{**plain.__dict__, "ip_adapter_images": (noise(1),)}))
+        image_hash(engine, replace(plain, ip_adapter_images=(noise(1),)))
         assert image_hash(engine, plain) == expected
     for mode in ({"image": noise(3, (64, 64))}, {"go_fast": False}):
-        plain = GenerationRequest(**{**REQUEST.__dict__, **mode})
+        plain = replace(REQUEST, **mode)
         assert image_hash(engine, plain) == image_hash(engine_without_ip, plain)
     # Between requests nothing of the adapter is in the UNet: no LoRA can name its weights.
     unet = engine.models["illustrious-xl"].txt2img.unet
@@ -208,7 +209,7 @@ def test_no_reference_is_the_engine_without_the_adapter(engine: Engine, engine_w
 def test_without_the_folder_a_reference_is_refused(engine_without_ip: Engine) -> None:
     assert all(model.ip_adapter is None for model in engine_without_ip.models.values())
     with pytest.raises(InputError, match="built without the IP-Adapter"):
-        engine_without_ip.generate(GenerationRequest(**{**REQUEST.__dict__, "ip_adapter_images": (noise(1),)}))
+        engine_without_ip.generate(replace(REQUEST, ip_adapter_images=(noise(1),)))
 
 
 def test_one_adapter_and_one_image_encoder_for_every_model_and_pipeline(engine: Engine) -> None:
@@ -226,9 +227,21 @@ def test_the_guidance_cutoff_halves_the_image_embeddings(engine: Engine) -> None
     seen: list[int] = []
     hook = processor.to_k_ip[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
-        req = GenerationRequest(**{**REQUEST.__dict__, "num_inference_steps": 10, "ip_adapter_images": (noise(1),)})
+        req = replace(REQUEST, num_inference_steps=10, ip_adapter_images=(noise(1),))
         engine.generate(req)
     finally:
         hook.remove()
     # Full UNet steps 0-3 guided (batch 2); steps 6 and 9 are full and after the cutoff (batch 1).
     assert seen == [2, 2, 2, 2, 1, 1]
+
+
+def test_swap_mode_moves_the_shared_adapter_with_the_requested_model(weights_dir: Path) -> None:
+    """The adapter waits outside the UNet between requests, so a model move must take it along
+    (CPU on both sides here: the path runs, the transfer is not measured)."""
+    swapping = Engine.load(weights_dir, residency="swap")
+    req = replace(REQUEST, ip_adapter_images=(noise(1),))
+    for model in ("sdxl", "illustrious-xl"):
+        swapping.generate(replace(req, model=model))
+        adapter = swapping.models[model].ip_adapter
+        assert adapter is not None
+        assert {p.device for p in adapter.modules.parameters()} == {swapping.models[model].device}
