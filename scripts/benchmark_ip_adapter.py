@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import IP_ADAPTER_DIR
+from engine.config import IP_ADAPTER_DIR, IP_ADAPTER_WEIGHT_NAME
 from engine.generator import Engine
 from engine.ip_adapter import IpAdapter
 from engine.request import GenerationRequest
@@ -144,21 +146,18 @@ def engine_rows(weights: Path, steps: int, runs: int, tiny: bool) -> Rows:
 
 def parts_rows(latent: int, runs: int) -> Rows:
     """Real SDXL shapes, random bf16 weights, no engine."""
-    from diffusers import StableDiffusionXLPipeline
-
     rows: Rows = []
     dtype = torch.bfloat16  # CPUs without fast fp16 matmul run bf16 at full speed
+    torch.set_flush_denormal(True)  # random weights make denormal activations, slow on x86 only
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="ip-adapter-full-"))
     encoder, state = build_ip_adapter(FULL)
-    encoder.save_pretrained(folder / "image_encoder")
-    from safetensors.torch import save_file
-
-    from engine.config import IP_ADAPTER_WEIGHT_NAME
-
+    encoder.to(torch.float16).save_pretrained(folder / "image_encoder")
     save_file({k: v.to(torch.float16) for k, v in state.items()}, folder / IP_ADAPTER_WEIGHT_NAME)
     del encoder, state
-    unet = build_unet(FULL).to(dtype)
+    torch.set_default_dtype(dtype)  # built in bf16: an fp32 copy would need 10 GB
+    unet = build_unet(FULL)
+    torch.set_default_dtype(torch.float32)
     pipe = StableDiffusionXLPipeline(
         vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet, scheduler=None
     )
