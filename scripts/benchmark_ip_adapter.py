@@ -66,10 +66,11 @@ def reference(seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (768, 768, 3), dtype=np.uint8))
 
 
-def engine_rows(weights: Path, steps: int, runs: int, tiny: bool) -> Rows:
+def engine_rows(weights: Path, steps: int, runs: int, tiny: bool, scratch: Path) -> Rows:
     rows: Rows = []
     build_all(weights, shape=TINY if tiny else FULL)
-    without = Path(tempfile.mkdtemp(prefix="weights-without-ip-"))
+    without = scratch / "weights-without-ip"
+    without.mkdir()
     for folder in weights.iterdir():
         if folder.name != IP_ADAPTER_DIR:
             (without / folder.name).symlink_to(folder.resolve())
@@ -144,13 +145,13 @@ def engine_rows(weights: Path, steps: int, runs: int, tiny: bool) -> Rows:
     return rows
 
 
-def parts_rows(latent: int, runs: int) -> Rows:
+def parts_rows(latent: int, runs: int, scratch: Path) -> Rows:
     """Real SDXL shapes, random bf16 weights, no engine."""
     rows: Rows = []
     dtype = torch.bfloat16  # CPUs without fast fp16 matmul run bf16 at full speed
     torch.set_flush_denormal(True)  # random weights make denormal activations, slow on x86 only
     torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp(prefix="ip-adapter-full-"))
+    folder = scratch / "ip-adapter-full"
     encoder, state = build_ip_adapter(FULL)
     encoder.to(torch.float16).save_pretrained(folder / "image_encoder")
     save_file({k: v.to(torch.float16) for k, v in state.items()}, folder / IP_ADAPTER_WEIGHT_NAME)
@@ -207,12 +208,13 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     rows: Rows = [("device", device), ("torch", torch.__version__)]
-    if args.parts:
-        rows += parts_rows(args.latent, args.runs)
-    else:
-        if args.weights is None:
-            parser.error("--weights is required unless --parts")
-        rows += engine_rows(args.weights, args.steps, args.runs, args.tiny)
+    if not args.parts and args.weights is None:
+        parser.error("--weights is required unless --parts")
+    with tempfile.TemporaryDirectory(prefix="benchmark-ip-adapter-") as scratch:
+        if args.parts:
+            rows += parts_rows(args.latent, args.runs, Path(scratch))
+        else:
+            rows += engine_rows(args.weights, args.steps, args.runs, args.tiny, Path(scratch))
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
