@@ -25,6 +25,9 @@ from engine.config import (
     GO_FAST_CFG_CUTOFF,
     GO_FAST_DEEP_CACHE_INTERVAL,
     GO_FAST_DEEP_CACHE_START,
+    IP_ADAPTER_DEFAULT_SCALE,
+    IP_ADAPTER_MAX_IMAGES,
+    IP_ADAPTER_MAX_SCALE,
     MAX_CLIP_SKIP,
     MAX_OUTPUTS,
     MAX_STEPS,
@@ -133,6 +136,18 @@ class Predictor(BasePredictor):
             f"(2x is its 4x result reduced). Refused past {UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels, "
             "e.g. 4x of a size above 1 megapixel",
         ),
+        ip_adapter_image: Optional[list[Path]] = Input(
+            default=None,
+            description=f"Reference image(s) the output should look like (IP-Adapter): subject, style, colours. "
+            f"Up to {IP_ADAPTER_MAX_IMAGES}; several are combined. Works with the prompt, LoRAs, image and mask",
+        ),
+        ip_adapter_scale: float = Input(
+            default=IP_ADAPTER_DEFAULT_SCALE,
+            ge=0,
+            le=IP_ADAPTER_MAX_SCALE,
+            description="How strongly ip_adapter_image steers the output; 0 ignores it, about 1 follows it "
+            "closely and the prompt matters less",
+        ),
     ) -> list[Path]:
         request = GenerationRequest(
             prompt=prompt,
@@ -159,6 +174,8 @@ class Predictor(BasePredictor):
                 civitai=civitai_api_token.get_secret_value() if civitai_api_token else None,
             ),
             upscale=upscale,
+            ip_adapter_images=tuple(load_image(path, "ip_adapter_image") for path in ip_adapter_image or ()),
+            ip_adapter_scale=ip_adapter_scale,
         )
         results = self.engine.generate(request)
         # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.

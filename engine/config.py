@@ -77,6 +77,19 @@ UNET_COMPILE = "auto"
 COMPILE_WARMUP_ASPECTS: tuple[str, ...] = ("1:1", "16:9")
 COMPILE_WARMUP_STEPS = 10
 
+# IP-Adapter (engine/ip_adapter.py): "look like this reference image". The SDXL Plus adapter with
+# the ViT-H image encoder, baked into <weights root>/IP_ADAPTER_DIR; optional: without that folder
+# the feature is off and a request using it is refused. Loaded into every base model at setup,
+# installed in the UNet only for the requests that pass a reference image.
+IP_ADAPTER_DIR = "ip-adapter"
+IP_ADAPTER_WEIGHT_NAME = "ip-adapter-plus_sdxl_vit-h.safetensors"
+IP_ADAPTER_ENCODER_DIR = "image_encoder"  # inside IP_ADAPTER_DIR, CLIPVisionModelWithProjection
+IP_ADAPTER_DEFAULT_SCALE = 0.6  # the usual starting point: the prompt still shapes the image
+IP_ADAPTER_MAX_SCALE = 1.5
+# Reference images in one request: their tokens are concatenated (16 per image for Plus), so each
+# adds to every cross-attention's keys; a few are enough to blend a style or a subject.
+IP_ADAPTER_MAX_IMAGES = 4
+
 MAX_OUTPUTS = 4
 # torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger
 # seeds are reduced modulo 2^64 rather than refused; output i uses seed + i, wrapping the same way.

@@ -23,6 +23,7 @@ from engine.config import (
     GO_FAST_CFG_CUTOFF,
     GO_FAST_DEEP_CACHE_INTERVAL,
     GO_FAST_DEEP_CACHE_START,
+    IP_ADAPTER_DIR,
     MODEL_IDS,
     MODEL_RESIDENCY,
     RESIDENCY_HEADROOM_BYTES,
@@ -33,6 +34,7 @@ from engine.config import (
 )
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
+from engine.ip_adapter import IP_ADAPTER_NAME, IpAdapter
 from engine.logs import quiet_library_noise
 from engine.metadata import GenerationParameters
 from engine.models import BaseModel, default_device, default_dtype
@@ -145,6 +147,12 @@ class Engine:
             for i, model_id in enumerate(sorted(present, key=lambda m: m != DEFAULT_MODEL))
         }
         _share_identical_vaes(root, list(models.values()))
+        if (root / IP_ADAPTER_DIR).is_dir():
+            shared: IpAdapter | None = None
+            for model in models.values():
+                shared = model.load_ip_adapter(root / IP_ADAPTER_DIR, shared)
+        else:
+            log.info("IP-Adapter not baked (no %s folder in the weights): ip_adapter_image is refused", IP_ADAPTER_DIR)
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
         safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
         engine = cls(models, safety, loras, swap, upscaler=Upscaler.load_if_baked(root, device, dtype))
@@ -187,6 +195,11 @@ class Engine:
             raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
         model = self.models[req.model]
         # Everything that can be refused is checked before a model moves or a LoRA is downloaded.
+        if req.ip_adapter_images and model.ip_adapter is None:
+            raise InputError(
+                "this image was built without the IP-Adapter, so ip_adapter_image cannot be used: "
+                "leave it out, or bake the IP-Adapter into the image (see README, 'Weights')"
+            )
         model.check_clip_skip(req.clip_skip)
         model.prompts.check_length(req.prompt, "prompt")
         model.prompts.check_length(req.negative_prompt, "negative_prompt")
@@ -230,8 +243,23 @@ class Engine:
         deep = DeepFeatureCache(
             pipe.unet, lambda: pipe.num_timesteps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL
         )
-        start = time.perf_counter()
-        with deep.installed() if req.go_fast else contextlib.nullcontext():
+        # Scale 0 is no IP-Adapter at all: the plain UNet, not the IP processors adding nothing.
+        reference = model.ip_adapter if req.ip_adapter_images and req.ip_adapter_scale > 0 else None
+        with contextlib.ExitStack() as stack:
+            if reference is not None:
+                stack.enter_context(reference.installed(req.ip_adapter_scale))
+                guided = req.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' rule
+                encode_start = time.perf_counter()
+                extra["ip_adapter_image_embeds"] = reference.embeds(pipe, req.ip_adapter_images, guided)
+                log.info(
+                    "IP-Adapter: %d reference image(s) at scale %g, encoded in %.2fs",
+                    len(req.ip_adapter_images),
+                    req.ip_adapter_scale,
+                    time.perf_counter() - encode_start,
+                )
+            if req.go_fast:
+                stack.enter_context(deep.installed())
+            start = time.perf_counter()
             images = pipe(
                 **model.prompts.kwargs(
                     model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt), req.clip_skip
@@ -245,7 +273,7 @@ class Engine:
                 callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
                 **extra,
             ).images
-        log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
+            log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
         if req.go_fast:
             log.info(
                 "go_fast: the whole UNet ran in %d of %d steps, the others reused its deep features",
@@ -271,6 +299,9 @@ class Engine:
                     cfg_cutoff=GO_FAST_CFG_CUTOFF if req.go_fast else None,
                     deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
                     loras=tuple((lora.name, lora.scale) for lora in loras),
+                    ip_adapter=(IP_ADAPTER_NAME, req.ip_adapter_scale, len(req.ip_adapter_images))
+                    if reference is not None
+                    else None,
                 ),
             )
             for i, image in enumerate(images)

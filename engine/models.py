@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from engine.errors import InputError
+from engine.ip_adapter import IpAdapter
 from engine.loras import LoraSet
 from engine.prompts import PromptEncoder
 
@@ -51,6 +52,7 @@ class BaseModel:
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self.device = device
+        self.ip_adapter: IpAdapter | None = None  # set by load_ip_adapter when the adapter is baked
         self.loras = LoraSet(self.txt2img, model_id)  # on the shared modules: all three pipelines see it
         self.prompts = PromptEncoder(self.txt2img)
         self.scheduler_config = dict(self.txt2img.scheduler.config)
@@ -72,6 +74,19 @@ class BaseModel:
     def pipelines(self) -> tuple[DiffusionPipeline, ...]:
         return (self.txt2img, self.img2img, self.inpaint)
 
+    def load_ip_adapter(self, folder: Path, shared: IpAdapter | None) -> IpAdapter:
+        """Load the baked IP-Adapter for the UNet (installed only while a request uses it), or share
+        `shared`'s adapter modules and image encoder; img2img and inpaint get the encoder too."""
+        start = time.perf_counter()
+        self.ip_adapter = IpAdapter(self.txt2img, folder, shared)
+        for pipe in (self.img2img, self.inpaint):
+            pipe.register_modules(
+                image_encoder=self.txt2img.image_encoder, feature_extractor=self.txt2img.feature_extractor
+            )
+        how = "shares the IP-Adapter loaded for another model" if self.ip_adapter.shares else "loaded the IP-Adapter"
+        log.info("%s %s in %.1fs", self.model_id, how, time.perf_counter() - start)
+        return self.ip_adapter
+
     def use_vae(self, vae: torch.nn.Module) -> None:
         """Take another model's identical VAE module, in all three pipelines."""
         for pipe in self.pipelines:
@@ -81,6 +96,8 @@ class BaseModel:
         """Move the shared modules (all three pipelines follow); returns the seconds it took."""
         start = time.perf_counter()
         self.txt2img.to(device)
+        if self.ip_adapter is not None:  # held outside the UNet between requests
+            self.ip_adapter.modules.to(device)
         self.device = device
         return time.perf_counter() - start
 

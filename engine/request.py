@@ -11,7 +11,17 @@ from typing import Protocol
 
 from PIL import Image
 
-from engine.config import DEFAULT_MODEL, DEFAULT_SCHEDULER, FLUX_GUIDANCE_TO_CFG, MAX_STEPS, SEED_MAX, UPSCALE_FACTORS
+from engine.config import (
+    DEFAULT_MODEL,
+    DEFAULT_SCHEDULER,
+    FLUX_GUIDANCE_TO_CFG,
+    IP_ADAPTER_DEFAULT_SCALE,
+    IP_ADAPTER_MAX_IMAGES,
+    IP_ADAPTER_MAX_SCALE,
+    MAX_STEPS,
+    SEED_MAX,
+    UPSCALE_FACTORS,
+)
 from engine.errors import InputError
 
 
@@ -79,6 +89,8 @@ class GenerationRequest:
     loras: tuple[LoraSpec, ...] = ()
     credentials: Credentials = Credentials()
     upscale: str = "none"  # a key of UPSCALE_FACTORS, applied to each output after the safety checker
+    ip_adapter_images: tuple[Image.Image, ...] = ()  # reference images; their tokens are concatenated
+    ip_adapter_scale: float = IP_ADAPTER_DEFAULT_SCALE
 
     def validate(self) -> None:
         """Refuse what the schema cannot express, with a message that says what to change."""
@@ -98,6 +110,14 @@ class GenerationRequest:
             )
         if self.image is not None and self.mask is not None:
             _check_mask_proportions(self.image.size, self.mask.size)
+        if len(self.ip_adapter_images) > IP_ADAPTER_MAX_IMAGES:
+            raise InputError(
+                f"ip_adapter_image holds {len(self.ip_adapter_images)} images: send at most {IP_ADAPTER_MAX_IMAGES}"
+            )
+        if not 0 <= self.ip_adapter_scale <= IP_ADAPTER_MAX_SCALE:
+            raise InputError(
+                f"ip_adapter_scale must be between 0 and {IP_ADAPTER_MAX_SCALE:g}, got {self.ip_adapter_scale}"
+            )
         if isinstance(self.seed, float) and not (math.isfinite(self.seed) and self.seed.is_integer()):
             raise InputError(f"seed must be a whole number, got {self.seed}")
         if self.upscale not in UPSCALE_FACTORS:

@@ -6,8 +6,10 @@ benchmarks on a GPU host (never for images anyone should look at).
 The result is `weights/<model-id>/` (a diffusers folder that
 `StableDiffusionXLPipeline.from_pretrained` loads) for every model id, plus
 `weights/safety-checker/`, `weights/captioner/` (a BLIP captioner for `cog train`'s
-autocaption, random weights: its captions are gibberish, the code path is the real one) and
-`weights/upscaler/` (Swin2SR x4 in the real-world model's configuration, see build_upscaler). The
+autocaption, random weights: its captions are gibberish, the code path is the real one),
+`weights/upscaler/` (Swin2SR x4 in the real-world model's configuration, see build_upscaler) and
+`weights/ip-adapter/` (an IP-Adapter Plus file in the original key layout with its CLIP image
+encoder, sized for the UNet's cross-attention). The
 tokenizers use the real CLIP BPE vocabulary shipped inside the open-clip-torch wheel, so prompts tokenize exactly as on
 the real models. Each model gets its own seed so switching models is visible.
 
@@ -27,7 +29,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from safetensors.torch import save_file
 from transformers import (
     BertTokenizer,
     BlipConfig,
@@ -41,13 +46,23 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     Swin2SRConfig,
     Swin2SRForImageSuperResolution,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import CAPTIONER_DIR, MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, weights_root
+from engine.config import (
+    CAPTIONER_DIR,
+    IP_ADAPTER_DIR,
+    IP_ADAPTER_ENCODER_DIR,
+    IP_ADAPTER_WEIGHT_NAME,
+    MODEL_IDS,
+    SAFETY_CHECKER_DIR,
+    UPSCALER_DIR,
+    weights_root,
+)
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408
@@ -74,6 +89,10 @@ class Shape:
     checker_vision: tuple[int, int, int, int, int, int, int]
     # (width, blocks per stage, heads per stage) of the upscaler's Swin body.
     upscaler: tuple[int, tuple[int, ...], tuple[int, ...]]
+    # The IP-Adapter's image encoder, the same fields; then the Plus resampler's (width, queries):
+    # its heads are width / 64, as diffusers reads them back.
+    ip_vision: tuple[int, int, int, int, int, int, int]
+    ip_resampler: tuple[int, int]
 
 
 TINY = Shape(
@@ -90,6 +109,8 @@ TINY = Shape(
     text_encoder_2=(64, 6, 4, 128, 32, "gelu"),
     checker_vision=(16, 1, 2, 32, 32, 8, 16),
     upscaler=(16, (2, 2), (2, 2)),
+    ip_vision=(32, 2, 2, 64, 32, 8, 16),
+    ip_resampler=(64, 4),
 )
 FULL = Shape(
     unet_channels=(320, 640, 1280),
@@ -105,6 +126,8 @@ FULL = Shape(
     text_encoder_2=(1280, 32, 20, 5120, 1280, "gelu"),
     checker_vision=(1024, 24, 16, 4096, 224, 14, 768),
     upscaler=(180, (6,) * 6, (6,) * 6),  # caidas/swin2SR-realworld-sr-x4-64-bsrgan-psnr
+    ip_vision=(1280, 32, 16, 5120, 224, 14, 1024),  # OpenCLIP ViT-H/14, h94/IP-Adapter models/image_encoder
+    ip_resampler=(1280, 16),
 )
 # The UNet's latent size: native resolution / 8, i.e. 128 px for TINY and 1024 px for FULL.
 SAMPLE_SIZE = {TINY: 16, FULL: 128}
@@ -336,6 +359,75 @@ def build_upscaler(shape: Shape = TINY) -> Swin2SRForImageSuperResolution:
     return model
 
 
+def _original_resampler_name(name: str) -> str:
+    """diffusers' name of a Plus resampler weight -> the name the original IP-Adapter file uses
+    (the inverse of diffusers' `_convert_ip_adapter_image_proj_to_diffusers`)."""
+    for ours, theirs in (
+        (".ln0.", ".0.norm1."),
+        (".ln1.", ".0.norm2."),
+        (".attn.to_q.", ".0.to_q."),
+        (".attn.to_out.0.", ".0.to_out."),
+        (".ff.0.", ".1.0."),
+        (".ff.1.net.0.proj.", ".1.1."),
+        (".ff.1.net.2.", ".1.3."),
+    ):
+        name = name.replace(ours, theirs)
+    return name
+
+
+def build_ip_adapter(shape: Shape = TINY) -> tuple[CLIPVisionModelWithProjection, dict[str, torch.Tensor]]:
+    """A CLIP image encoder and an IP-Adapter Plus state dict for build_unet(shape), in the original
+    file's layout: `image_proj.*` (the resampler) and `ip_adapter.<n>.to_k_ip/to_v_ip.weight` for
+    each cross-attention, numbered 1, 3, 5 ... in the UNet's processor order, as diffusers reads them."""
+    torch.manual_seed(3)
+    width, layers, heads, mlp, image_size, patch, projection = shape.ip_vision
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_attention_heads=heads,
+            num_hidden_layers=layers,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=projection,
+            hidden_act="gelu",
+        )
+    )
+    with torch.device("meta"):  # only its processor names and config are read
+        unet = build_unet(shape)
+    hidden, queries = shape.ip_resampler
+    resampler = IPAdapterPlusImageProjection(
+        embed_dims=width,
+        output_dims=unet.config.cross_attention_dim,
+        hidden_dims=hidden,
+        heads=hidden // 64,
+        num_queries=queries,
+    )
+    state: dict[str, torch.Tensor] = {}
+    for name, value in resampler.state_dict().items():
+        if ".attn.to_v." in name:
+            continue  # stored with to_k as one to_kv matrix
+        if ".attn.to_k." in name:
+            value = torch.cat([value, resampler.state_dict()[name.replace(".to_k.", ".to_v.")]])
+            name = name.replace(".attn.to_k.", ".0.to_kv.")
+        state[f"image_proj.{_original_resampler_name(name)}"] = value
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block, index = name.split(".")[:2]
+        channels = unet.config.block_out_channels
+        if block == "mid_block":
+            hidden_size = channels[-1]
+        else:
+            hidden_size = (channels[::-1] if block == "up_blocks" else channels)[int(index)]
+        processor = IPAdapterAttnProcessor2_0(hidden_size, unet.config.cross_attention_dim, num_tokens=(queries,))
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = processor.to_k_ip[0].weight.detach().clone()
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = processor.to_v_ip[0].weight.detach().clone()
+        key_id += 2
+    return encoder, {k: v.contiguous() for k, v in state.items()}
+
+
 def _save_atomically(target: Path, save: callable) -> None:
     """Write into a temporary sibling folder, then rename, so a kill leaves nothing half-built."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +480,18 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
     if force or not target.exists():
         upscaler = build_upscaler(shape)  # fp32 like the real checkpoint; the engine casts it
         _save_atomically(target, lambda d: upscaler.save_pretrained(d))
+    target = root / IP_ADAPTER_DIR
+    if force or not target.exists():
+        encoder, adapter = build_ip_adapter(shape)
+        if shape is FULL:
+            encoder.to(torch.float16)
+            adapter = {k: v.half() for k, v in adapter.items()}
+
+        def save_ip_adapter(d: Path) -> None:
+            encoder.save_pretrained(d / IP_ADAPTER_ENCODER_DIR)
+            save_file(adapter, d / IP_ADAPTER_WEIGHT_NAME)
+
+        _save_atomically(target, save_ip_adapter)
         written.append(target)
     return written
 

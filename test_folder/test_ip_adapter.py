@@ -1,0 +1,247 @@
+"""IP-Adapter reference images through the real Cog server, and the exactness of the toggle in the
+engine: a request without a reference runs the UNet an engine without the adapter runs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.errors import InputError
+from engine.generator import Engine
+from engine.request import GenerationRequest
+from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
+from test_folder.test_logs import noisy_lines
+from test_folder.test_server import FLUX_JSON
+from utils import read_parameters
+
+SMALL = {**FLUX_JSON, "megapixels": "0.25", "num_inference_steps": 3, "output_format": "png"}
+
+
+def noise(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A reference image: random colours, different for each seed."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+REF_A = image_data_uri(noise(1))
+REF_B = image_data_uri(noise(2))
+
+
+@pytest.fixture(scope="module")
+def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+    server = CogServer(weights_dir, tmp_path_factory.mktemp("ip-server") / "server.log")
+    try:
+        assert server.wait_ready()["status"] == "READY"
+        yield server
+    finally:
+        server.stop()
+
+
+def run(server: CogServer, **inputs: object) -> tuple[bytes, str]:
+    """The PNG's bytes and its embedded parameters."""
+    status, body = server.predict({**SMALL, **inputs})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    _, data = decode_data_uri(body["output"][0])
+    return data, read_parameters(io.BytesIO(data)) or ""
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+def test_a_reference_changes_the_image_and_each_reference_differs(server: CogServer) -> None:
+    plain, plain_params = run(server)
+    a, a_params = run(server, ip_adapter_image=[REF_A])
+    b, _ = run(server, ip_adapter_image=[REF_B])
+    both, both_params = run(server, ip_adapter_image=[REF_A, REF_B])
+    outputs = [pixels(x) for x in (plain, a, b, both)]
+    assert all(x.shape == outputs[0].shape == (64, 64, 3) for x in outputs)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert np.abs(outputs[i] - outputs[j]).max() > 0, (i, j)
+    assert "IP-Adapter" not in plain_params
+    assert 'IP-Adapter: "ip-adapter-plus_sdxl_vit-h: 0.6, 1 image"' in a_params
+    assert 'IP-Adapter: "ip-adapter-plus_sdxl_vit-h: 0.6, 2 images"' in both_params
+    again, _ = run(server, ip_adapter_image=[REF_A])
+    assert again == a  # same seed, same reference: the same file
+
+
+def test_one_log_line_and_no_library_noise(server: CogServer) -> None:
+    status, body = server.predict({**SMALL, "ip_adapter_image": [REF_A, REF_B], "go_fast": True})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    lines = [line for line in body["logs"].splitlines() if "IP-Adapter" in line]
+    assert len(lines) == 1 and lines[0].startswith("IP-Adapter: 2 reference image(s) at scale 0.6, encoded in ")
+    assert noisy_lines(body["logs"]) == []
+
+
+def test_scale_changes_the_image_and_zero_is_no_reference(server: CogServer) -> None:
+    plain, _ = run(server)
+    zero, params = run(server, ip_adapter_image=[REF_A], ip_adapter_scale=0)
+    assert zero == plain  # the same bytes: no IP-Adapter ran, and the metadata says nothing
+    assert "IP-Adapter" not in params
+    weak, _ = run(server, ip_adapter_image=[REF_A], ip_adapter_scale=0.3)
+    strong, strong_params = run(server, ip_adapter_image=[REF_A], ip_adapter_scale=1.5)
+    assert np.abs(pixels(weak) - pixels(strong)).max() > 0
+    assert "ip-adapter-plus_sdxl_vit-h: 1.5, 1 image" in strong_params
+
+
+def test_a_lone_url_gets_422_naming_the_field(server: CogServer) -> None:
+    """The input is a list (one or several references); coglet does not wrap a lone value."""
+    status, body = server.predict({**SMALL, "ip_adapter_image": REF_A})
+    assert status == 422
+    assert "ip_adapter_image" in str(body)
+
+
+def test_with_a_lora_and_the_baseline_after(server: CogServer, lora_files: dict[str, bytes]) -> None:
+    lora = "data:application/octet-stream;base64," + base64.b64encode(lora_files["a"]).decode()
+    before, _ = run(server)
+    ip, _ = run(server, ip_adapter_image=[REF_A])
+    with_lora, _ = run(server, lora_weights=lora)
+    both, params = run(server, lora_weights=lora, ip_adapter_image=[REF_A])
+    assert "IP-Adapter" in params and "Lora" in params
+    for other in (before, ip, with_lora):
+        assert np.abs(pixels(both) - pixels(other)).max() > 0
+    after, _ = run(server)
+    assert after == before
+
+
+def test_img2img_inpaint_and_both_models(server: CogServer) -> None:
+    source = image_data_uri(noise(7, (64, 64)))
+    mask = Image.new("L", (64, 64))
+    mask.paste(255, (16, 16, 48, 48))
+    for inputs in (
+        {"image": source},
+        {"image": source, "mask": image_data_uri(mask)},
+        {"model": "sdxl"},
+        {"model": "sdxl", "image": source},
+    ):
+        without, _ = run(server, **inputs)
+        with_ref, params = run(server, **inputs, ip_adapter_image=[REF_A])
+        assert pixels(with_ref).shape == pixels(without).shape
+        assert np.abs(pixels(with_ref) - pixels(without)).max() > 0, inputs
+        assert "IP-Adapter" in params
+    illustrious, _ = run(server, ip_adapter_image=[REF_A])
+    sdxl, _ = run(server, model="sdxl", ip_adapter_image=[REF_A])
+    assert np.abs(pixels(illustrious) - pixels(sdxl)).max() > 0
+
+
+def test_go_fast_on_and_off_unguided_and_two_outputs(server: CogServer) -> None:
+    fast, _ = run(server, ip_adapter_image=[REF_A], num_inference_steps=10)
+    slow, _ = run(server, ip_adapter_image=[REF_A], num_inference_steps=10, go_fast=False)
+    assert np.abs(pixels(fast) - pixels(slow)).max() > 0
+    # guidance 0: no negative half to the image embeddings
+    unguided, _ = run(server, guidance=0)
+    unguided_ref, _ = run(server, guidance=0, ip_adapter_image=[REF_A])
+    assert np.abs(pixels(unguided) - pixels(unguided_ref)).max() > 0
+    status, body = server.predict({**SMALL, "ip_adapter_image": [REF_A], "num_outputs": 2})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    first, second = (pixels(decode_data_uri(uri)[1]) for uri in body["output"])
+    assert np.abs(first - second).max() > 0
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"ip_adapter_image": ["data:image/png;base64,bm90IGFuIGltYWdl"]}, "ip_adapter_image could not be read"),
+        ({"ip_adapter_image": [REF_A] * 5}, "ip_adapter_image holds 5 images: send at most 4"),
+    ],
+)
+def test_bad_references_fail_clearly(server: CogServer, inputs: dict, message: str) -> None:
+    status, body = server.predict({**SMALL, **inputs})
+    assert status == 200 and body["status"] == "failed"
+    assert message in body["error"]
+    assert "Traceback" not in body["error"]
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.6, "strong"])
+def test_scale_out_of_range_gets_422(server: CogServer, value: object) -> None:
+    status, _ = server.predict({**SMALL, "ip_adapter_image": [REF_A], "ip_adapter_scale": value})
+    assert status == 422
+
+
+# The toggle, in the engine: bytes of the decoded image, two engines in this process.
+
+
+def image_hash(engine: Engine, req: GenerationRequest) -> str:
+    return hashlib.sha256(engine.generate(req)[0].image.tobytes()).hexdigest()
+
+
+REQUEST = GenerationRequest(
+    prompt="a lighthouse at dusk", num_inference_steps=3, seed=5, megapixels="0.25", safety_checker=False
+)
+
+
+@pytest.fixture(scope="module")
+def engine_without_ip(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The same weights, minus the IP-Adapter folder."""
+    root = tmp_path_factory.mktemp("weights-without-ip")
+    for folder in weights_dir.iterdir():
+        if folder.name != "ip-adapter":
+            (root / folder.name).symlink_to(folder)
+    return Engine.load(root)
+
+
+def test_no_reference_is_the_engine_without_the_adapter(engine: Engine, engine_without_ip: Engine) -> None:
+    for model in ("illustrious-xl", "sdxl"):
+        plain = replace(REQUEST, model=model)
+        expected = image_hash(engine_without_ip, plain)
+        assert image_hash(engine, plain) == expected
+        image_hash(engine, replace(plain, ip_adapter_images=(noise(1),)))
+        assert image_hash(engine, plain) == expected
+    for mode in ({"image": noise(3, (64, 64))}, {"go_fast": False}):
+        plain = replace(REQUEST, **mode)
+        assert image_hash(engine, plain) == image_hash(engine_without_ip, plain)
+    # Between requests nothing of the adapter is in the UNet: no LoRA can name its weights.
+    unet = engine.models["illustrious-xl"].txt2img.unet
+    assert not [name for name, _ in unet.named_parameters() if "_ip" in name or "encoder_hid_proj" in name]
+    assert unet.encoder_hid_proj is None and unet.config.encoder_hid_dim_type is None
+
+
+def test_without_the_folder_a_reference_is_refused(engine_without_ip: Engine) -> None:
+    assert all(model.ip_adapter is None for model in engine_without_ip.models.values())
+    with pytest.raises(InputError, match="built without the IP-Adapter"):
+        engine_without_ip.generate(replace(REQUEST, ip_adapter_images=(noise(1),)))
+
+
+def test_one_adapter_and_one_image_encoder_for_every_model_and_pipeline(engine: Engine) -> None:
+    encoders = {id(pipe.image_encoder) for model in engine.models.values() for pipe in model.pipelines}
+    assert len(encoders) == 1 and None not in encoders
+    adapters = [model.ip_adapter for model in engine.models.values()]
+    assert all(a is not None and a.modules is adapters[0].modules for a in adapters)
+
+
+def test_the_guidance_cutoff_halves_the_image_embeddings(engine: Engine) -> None:
+    """go_fast drops the unconditional half mid-run: the IP keys see batch 2, then 1, never a mismatch."""
+    adapter = engine.models["illustrious-xl"].ip_adapter
+    assert adapter is not None
+    processor = next(p for p in adapter.processors.values() if isinstance(p, torch.nn.Module))
+    seen: list[int] = []
+    hook = processor.to_k_ip[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        req = replace(REQUEST, num_inference_steps=10, ip_adapter_images=(noise(1),))
+        engine.generate(req)
+    finally:
+        hook.remove()
+    # Full UNet steps 0-3 guided (batch 2); steps 6 and 9 are full and after the cutoff (batch 1).
+    assert seen == [2, 2, 2, 2, 1, 1]
+
+
+def test_swap_mode_moves_the_shared_adapter_with_the_requested_model(weights_dir: Path) -> None:
+    """The adapter waits outside the UNet between requests, so a model move must take it along
+    (CPU on both sides here: the path runs, the transfer is not measured)."""
+    swapping = Engine.load(weights_dir, residency="swap")
+    req = replace(REQUEST, ip_adapter_images=(noise(1),))
+    for model in ("sdxl", "illustrious-xl"):
+        swapping.generate(replace(req, model=model))
+        adapter = swapping.models[model].ip_adapter
+        assert adapter is not None
+        assert {p.device for p in adapter.modules.parameters()} == {swapping.models[model].device}
