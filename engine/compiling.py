@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
+from PIL import Image
 
 from engine.config import COMPILE_WARMUP_ASPECTS, COMPILE_WARMUP_STEPS
 from engine.request import GenerationRequest
@@ -46,24 +48,32 @@ def uncompile_blocks(unets: Iterable[torch.nn.Module]) -> None:
                 block._compiled_call_impl = None
 
 
-def warm_up(generate: Callable[[GenerationRequest], Any], model_ids: Iterable[str]) -> float:
+def warm_up(
+    generate: Callable[[GenerationRequest], Any], model_ids: Iterable[str], reference: Image.Image | None
+) -> float:
     """Run the shapes requests will bring, once per model; returns the seconds it took.
 
     go_fast on with COMPILE_WARMUP_STEPS steps has full UNet passes both before and after the
-    guidance cutoff (batch 2 and batch 1), and the two aspect ratios give two token counts.
+    guidance cutoff (batch 2 and batch 1), and the two aspect ratios give two token counts. With a
+    `reference` (the IP-Adapter is baked), each runs once more with it, and once with two copies:
+    its attention processors are other code, compiled here rather than in a user's first request,
+    and the number of reference images is a dimension of their inputs.
     """
     start = time.perf_counter()
     for model_id in model_ids:
         for aspect in COMPILE_WARMUP_ASPECTS:
-            generate(
-                GenerationRequest(
-                    prompt="warm-up",
-                    model=model_id,
-                    aspect_ratio=aspect,
-                    num_inference_steps=COMPILE_WARMUP_STEPS,
-                    seed=0,
-                    go_fast=True,
-                    safety_checker=False,
-                )
+            request = GenerationRequest(
+                prompt="warm-up",
+                model=model_id,
+                aspect_ratio=aspect,
+                num_inference_steps=COMPILE_WARMUP_STEPS,
+                seed=0,
+                go_fast=True,
+                safety_checker=False,
             )
+            generate(request)
+            if reference is not None:
+                generate(replace(request, ip_adapter_images=(reference,)))
+        if reference is not None:  # torch specialises a dimension of 1: two references are another graph
+            generate(replace(request, ip_adapter_images=(reference, reference)))
     return time.perf_counter() - start

@@ -169,7 +169,9 @@ class Engine:
         unets = [model.txt2img.unet for model in self.models.values()]
         compile_blocks(unets, backend)
         try:
-            seconds = warm_up(self.generate, list(self.models))
+            baked_ip = any(model.ip_adapter is not None for model in self.models.values())
+            reference = Image.new("RGB", (64, 64), "gray") if baked_ip else None
+            seconds = warm_up(self.generate, list(self.models), reference)
         except Exception as e:  # any compiler fault: run eager, and say why
             uncompile_blocks(unets)
             torch._dynamo.reset()
