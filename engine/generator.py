@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from engine.config import (
+    CONTROLNET_DIR,
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
     GO_FAST_CFG_CUTOFF,
@@ -26,6 +27,7 @@ from engine.config import (
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
 )
+from engine.control import Control, batch_matched, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
@@ -47,6 +49,7 @@ DEEP_CACHE_LABEL = f"from {GO_FAST_DEEP_CACHE_START:g}, every {GO_FAST_DEEP_CACH
 class GeneratedImage:
     image: Image.Image
     parameters: GenerationParameters
+    control_map: Image.Image | None = None  # the map that guided it, when return_control_map asked
 
 
 def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device) -> bool:
@@ -102,11 +105,16 @@ class Engine:
         safety: SafetyChecker,
         loras: LoraSource | None = None,
         swap: bool = False,
+        control: Control | None = None,
     ) -> None:
         self.models = models
         self.safety = safety
         self.loras = loras
         self.swap = swap  # idle models wait in CPU RAM; the requested one is moved in
+        self.control = control or Control(None)  # without one, control images are refused
+        if self.control.controlnet is not None:
+            for model in models.values():
+                model.attach_controlnet(self.control.controlnet)
 
     @classmethod
     def load(
@@ -136,7 +144,8 @@ class Engine:
         }
         _share_identical_vaes(root, list(models.values()))
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
-        return cls(models, SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype), loras, swap)
+        safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
+        return cls(models, safety, loras, swap, Control.load(root, device, dtype))
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one."""
@@ -161,6 +170,8 @@ class Engine:
             image_size=req.image.size if req.image is not None else None,
         )
         width, height = scale_to_model(ref, model.native_resolution)
+        self.control.check(req)
+        control_map = self._control_map(req, width, height)
         loras = self._fetch_loras(req)
         if self.swap:
             self._move_in(model)
@@ -173,9 +184,13 @@ class Engine:
             log.info("seed: %d%s", seed, "" if seed == req.seed else f" ({req.seed} modulo 2^64)")
         seeds = output_seeds(seed, req.num_outputs)
 
-        pipe, extra = self._pipeline_for(model, req, width, height)
+        controlled = control_map is not None and req.control_strength > 0  # strength 0 is the plain pipeline
+        pipe, extra = self._pipeline_for(model, req, width, height, control_map if controlled else None)
         pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
-        on_step = StepCallback(GO_FAST_CFG_CUTOFF if req.go_fast else None)
+        cfg_cutoff = GO_FAST_CFG_CUTOFF if req.go_fast and keeps_cfg_cutoff(pipe) else None
+        if req.go_fast and cfg_cutoff is None:
+            log.info("go_fast: guidance stays on every step (inpaint with a control image); deep features are reused")
+        on_step = StepCallback(cfg_cutoff)
         mode = "inpaint" if req.mask is not None else "img2img" if req.image is not None else "txt2img"
         log.info(
             "%s: %s, %dx%d, %d output(s), %d steps, %s, cfg %g, go_fast %s",
@@ -193,7 +208,10 @@ class Engine:
             pipe.unet, lambda: pipe.num_timesteps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL
         )
         start = time.perf_counter()
-        with deep.installed() if req.go_fast else contextlib.nullcontext():
+        with (
+            deep.installed() if req.go_fast else contextlib.nullcontext(),
+            batch_matched(pipe.controlnet) if controlled else contextlib.nullcontext(),
+        ):
             images = pipe(
                 **model.prompts.kwargs(
                     model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt), req.clip_skip
@@ -208,6 +226,9 @@ class Engine:
                 **extra,
             ).images
         log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
+        control = self._control_label(req) if controlled else None
+        if controlled:
+            log.info("ControlNet: %s", control)
         if req.go_fast:
             log.info(
                 "go_fast: the whole UNet ran in %d of %d steps, the others reused its deep features",
@@ -230,10 +251,12 @@ class Engine:
                     model=req.model,
                     clip_skip=req.clip_skip,
                     denoising_strength=req.prompt_strength if req.image is not None else None,
-                    cfg_cutoff=GO_FAST_CFG_CUTOFF if req.go_fast else None,
+                    cfg_cutoff=cfg_cutoff,
                     deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
                     loras=tuple((lora.name, lora.scale) for lora in loras),
+                    control=control,
                 ),
+                control_map if req.return_control_map else None,
             )
             for i, image in enumerate(images)
         ]
@@ -265,21 +288,51 @@ class Engine:
             _log_trigger_words(lora, req.prompt)
         return list(fetched.values())
 
+    def _control_map(self, req: GenerationRequest, width: int, height: int) -> Image.Image | None:
+        """The request's control map at the output's size (None without a control image), with its time."""
+        if req.control_image is None:
+            return None
+        start = time.perf_counter()
+        control_map = self.control.control_map(req, width, height)
+        log.info(
+            "control map: %s from a %dx%d image (%s) in %.2fs",
+            req.control_type,
+            *req.control_image.size,
+            f"preprocessor {preprocessor_name(req)}" if req.control_preprocess else "sent ready",
+            time.perf_counter() - start,
+        )
+        return control_map
+
+    def _control_label(self, req: GenerationRequest) -> str:
+        """A1111's ControlNet unit text: preprocessor, model, type, weight and step range."""
+        return (
+            f"Module: {preprocessor_name(req)}, Model: {CONTROLNET_DIR}, Control type: {req.control_type}, "
+            f"Weight: {req.control_strength:g}, Guidance Start: {req.control_start:g}, "
+            f"Guidance End: {req.control_end:g}"
+        )
+
     @staticmethod
-    def _pipeline_for(model: BaseModel, req: GenerationRequest, width: int, height: int) -> tuple[Any, dict[str, Any]]:
-        """The pipeline for the request's mode and the arguments only that mode takes."""
+    def _pipeline_for(
+        model: BaseModel, req: GenerationRequest, width: int, height: int, control_map: Image.Image | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """The pipeline for the request's mode and the arguments only that mode takes; the ControlNet
+        pipelines only when a control map guides the image."""
+        control = pipeline_kwargs(req, control_map) if control_map is not None else {}
         if req.image is None:
-            return model.txt2img, {"width": width, "height": height}
+            pipe = model.txt2img if control_map is None else model.control_txt2img
+            return pipe, {"width": width, "height": height, **control}
         image = req.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
         if req.mask is None:
-            return model.img2img, {"image": image, "strength": req.prompt_strength}
+            pipe = model.img2img if control_map is None else model.control_img2img
+            return pipe, {"image": image, "strength": req.prompt_strength, **control}
         mask = req.mask.convert("L").resize((width, height), Image.Resampling.LANCZOS)
-        return model.inpaint, {
+        return model.inpaint if control_map is None else model.control_inpaint, {
             "image": image,
             "mask_image": mask,
             "strength": req.prompt_strength,
             "width": width,
             "height": height,
+            **control,
         }
 
     def _drop_flagged(self, results: list[GeneratedImage]) -> list[GeneratedImage]:

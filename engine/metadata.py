@@ -23,6 +23,7 @@ class GenerationParameters:
     cfg_cutoff: float | None = None
     deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3rd step full"
     loras: tuple[tuple[str, float], ...] = ()  # display names: tokens are stripped before this point
+    control: str | None = None  # A1111's "ControlNet 0" value, when a ControlNet guided the image
 
     def to_a1111(self) -> str:
         """`prompt\\nNegative prompt: ...\\nSteps: .., Sampler: .., ...` in A1111's order."""
@@ -44,6 +45,8 @@ class GenerationParameters:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.loras:
             fields.append(("Lora", ", ".join(f'"{name}: {scale:g}"' for name, scale in self.loras)))
+        if self.control is not None:
+            fields.append(("ControlNet 0", f'"{self.control}"'))
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
