@@ -224,7 +224,7 @@ def test_the_controlnet_reads_the_returned_map(engine: Engine) -> None:
     finally:
         hook.remove()
     assert result.control_map is not None
-    expected = torch.from_numpy(np.asarray(result.control_map)).permute(2, 0, 1).float() / 255
+    expected = torch.from_numpy(np.array(result.control_map)).permute(2, 0, 1).float() / 255
     assert len(seen) == 2 and all(torch.equal(cond[-1], expected) for cond in seen)
 
 
