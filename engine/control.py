@@ -126,6 +126,14 @@ def preprocessor_name(req: GenerationRequest) -> str:
     return CONTROL_PREPROCESSORS[req.control_type] if req.control_preprocess else "none"
 
 
+def unit_text(req: GenerationRequest) -> str:
+    """A1111's ControlNet unit text for the image metadata: preprocessor, model, type, weight, range."""
+    return (
+        f"Module: {preprocessor_name(req)}, Model: {CONTROLNET_DIR}, Control type: {req.control_type}, "
+        f"Weight: {req.control_strength:g}, Guidance Start: {req.control_start:g}, Guidance End: {req.control_end:g}"
+    )
+
+
 def pipeline_kwargs(req: GenerationRequest, control_map: Image.Image) -> dict[str, Any]:
     """What the union pipelines take for one map of one type."""
     return {

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from engine.config import (
-    CONTROLNET_DIR,
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
     GO_FAST_CFG_CUTOFF,
@@ -27,7 +26,7 @@ from engine.config import (
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
 )
-from engine.control import Control, batch_matched, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name
+from engine.control import Control, batch_matched, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
@@ -226,9 +225,11 @@ class Engine:
                 **extra,
             ).images
         log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
-        control = self._control_label(req) if controlled else None
+        control = unit_text(req) if controlled else None
         if controlled:
             log.info("ControlNet: %s", control)
+        elif control_map is not None:
+            log.info("ControlNet: strength 0, not run (the plain pipeline made the image)")
         if req.go_fast:
             log.info(
                 "go_fast: the whole UNet ran in %d of %d steps, the others reused its deep features",
@@ -302,14 +303,6 @@ class Engine:
             time.perf_counter() - start,
         )
         return control_map
-
-    def _control_label(self, req: GenerationRequest) -> str:
-        """A1111's ControlNet unit text: preprocessor, model, type, weight and step range."""
-        return (
-            f"Module: {preprocessor_name(req)}, Model: {CONTROLNET_DIR}, Control type: {req.control_type}, "
-            f"Weight: {req.control_strength:g}, Guidance Start: {req.control_start:g}, "
-            f"Guidance End: {req.control_end:g}"
-        )
 
     @staticmethod
     def _pipeline_for(

@@ -305,7 +305,9 @@ def build_controlnet(shape: Shape = TINY) -> ControlNetUnionModel:
     """
     torch.manual_seed(3)
     width = shape.unet_channels[0]
-    config = ControlNetUnionModel.from_unet(build_unet(shape), load_weights_from_unet=False).config
+    with torch.device("meta"):  # only the UNet's config is read
+        unet = build_unet(shape)
+    config = ControlNetUnionModel.from_unet(unet, load_weights_from_unet=False).config
     config = {k: v for k, v in config.items() if not k.startswith("_")}  # "_use_default_values" would win
     config.update(
         num_control_type=max(CONTROL_MODES.values()) + 2,  # + promax's repaint mode
