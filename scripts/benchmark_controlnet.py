@@ -47,6 +47,7 @@ def components(latent: int, rounds: int, steps: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16  # no fast fp16 matmul on a CPU
     torch.set_grad_enabled(False)
+    torch.set_flush_denormal(True)  # random weights make denormals, slow on x86 and not on a GPU
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     with device:

@@ -270,10 +270,10 @@ def hooks(engine: Engine, model_id: str) -> tuple[list[int], list[int], Any]:
     return deep, control, handles
 
 
-@pytest.mark.parametrize("mode", ["txt2img", "inpaint"])
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 def test_go_fast_with_control(engine: Engine, mode: str) -> None:
     """The deep path runs 6 of 10 steps as without control; the ControlNet runs every step, at half
-    batch after the guidance cutoff (txt2img), or at full batch where the cutoff is off (inpaint)."""
+    batch after the guidance cutoff, or at full batch in inpaint, where the cutoff is off."""
     req = GenerationRequest(
         prompt=BASE["prompt"],
         seed=1,
@@ -282,9 +282,10 @@ def test_go_fast_with_control(engine: Engine, mode: str) -> None:
         control_image=photo(),
         control_type="canny",
     )
+    if mode != "txt2img":
+        req = replace(req, image=photo(), prompt_strength=1.0)
     if mode == "inpaint":
-        mask = Image.new("L", (128, 128), 255)
-        req = replace(req, image=photo(), mask=mask, prompt_strength=1.0)
+        req = replace(req, mask=Image.new("L", (128, 128), 255))
     deep, control, handles = hooks(engine, "illustrious-xl")
     try:
         [result] = engine.generate(req)
@@ -292,7 +293,7 @@ def test_go_fast_with_control(engine: Engine, mode: str) -> None:
         for handle in handles:
             handle.remove()
     assert len(deep) == 6 and len(control) == 10
-    if mode == "txt2img":
+    if mode != "inpaint":
         assert control == [2] * 6 + [1] * 4 and "CFG cutoff: 0.6" in result.parameters.to_a1111()
     else:
         assert control == [2] * 10 and "CFG cutoff" not in result.parameters.to_a1111()
