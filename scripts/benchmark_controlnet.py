@@ -31,15 +31,22 @@ from engine.deepcache import DeepFeatureCache
 from scripts.build_tiny_weights import FULL, build_controlnet, build_unet
 
 
-def best_and_median(call: Callable[[], object], rounds: int) -> tuple[float, float]:
-    times = []
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Best and median of each call over rounds that run every call in turn, so load that comes
+    and goes on a shared machine weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def components(latent: int, rounds: int, steps: int) -> None:
@@ -87,17 +94,21 @@ def components(latent: int, rounds: int, steps: int) -> None:
     def whole() -> None:
         unet(sample, 500, text, added_cond_kwargs=added, **residuals)
 
-    rows = {"UNet, whole (s)": best_and_median(whole, rounds)}
     cache = DeepFeatureCache(unet, lambda: 10, start=0.0, interval=2)
-    with cache.installed():
-        whole()  # a full step: fills the deep features
 
-        def shallow() -> None:
-            cache.calls = 2  # always a cached step
+    def shallow() -> None:
+        with cache.installed():
+            cache.calls = 1  # a full step fills the deep features (not timed apart) ...
             whole()
+            start = time.perf_counter()
+            whole()  # ... and step 2 reuses them
+            shallow_times.append(time.perf_counter() - start)
 
-        rows["UNet, shallow path (s)"] = best_and_median(shallow, rounds)
-    rows["ControlNet (s)"] = best_and_median(run_controlnet, rounds)
+    shallow_times: list[float] = []
+    rows = interleaved({"UNet, whole (s)": whole, "ControlNet (s)": run_controlnet, "shallow": shallow}, rounds)
+    rows["UNet, shallow path (s)"] = (min(shallow_times), statistics.median(shallow_times))
+    del rows["shallow"]
+    rows = {k: rows[k] for k in ("UNet, whole (s)", "UNet, shallow path (s)", "ControlNet (s)")}
     full, short, control = (rows[k][0] for k in rows)
     cache = DeepFeatureCache(torch.nn.Module(), lambda: steps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL)
     cache.features = torch.empty(0)
@@ -147,7 +158,8 @@ def requests(weights: Path, steps: int, rounds: int) -> None:
             engine.generate(req)  # warm-up
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            best, median = best_and_median(lambda r=req: engine.generate(r), rounds)
+            times = [timed(lambda r=req: engine.generate(r)) for _ in range(rounds)]
+            best, median = min(times), statistics.median(times)
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
             print(f"| {name} | {go_fast} | {best:.3f} / {median:.3f} | {peak:.1f} |")
 
