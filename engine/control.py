@@ -34,6 +34,7 @@ from engine.config import (
     CONTROLNET_DIR,
     DEPTH_ESTIMATOR_DIR,
 )
+from engine.deepcache import DeepFeatureCache
 from engine.errors import InputError
 from engine.request import GenerationRequest
 
@@ -155,9 +156,54 @@ def keeps_cfg_cutoff(pipe: Any) -> bool:
     return not isinstance(pipe, StableDiffusionXLControlNetUnionInpaintPipeline)
 
 
+class _FirstBlockDone(Exception):
+    """Raised by a hook to end the ControlNet's forward once its first down block has run."""
+
+    def __init__(self, res_samples: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
+        self.res_samples = res_samples
+
+
+def shallow_residuals(controlnet: ControlNetUnionModel, count: int, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    """The first `count` residuals of the ControlNet, computed by its own forward stopped after the
+    first down block: exactly what the whole forward returns first, without its deep half.
+
+    go_fast's cached steps add only these to the UNet's shallow path (the UNet's `conv_in` and
+    first-down-block skips); the deeper residuals and the mid-block one would be thrown away.
+    """
+    first = controlnet.down_blocks[0]
+    seen: list[torch.Tensor] = []
+
+    def before(module: torch.nn.Module, args: tuple, block_kwargs: dict[str, Any]) -> None:
+        seen.append(block_kwargs["hidden_states"] if "hidden_states" in block_kwargs else args[0])
+
+    def after(module: torch.nn.Module, args: tuple, block_kwargs: dict[str, Any], output: Any) -> None:
+        raise _FirstBlockDone(output[1])
+
+    handles = [
+        first.register_forward_pre_hook(before, with_kwargs=True),
+        first.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        type(controlnet).forward(controlnet, **kwargs)  # the class's own, not a wrapper installed around it
+    except _FirstBlockDone as done:
+        samples = (seen[0], *done.res_samples)[:count]
+    else:
+        raise RuntimeError("the ControlNet's first down block did not run")
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The whole forward's tail for these residuals: its zero convolutions, then one type's scale.
+    scale = kwargs["conditioning_scale"]
+    scale = scale[0] if isinstance(scale, list) else scale
+    blocks = controlnet.controlnet_down_blocks[: len(samples)]
+    return tuple(block(sample) * scale for sample, block in zip(samples, blocks, strict=True))
+
+
 @contextlib.contextmanager
-def batch_matched(controlnet: ControlNetUnionModel) -> Iterator[None]:
-    """The ControlNet's conditioning follows the latents' batch for one pipeline call.
+def guided(controlnet: ControlNetUnionModel, deep: DeepFeatureCache | None, residuals: int) -> Iterator[None]:
+    """The ControlNet's calls for one pipeline call: its conditioning follows the latents' batch,
+    and on go_fast's cached steps (`deep`) only its first `residuals` residuals are computed.
 
     The union pipelines stack the control image and its mode row once per guidance half and never
     halve them when the guidance cutoff halves the rest. Both halves are copies, so keeping the
@@ -169,6 +215,9 @@ def batch_matched(controlnet: ControlNetUnionModel) -> Iterator[None]:
         rows = sample.shape[0]
         kwargs["controlnet_cond"] = [cond[-rows:] for cond in kwargs["controlnet_cond"]]
         kwargs["control_type"] = kwargs["control_type"][-rows:]
+        if deep is not None and not deep.is_full(deep.calls) and len(kwargs["control_type_idx"]) == 1:
+            first = shallow_residuals(controlnet, residuals, sample=sample, timestep=timestep, **kwargs)
+            return first, None  # the UNet's shallow path reads nothing else
         return full(sample, timestep, **kwargs)
 
     controlnet.forward = forward

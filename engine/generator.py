@@ -26,7 +26,7 @@ from engine.config import (
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
 )
-from engine.control import Control, batch_matched, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
+from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
@@ -209,7 +209,9 @@ class Engine:
         start = time.perf_counter()
         with (
             deep.installed() if req.go_fast else contextlib.nullcontext(),
-            batch_matched(pipe.controlnet) if controlled else contextlib.nullcontext(),
+            guided(pipe.controlnet, deep if req.go_fast else None, len(pipe.unet.up_blocks[-1].resnets))
+            if controlled
+            else contextlib.nullcontext(),
         ):
             images = pipe(
                 **model.prompts.kwargs(
@@ -227,7 +229,8 @@ class Engine:
         log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
         control = unit_text(req) if controlled else None
         if controlled:
-            log.info("ControlNet: %s", control)
+            cached = f"; whole in {deep.full_calls} of {deep.calls} steps (go_fast)" if req.go_fast else ""
+            log.info("ControlNet: %s%s", control, cached)
         elif control_map is not None:
             log.info("ControlNet: strength 0, not run (the plain pipeline made the image)")
         if req.go_fast:

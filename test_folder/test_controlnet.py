@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from engine import control as control_module
 from engine.config import CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR
 from engine.control import Control
 from engine.deepcache import DeepFeatureCache
@@ -251,29 +252,35 @@ def test_depth_without_the_estimator_needs_a_ready_map(engine: Engine) -> None:
     control.check(replace(req, control_preprocess=False))
 
 
-def hooks(engine: Engine, model_id: str) -> tuple[list[int], list[int], Any]:
-    """Batch sizes seen by the UNet's deepest block and by the ControlNet, per call."""
+def batch_of(calls: list[int]) -> Any:
+    """A forward pre-hook that records the batch size of each call."""
+
+    def hook(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        calls.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0])
+
+    return hook
+
+
+def hooks(engine: Engine, model_id: str) -> tuple[list[int], list[int], list[int], list[Any]]:
+    """Batch sizes seen by the UNet's deepest block, the ControlNet, and the ControlNet's deepest block."""
     unet = engine.models[model_id].txt2img.unet
+    controlnet = engine.control.controlnet
     deep: list[int] = []
     control: list[int] = []
+    control_deep: list[int] = []
     handles = [
-        unet.down_blocks[-1].register_forward_pre_hook(
-            lambda _, args, kwargs: deep.append(
-                (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[0]
-            ),
-            with_kwargs=True,
-        ),
-        engine.control.controlnet.register_forward_pre_hook(
-            lambda _, args, kwargs: control.append(args[0].shape[0]), with_kwargs=True
-        ),
+        unet.down_blocks[-1].register_forward_pre_hook(batch_of(deep), with_kwargs=True),
+        controlnet.register_forward_pre_hook(batch_of(control), with_kwargs=True),
+        controlnet.down_blocks[-1].register_forward_pre_hook(batch_of(control_deep), with_kwargs=True),
     ]
-    return deep, control, handles
+    return deep, control, control_deep, handles
 
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 def test_go_fast_with_control(engine: Engine, mode: str) -> None:
-    """The deep path runs 6 of 10 steps as without control; the ControlNet runs every step, at half
-    batch after the guidance cutoff, or at full batch in inpaint, where the cutoff is off."""
+    """The deep path of the UNet and of the ControlNet runs in 6 of 10 steps as without control; the
+    ControlNet is called every step (its shallow part only on cached steps), at half batch after the
+    guidance cutoff, or at full batch in inpaint, where the cutoff is off."""
     req = GenerationRequest(
         prompt=BASE["prompt"],
         seed=1,
@@ -286,13 +293,13 @@ def test_go_fast_with_control(engine: Engine, mode: str) -> None:
         req = replace(req, image=photo(), prompt_strength=1.0)
     if mode == "inpaint":
         req = replace(req, mask=Image.new("L", (128, 128), 255))
-    deep, control, handles = hooks(engine, "illustrious-xl")
+    deep, control, control_deep, handles = hooks(engine, "illustrious-xl")
     try:
         [result] = engine.generate(req)
     finally:
         for handle in handles:
             handle.remove()
-    assert len(deep) == 6 and len(control) == 10
+    assert len(deep) == 6 and len(control) == 10 and control_deep == deep
     if mode != "inpaint":
         assert control == [2] * 6 + [1] * 4 and "CFG cutoff: 0.6" in result.parameters.to_a1111()
     else:
@@ -341,3 +348,46 @@ def test_the_shallow_path_adds_the_controlnet_residuals_exactly(engine: Engine) 
     assert torch.equal(full, shallow)
     assert not torch.equal(shallow, without)
     assert unet.forward.__func__ is type(unet).forward
+
+
+def test_the_controlnet_skips_its_deep_half_exactly_on_cached_steps(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The residuals of the ControlNet's stopped forward are its whole forward's first ones, bit for
+    bit, so skipping its deep half on cached steps leaves the go_fast image unchanged."""
+    controlnet = engine.control.controlnet
+    generator = torch.Generator().manual_seed(1)
+    kwargs = {
+        "sample": torch.randn(2, 4, 16, 16, generator=generator),
+        "timestep": 400,
+        "encoder_hidden_states": torch.randn(2, 77, controlnet.config.cross_attention_dim, generator=generator),
+        "controlnet_cond": [torch.rand(2, 3, 128, 128, generator=generator)],
+        "control_type": torch.eye(controlnet.config.num_control_type)[[1, 1]],
+        "control_type_idx": [1],
+        "conditioning_scale": [0.7],
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, 32, generator=generator),
+            "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2),
+        },
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        down, _ = controlnet(**kwargs)
+        first = control_module.shallow_residuals(controlnet, 2, **kwargs)
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, down[:2], strict=True))
+
+    req = GenerationRequest(
+        prompt=BASE["prompt"],
+        seed=2,
+        num_inference_steps=10,
+        safety_checker=False,
+        control_image=photo(),
+        control_type="depth",
+    )
+    skipped = engine.generate(req)[0].image
+
+    def whole_forward(net: torch.nn.Module, count: int, **kw: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(type(net).forward(net, **kw)[0][:count])
+
+    monkeypatch.setattr(control_module, "shallow_residuals", whole_forward)
+    assert np.array_equal(pixels(engine.generate(req)[0].image), pixels(skipped))
