@@ -8,9 +8,8 @@ fed with the last full step's input to that up block. On SDXL the shallow path i
 of the UNet's work.
 
 Installed around one pipeline call by wrapping the UNet's forward and removed afterwards, so a
-request without go_fast runs the plain pipeline. With a ControlNet, the pipeline still runs the
-whole ControlNet on cached steps (it is called before the UNet); the shallow path uses only its
-first residuals. A batch halved by the guidance cutoff keeps the
+request without go_fast runs the plain pipeline. With a ControlNet, the shallow path adds only its
+first residuals, and `engine.control.guided` computes only those on cached steps. A batch halved by the guidance cutoff keeps the
 conditional half of the cached features, as the cutoff keeps the conditional half of the batch.
 """
 

@@ -3,7 +3,7 @@ a GPU the whole request at 1024² with and without ControlNet, with peak memory.
 
 Without --weights: random weights at real shapes (bf16 on a CPU, fp16 on CUDA), one batch-2 call
 of the UNet and of the ControlNet at the given latent, and what go_fast's schedule makes of them
-(the ControlNet runs on every step, the UNet's deep path on some). With --weights DIR (full-size
+(on go_fast's cached steps both run only up to their first down block). With --weights DIR (full-size
 weights from `scripts/build_tiny_weights.py --full-size --out DIR`, or real ones): the engine's
 own requests, plain / canny / depth, go_fast off and on, and torch.cuda.max_memory_allocated.
 Prints Markdown tables for the README.
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import CONTROL_MODES, GO_FAST_CFG_CUTOFF, GO_FAST_DEEP_CACHE_INTERVAL, GO_FAST_DEEP_CACHE_START
+from engine.control import shallow_residuals
 from engine.deepcache import DeepFeatureCache
 from scripts.build_tiny_weights import FULL, build_controlnet, build_unet
 
@@ -75,18 +76,23 @@ def components(latent: int, rounds: int, steps: int) -> None:
     control_type[:, CONTROL_MODES["canny"]] = 1
     cond = [torch.rand(batch, 3, latent * 8, latent * 8, dtype=dtype, device=device)]
 
+    control_kwargs = {
+        "sample": sample,
+        "timestep": 500,
+        "encoder_hidden_states": text,
+        "controlnet_cond": cond,
+        "control_type": control_type,
+        "control_type_idx": [CONTROL_MODES["canny"]],
+        "conditioning_scale": [0.8],
+        "added_cond_kwargs": added,
+        "return_dict": False,
+    }
+
     def run_controlnet() -> tuple:
-        return controlnet(
-            sample,
-            500,
-            encoder_hidden_states=text,
-            controlnet_cond=cond,
-            control_type=control_type,
-            control_type_idx=[CONTROL_MODES["canny"]],
-            conditioning_scale=[0.8],
-            added_cond_kwargs=added,
-            return_dict=False,
-        )
+        return controlnet(**control_kwargs)
+
+    def controlnet_first_block() -> tuple:
+        return shallow_residuals(controlnet, len(unet.up_blocks[-1].resnets), **control_kwargs)
 
     down, mid = run_controlnet()
     residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
@@ -105,23 +111,28 @@ def components(latent: int, rounds: int, steps: int) -> None:
             shallow_times.append(time.perf_counter() - start)
 
     shallow_times: list[float] = []
-    rows = interleaved({"UNet, whole (s)": whole, "ControlNet (s)": run_controlnet, "shallow": shallow}, rounds)
+    calls = {
+        "UNet, whole (s)": whole,
+        "ControlNet, whole (s)": run_controlnet,
+        "ControlNet, to its first down block (s)": controlnet_first_block,
+        "shallow": shallow,
+    }
+    rows = interleaved(calls, rounds)
     rows["UNet, shallow path (s)"] = (min(shallow_times), statistics.median(shallow_times))
     del rows["shallow"]
-    rows = {k: rows[k] for k in ("UNet, whole (s)", "UNet, shallow path (s)", "ControlNet (s)")}
-    full, short, control = (rows[k][0] for k in rows)
+    full, control, control_short, short = (rows[k][0] for k in rows)
     cache = DeepFeatureCache(torch.nn.Module(), lambda: steps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL)
     cache.features = torch.empty(0)
     cutoff = max(1, round(steps * GO_FAST_CFG_CUTOFF))
     plan = [(cache.is_full(s), 1.0 if s < cutoff else 0.5) for s in range(steps)]
     plain = steps * full
     fast = sum((full if whole else short) * half for whole, half in plan)
-    fast_control = fast + sum(control * half for _, half in plan)
+    fast_control = fast + sum((control if whole else control_short) * half for whole, half in plan)
     print(f"device {device}, {dtype}, batch 2, latent {latent} ({latent * 8} px), best / median of {rounds}\n")
     print("| measure | value |\n|---|---|")
     for name, (best, median) in rows.items():
         print(f"| {name} | {best:.3f} / {median:.3f} |")
-    print(f"| ControlNet / whole UNet | {control / full:.2f} |")
+    print(f"| ControlNet / whole UNet: whole, to its first block | {control / full:.2f}, {control_short / full:.2f} |")
     print(
         f"| {steps} steps, go_fast off: without / with ControlNet (s) | {plain:.1f} / {plain + steps * control:.1f} |"
     )
