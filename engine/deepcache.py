@@ -9,8 +9,9 @@ of the UNet's work.
 
 Installed around one pipeline call by wrapping the UNet's forward and removed afterwards, so a
 request without go_fast runs the plain pipeline. With a ControlNet, the shallow path adds only its
-first residuals, and `engine.control.guided` computes only those on cached steps. A batch halved by the guidance cutoff keeps the
-conditional half of the cached features, as the cutoff keeps the conditional half of the batch.
+first residuals, and `engine.control.guided` computes only those on cached steps. A batch halved
+by the guidance cutoff keeps the conditional half of the cached features, as the cutoff keeps the
+conditional half of the batch.
 """
 
 from __future__ import annotations
