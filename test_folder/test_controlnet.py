@@ -25,6 +25,7 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
+from test_folder.test_logs import noisy_lines
 
 BASE = {"prompt": "a lighthouse on a cliff", "seed": 7, "num_inference_steps": 4, "output_format": "png"}
 
@@ -191,6 +192,24 @@ def test_both_models_with_a_lora_and_go_fast_off(server: CogServer, lora_files: 
     assert differ(slow, illustrious) > 0 and "Deep cache" not in slow.text["parameters"]
     [(_, again)] = run(server, **control)
     assert differ(again, illustrious) == 0  # nothing left behind by the LoRA
+
+
+def test_logs_say_what_the_controlnet_did_without_library_noise(server: CogServer) -> None:
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 64, 128))
+    for inputs in (
+        {"control_type": "depth"},
+        {"control_type": "canny", "image": PHOTO, "mask": image_data_uri(mask), "control_strength": 0},
+        {"control_type": "canny", "image": PHOTO, "mask": image_data_uri(mask)},
+    ):
+        status, body = server.predict({**BASE, "control_image": PHOTO, **inputs})
+        assert status == 200 and body["status"] == "succeeded", body.get("error")
+        logs = body["logs"]
+        assert f"control map: {inputs['control_type']} from a 256x256 image" in logs
+        assert ("strength 0, not run" in logs) == ("control_strength" in inputs)
+        assert noisy_lines(logs) == [], noisy_lines(logs)
+    assert "guidance stays on every step (inpaint with a control image)" in logs
+    assert "ControlNet: Module: canny" in logs and "steps (go_fast)" in logs
 
 
 # In the engine.
