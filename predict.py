@@ -15,6 +15,10 @@ from cog import BasePredictor, Input, Path, Secret
 
 from engine.config import (
     ASPECT_RATIOS,
+    CONTROL_DEFAULT_STRENGTH,
+    CONTROL_MAX_STRENGTH,
+    CONTROL_PREPROCESSORS,
+    CONTROL_TYPES,
     CUSTOM_ASPECT,
     CUSTOM_MODEL_ID,
     CUSTOM_SIZE_MAX,
@@ -129,12 +133,36 @@ class Predictor(BasePredictor):
             "'Clip skip 2' on CivitAI SDXL/Illustrious pages is the standard, i.e. 0 here",
         ),
         mask: Optional[Path] = Input(default=None, description="Inpainting mask for image: white is repainted"),
-        upscale: str = Input(
+        control_image: Optional[Path] = Input(
+            default=None,
+            description="ControlNet: an image whose outline, depth, pose ... the output follows (see control_type). "
+            "It is cropped to the output's proportions",
+        ),
+        control_type: str = Input(
             default="none",
-            choices=list(UPSCALE_FACTORS),
-            description="Enlarge each image 2x or 4x with a built-in Swin2SR upscaler, after the safety checker "
-            f"(2x is its 4x result reduced). Refused past {UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels, "
-            "e.g. 4x of a size above 1 megapixel",
+            choices=list(CONTROL_TYPES),
+            description="What to follow in control_image. Made from a plain photo here: "
+            f"{', '.join(CONTROL_PREPROCESSORS)}; the others need a ready map (control_preprocess false)",
+        ),
+        control_strength: float = Input(
+            default=CONTROL_DEFAULT_STRENGTH,
+            ge=0,
+            le=CONTROL_MAX_STRENGTH,
+            description="How strongly the ControlNet guides the image; 0 turns it off",
+        ),
+        control_start: float = Input(
+            default=0, ge=0, le=1, description="Fraction of the steps at which the ControlNet starts guiding"
+        ),
+        control_end: float = Input(
+            default=1, ge=0, le=1, description="Fraction of the steps at which it stops; above control_start"
+        ),
+        control_preprocess: bool = Input(
+            default=True,
+            description="Make the control map from control_image (canny edges, depth, tile). "
+            "False: control_image already is the map (an OpenPose skeleton, a depth or line drawing)",
+        ),
+        return_control_map: bool = Input(
+            default=False, description="Also return the control map that guided the image, as a PNG after the images"
         ),
         ip_adapter_image: Optional[list[Path]] = Input(
             default=None,
@@ -147,6 +175,13 @@ class Predictor(BasePredictor):
             le=IP_ADAPTER_MAX_SCALE,
             description="How strongly ip_adapter_image steers the output; 0 ignores it, about 1 follows it "
             "closely and the prompt matters less",
+        ),
+        upscale: str = Input(
+            default="none",
+            choices=list(UPSCALE_FACTORS),
+            description="Enlarge each image 2x or 4x with a built-in Swin2SR upscaler, after the safety checker "
+            f"(2x is its 4x result reduced). Refused past {UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels, "
+            "e.g. 4x of a size above 1 megapixel",
         ),
     ) -> list[Path]:
         request = GenerationRequest(
@@ -173,15 +208,22 @@ class Predictor(BasePredictor):
                 hf=hf_api_token.get_secret_value() if hf_api_token else None,
                 civitai=civitai_api_token.get_secret_value() if civitai_api_token else None,
             ),
-            upscale=upscale,
+            control_image=load_image(control_image, "control_image") if control_image is not None else None,
+            control_type=control_type,
+            control_strength=control_strength,
+            control_start=control_start,
+            control_end=control_end,
+            control_preprocess=control_preprocess,
+            return_control_map=return_control_map,
             ip_adapter_images=tuple(load_image(path, "ip_adapter_image") for path in ip_adapter_image or ()),
             ip_adapter_scale=ip_adapter_scale,
+            upscale=upscale,
         )
         results = self.engine.generate(request)
         # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.output_dir.mkdir()
-        return [
+        outputs = [
             Path(
                 save_image(
                     r.image,
@@ -193,3 +235,8 @@ class Predictor(BasePredictor):
             )
             for i, r in enumerate(results)
         ]
+        if results[0].control_map is not None:  # PNG: lossless, so a canny map stays black and white
+            path = self.output_dir / "control-map.png"
+            results[0].control_map.save(path, "PNG")
+            outputs.append(Path(path))
+        return outputs

@@ -90,6 +90,32 @@ IP_ADAPTER_MAX_SCALE = 1.5
 # adds to every cross-attention's keys; a few are enough to blend a style or a subject.
 IP_ADAPTER_MAX_IMAGES = 4
 
+# ControlNet (engine/control.py). One union ControlNet (xinsir's "promax": one model, eight
+# control modes) serves both base models; a small depth estimator makes depth maps from photos.
+# Each is optional at load: a missing folder turns the feature off with a clear refusal.
+CONTROLNET_DIR = "controlnet-union"
+DEPTH_ESTIMATOR_DIR = "depth-estimator"
+# control_type -> the union model's control_mode index, in xinsir's order (0-5 in both releases,
+# 6 = tile only in promax; 7 = repaint is promax's inpainting mode, not offered as a map type).
+CONTROL_MODES: dict[str, int] = {
+    "pose": 0,
+    "depth": 1,
+    "scribble": 2,
+    "canny": 3,
+    "lineart": 3,
+    "normal": 4,
+    "segment": 5,
+    "tile": 6,
+}
+CONTROL_TYPES: tuple[str, ...] = ("none", *CONTROL_MODES)
+# Types the predictor can make from a plain photo; the others need a ready map (control_preprocess=false).
+CONTROL_PREPROCESSORS: dict[str, str] = {"canny": "canny", "depth": "depth_anything_v2", "tile": "none"}
+CONTROL_DEFAULT_STRENGTH = 0.8
+CONTROL_MAX_STRENGTH = 2.0
+# OpenCV Canny hysteresis thresholds (A1111's and ComfyUI's defaults).
+CANNY_LOW_THRESHOLD = 100
+CANNY_HIGH_THRESHOLD = 200
+
 MAX_OUTPUTS = 4
 # torch takes seeds up to 2^64-1 (every ComfyUI and A1111 seed). Flux declares no range, so larger
 # seeds are reduced modulo 2^64 rather than refused; output i uses seed + i, wrapping the same way.

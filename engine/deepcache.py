@@ -8,8 +8,10 @@ fed with the last full step's input to that up block. On SDXL the shallow path i
 of the UNet's work.
 
 Installed around one pipeline call by wrapping the UNet's forward and removed afterwards, so a
-request without go_fast runs the plain pipeline. A batch halved by the guidance cutoff keeps the
-conditional half of the cached features, as the cutoff keeps the conditional half of the batch.
+request without go_fast runs the plain pipeline. With a ControlNet, the shallow path adds only its
+first residuals, and `engine.control.guided` computes only those on cached steps. A batch halved
+by the guidance cutoff keeps the conditional half of the cached features, as the cutoff keeps the
+conditional half of the batch.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class DeepFeatureCache:
 
         def forward(sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, **kwargs: Any) -> Any:
             step, self.calls = self.calls, self.calls + 1
-            if kwargs.get("down_block_additional_residuals") is not None or self.is_full(step):
+            if self.is_full(step):
                 self.full_calls += 1
                 return full(sample, timestep, encoder_hidden_states, **kwargs)
             return self._shallow(sample, timestep, encoder_hidden_states, **kwargs)
@@ -72,10 +74,16 @@ class DeepFeatureCache:
         timestep_cond: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         return_dict: bool = True,
         **_: Any,
     ) -> tuple[torch.Tensor] | UNet2DConditionOutput:
-        """The UNet's own layers on the shallow path, in the order its forward runs them."""
+        """The UNet's own layers on the shallow path, in the order its forward runs them.
+
+        A ControlNet's residuals are added to the skips they belong to, as the UNet adds them: the
+        first ones (conv_in and the first down block) feed the last up block; the deeper ones and the
+        mid-block residual only change the deep features, which this step reuses.
+        """
         unet = self.unet
         assert self.features is not None
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
@@ -95,6 +103,9 @@ class DeepFeatureCache:
         _, res = first(hidden_states=hidden, temb=emb, **(attention if cross else {}))
         last = unet.up_blocks[-1]
         skips = ((hidden, *res))[: len(last.resnets)]
+        if down_block_additional_residuals is not None:
+            residuals = down_block_additional_residuals[: len(skips)]
+            skips = tuple(skip + residual for skip, residual in zip(skips, residuals, strict=True))
         features = self.features
         if features.shape[0] != sample.shape[0]:  # the guidance cutoff halved the batch since
             features = features.chunk(features.shape[0] // sample.shape[0])[-1]

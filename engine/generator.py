@@ -32,6 +32,7 @@ from engine.config import (
     UPSCALE_FACTORS,
     UPSCALER_NAME,
 )
+from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.ip_adapter import IP_ADAPTER_NAME, IpAdapter
@@ -55,6 +56,7 @@ DEEP_CACHE_LABEL = f"from {GO_FAST_DEEP_CACHE_START:g}, every {GO_FAST_DEEP_CACH
 class GeneratedImage:
     image: Image.Image
     parameters: GenerationParameters
+    control_map: Image.Image | None = None  # the map that guided it, when return_control_map asked
 
 
 def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device) -> bool:
@@ -111,12 +113,17 @@ class Engine:
         loras: LoraSource | None = None,
         swap: bool = False,
         upscaler: Upscaler | None = None,
+        control: Control | None = None,
     ) -> None:
         self.models = models
         self.safety = safety
         self.loras = loras
         self.swap = swap  # idle models wait in CPU RAM; the requested one is moved in
         self.upscaler = upscaler  # None when not baked: requests with upscale are refused
+        self.control = control or Control(None)  # without one, control images are refused
+        if self.control.controlnet is not None:
+            for model in models.values():
+                model.attach_controlnet(self.control.controlnet)
 
     @classmethod
     def load(
@@ -155,7 +162,8 @@ class Engine:
             log.info("IP-Adapter not baked (no %s folder in the weights): ip_adapter_image is refused", IP_ADAPTER_DIR)
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
         safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
-        engine = cls(models, safety, loras, swap, upscaler=Upscaler.load_if_baked(root, device, dtype))
+        upscaler = Upscaler.load_if_baked(root, device, dtype)
+        engine = cls(models, safety, loras, swap, upscaler=upscaler, control=Control.load(root, device, dtype))
         if compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device):
             engine.compile("inductor")
         return engine
@@ -214,6 +222,8 @@ class Engine:
         )
         width, height = scale_to_model(ref, model.native_resolution)
         check_upscale(self.upscaler, req.upscale, ref)
+        self.control.check(req)
+        control_map = self._control_map(req, width, height)
         loras = self._fetch_loras(req)
         if self.swap:
             self._move_in(model)
@@ -226,9 +236,13 @@ class Engine:
             log.info("seed: %d%s", seed, "" if seed == req.seed else f" ({req.seed} modulo 2^64)")
         seeds = output_seeds(seed, req.num_outputs)
 
-        pipe, extra = self._pipeline_for(model, req, width, height)
+        controlled = control_map is not None and req.control_strength > 0  # strength 0 is the plain pipeline
+        pipe, extra = self._pipeline_for(model, req, width, height, control_map if controlled else None)
         pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
-        on_step = StepCallback(GO_FAST_CFG_CUTOFF if req.go_fast else None)
+        cfg_cutoff = GO_FAST_CFG_CUTOFF if req.go_fast and keeps_cfg_cutoff(pipe) else None
+        if req.go_fast and cfg_cutoff is None:
+            log.info("go_fast: guidance stays on every step (inpaint with a control image); deep features are reused")
+        on_step = StepCallback(cfg_cutoff)
         mode = "inpaint" if req.mask is not None else "img2img" if req.image is not None else "txt2img"
         log.info(
             "%s: %s, %dx%d, %d output(s), %d steps, %s, cfg %g, go_fast %s",
@@ -250,9 +264,9 @@ class Engine:
         with contextlib.ExitStack() as stack:
             if reference is not None:
                 stack.enter_context(reference.installed(req.ip_adapter_scale))
-                guided = req.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' rule
+                cfg = req.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' rule
                 encode_start = time.perf_counter()
-                extra["ip_adapter_image_embeds"] = reference.embeds(pipe, req.ip_adapter_images, guided)
+                extra["ip_adapter_image_embeds"] = reference.embeds(pipe, req.ip_adapter_images, cfg)
                 log.info(
                     "IP-Adapter: %d reference image(s) at scale %g, encoded in %.2fs",
                     len(req.ip_adapter_images),
@@ -261,6 +275,9 @@ class Engine:
                 )
             if req.go_fast:
                 stack.enter_context(deep.installed())
+            if controlled:
+                last_skips = len(pipe.unet.up_blocks[-1].resnets)
+                stack.enter_context(guided(pipe.controlnet, deep if req.go_fast else None, last_skips))
             start = time.perf_counter()
             images = pipe(
                 **model.prompts.kwargs(
@@ -276,6 +293,12 @@ class Engine:
                 **extra,
             ).images
             log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
+        control = unit_text(req) if controlled else None
+        if controlled:
+            cached = f"; whole in {deep.full_calls} of {deep.calls} steps (go_fast)" if req.go_fast else ""
+            log.info("ControlNet: %s%s", control, cached)
+        elif control_map is not None:
+            log.info("ControlNet: strength 0, not run (the plain pipeline made the image)")
         if req.go_fast:
             log.info(
                 "go_fast: the whole UNet ran in %d of %d steps, the others reused its deep features",
@@ -298,13 +321,15 @@ class Engine:
                     model=req.model,
                     clip_skip=req.clip_skip,
                     denoising_strength=req.prompt_strength if req.image is not None else None,
-                    cfg_cutoff=GO_FAST_CFG_CUTOFF if req.go_fast else None,
+                    cfg_cutoff=cfg_cutoff,
                     deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
                     loras=tuple((lora.name, lora.scale) for lora in loras),
                     ip_adapter=(IP_ADAPTER_NAME, req.ip_adapter_scale, len(req.ip_adapter_images))
                     if reference is not None
                     else None,
+                    control=control,
                 ),
+                control_map if req.return_control_map else None,
             )
             for i, image in enumerate(images)
         ]
@@ -337,21 +362,43 @@ class Engine:
             _log_trigger_words(lora, req.prompt)
         return list(fetched.values())
 
+    def _control_map(self, req: GenerationRequest, width: int, height: int) -> Image.Image | None:
+        """The request's control map at the output's size (None without a control image), with its time."""
+        if req.control_image is None:
+            return None
+        start = time.perf_counter()
+        control_map = self.control.control_map(req, width, height)
+        log.info(
+            "control map: %s from a %dx%d image (%s) in %.2fs",
+            req.control_type,
+            *req.control_image.size,
+            f"preprocessor {preprocessor_name(req)}" if req.control_preprocess else "sent ready",
+            time.perf_counter() - start,
+        )
+        return control_map
+
     @staticmethod
-    def _pipeline_for(model: BaseModel, req: GenerationRequest, width: int, height: int) -> tuple[Any, dict[str, Any]]:
-        """The pipeline for the request's mode and the arguments only that mode takes."""
+    def _pipeline_for(
+        model: BaseModel, req: GenerationRequest, width: int, height: int, control_map: Image.Image | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """The pipeline for the request's mode and the arguments only that mode takes; the ControlNet
+        pipelines only when a control map guides the image."""
+        control = pipeline_kwargs(req, control_map) if control_map is not None else {}
         if req.image is None:
-            return model.txt2img, {"width": width, "height": height}
+            pipe = model.txt2img if control_map is None else model.control_txt2img
+            return pipe, {"width": width, "height": height, **control}
         image = req.image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
         if req.mask is None:
-            return model.img2img, {"image": image, "strength": req.prompt_strength}
+            pipe = model.img2img if control_map is None else model.control_img2img
+            return pipe, {"image": image, "strength": req.prompt_strength, **control}
         mask = req.mask.convert("L").resize((width, height), Image.Resampling.LANCZOS)
-        return model.inpaint, {
+        return model.inpaint if control_map is None else model.control_inpaint, {
             "image": image,
             "mask_image": mask,
             "strength": req.prompt_strength,
             "width": width,
             "height": height,
+            **control,
         }
 
     def _upscaled(self, results: list[GeneratedImage], upscale: str) -> list[GeneratedImage]:

@@ -23,6 +23,7 @@ class GenerationParameters:
     cfg_cutoff: float | None = None
     deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3rd step full"
     loras: tuple[tuple[str, float], ...] = ()  # display names: tokens are stripped before this point
+    control: str | None = None  # A1111's "ControlNet 0" value, when a ControlNet guided the image
     ip_adapter: tuple[str, float, int] | None = None  # (adapter, scale, reference images) when one was used
     # The built-in upscaler, in A1111's postprocessing keys; width and height stay the generated size,
     # so the parameters reproduce the generation and say what was done to it after.
@@ -49,6 +50,8 @@ class GenerationParameters:
             fields.append(("Denoising strength", f"{self.denoising_strength:g}"))
         if self.loras:
             fields.append(("Lora", ", ".join(f'"{name}: {scale:g}"' for name, scale in self.loras)))
+        if self.control is not None:
+            fields.append(("ControlNet 0", f'"{self.control}"'))
         if self.ip_adapter is not None:
             name, scale, count = self.ip_adapter
             fields.append(("IP-Adapter", f'"{name}: {scale:g}, {count} image{"s" if count > 1 else ""}"'))

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    ControlNetUnionModel,
     DiffusionPipeline,
+    StableDiffusionXLControlNetUnionImg2ImgPipeline,
+    StableDiffusionXLControlNetUnionInpaintPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -49,6 +53,10 @@ class BaseModel:
         # unless told the dtype, and warns while doing it).
         self.img2img = StableDiffusionXLImg2ImgPipeline(**self.txt2img.components)
         self.inpaint = StableDiffusionXLInpaintPipeline(**self.txt2img.components)
+        # ControlNet pipelines, on the same modules, once a ControlNet is attached (attach_controlnet).
+        self.control_txt2img: StableDiffusionXLControlNetUnionPipeline | None = None
+        self.control_img2img: StableDiffusionXLControlNetUnionImg2ImgPipeline | None = None
+        self.control_inpaint: StableDiffusionXLControlNetUnionInpaintPipeline | None = None
         for pipe in self.pipelines:
             pipe.set_progress_bar_config(disable=True)
         self.device = device
@@ -72,7 +80,17 @@ class BaseModel:
 
     @property
     def pipelines(self) -> tuple[DiffusionPipeline, ...]:
-        return (self.txt2img, self.img2img, self.inpaint)
+        control = (self.control_txt2img, self.control_img2img, self.control_inpaint)
+        return (self.txt2img, self.img2img, self.inpaint, *(p for p in control if p is not None))
+
+    def attach_controlnet(self, controlnet: ControlNetUnionModel) -> None:
+        """The three ControlNet pipelines on this model's own modules and the shared ControlNet."""
+        components = {**self.txt2img.components, "controlnet": controlnet}
+        self.control_txt2img = StableDiffusionXLControlNetUnionPipeline(**components)
+        self.control_img2img = StableDiffusionXLControlNetUnionImg2ImgPipeline(**components)
+        self.control_inpaint = StableDiffusionXLControlNetUnionInpaintPipeline(**components)
+        for pipe in (self.control_txt2img, self.control_img2img, self.control_inpaint):
+            pipe.set_progress_bar_config(disable=True)
 
     def load_ip_adapter(self, folder: Path, shared: IpAdapter | None) -> IpAdapter:
         """Load the baked IP-Adapter for the UNet (installed only while a request uses it), or share

@@ -12,6 +12,10 @@ from typing import Protocol
 from PIL import Image
 
 from engine.config import (
+    CONTROL_DEFAULT_STRENGTH,
+    CONTROL_MAX_STRENGTH,
+    CONTROL_PREPROCESSORS,
+    CONTROL_TYPES,
     DEFAULT_MODEL,
     DEFAULT_SCHEDULER,
     FLUX_GUIDANCE_TO_CFG,
@@ -88,9 +92,17 @@ class GenerationRequest:
     safety_checker: bool = True
     loras: tuple[LoraSpec, ...] = ()
     credentials: Credentials = Credentials()
-    upscale: str = "none"  # a key of UPSCALE_FACTORS, applied to each output after the safety checker
+    # ControlNet (engine/control.py): off unless a control image is given.
+    control_image: Image.Image | None = None
+    control_type: str = "none"
+    control_strength: float = CONTROL_DEFAULT_STRENGTH
+    control_start: float = 0.0
+    control_end: float = 1.0
+    control_preprocess: bool = True
+    return_control_map: bool = False
     ip_adapter_images: tuple[Image.Image, ...] = ()  # reference images; their tokens are concatenated
     ip_adapter_scale: float = IP_ADAPTER_DEFAULT_SCALE
+    upscale: str = "none"  # a key of UPSCALE_FACTORS, applied to each output after the safety checker
 
     def validate(self) -> None:
         """Refuse what the schema cannot express, with a message that says what to change."""
@@ -110,6 +122,7 @@ class GenerationRequest:
             )
         if self.image is not None and self.mask is not None:
             _check_mask_proportions(self.image.size, self.mask.size)
+        self._validate_control()
         if len(self.ip_adapter_images) > IP_ADAPTER_MAX_IMAGES:
             raise InputError(
                 f"ip_adapter_image holds {len(self.ip_adapter_images)} images: send at most {IP_ADAPTER_MAX_IMAGES}"
@@ -122,6 +135,35 @@ class GenerationRequest:
             raise InputError(f"seed must be a whole number, got {self.seed}")
         if self.upscale not in UPSCALE_FACTORS:
             raise InputError(f"upscale must be one of {', '.join(UPSCALE_FACTORS)}, got {self.upscale!r}")
+
+    def _validate_control(self) -> None:
+        """ControlNet inputs that only make sense together, refused before any work."""
+        types = ", ".join(t for t in CONTROL_TYPES if t != "none")
+        if self.control_type not in CONTROL_TYPES:
+            raise InputError(f"control_type must be one of none, {types}; got {self.control_type!r}")
+        if self.control_image is None:
+            if self.control_type != "none":
+                raise InputError(f"control_type {self.control_type} needs a control_image: send the image to follow")
+            if self.return_control_map:
+                raise InputError("return_control_map needs a control_image: send one, or leave return_control_map off")
+            return
+        if self.control_type == "none":
+            raise InputError(f"control_image needs a control_type saying what to follow: one of {types}")
+        if not 0 <= self.control_strength <= CONTROL_MAX_STRENGTH:
+            raise InputError(f"control_strength must be between 0 and {CONTROL_MAX_STRENGTH:g}")
+        if not 0 <= self.control_start <= 1 or not 0 <= self.control_end <= 1:
+            raise InputError("control_start and control_end are fractions of the steps, between 0 and 1")
+        if self.control_end <= self.control_start:
+            raise InputError(
+                f"control_end ({self.control_end:g}) must be greater than control_start ({self.control_start:g}): "
+                "the ControlNet guides the steps between them"
+            )
+        if self.control_preprocess and self.control_type not in CONTROL_PREPROCESSORS:
+            made = ", ".join(CONTROL_PREPROCESSORS)
+            raise InputError(
+                f"control_type {self.control_type} has no preprocessor here (maps are made only for {made}): "
+                f"send a ready {self.control_type} map as control_image with control_preprocess false"
+            )
 
 
 def _check_mask_proportions(image: tuple[int, int], mask: tuple[int, int]) -> None:

@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetUnionModel,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -47,6 +53,10 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
+    Dinov2Config,
+    DPTImageProcessorPil,
     Swin2SRConfig,
     Swin2SRForImageSuperResolution,
 )
@@ -55,6 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import (
     CAPTIONER_DIR,
+    CONTROL_MODES,
+    CONTROLNET_DIR,
+    DEPTH_ESTIMATOR_DIR,
     IP_ADAPTER_DIR,
     IP_ADAPTER_ENCODER_DIR,
     IP_ADAPTER_WEIGHT_NAME,
@@ -428,6 +441,65 @@ def build_ip_adapter(shape: Shape = TINY) -> tuple[CLIPVisionModelWithProjection
     return encoder, {k: v.contiguous() for k, v in state.items()}
 
 
+def build_controlnet(shape: Shape = TINY) -> ControlNetUnionModel:
+    """A union ControlNet shaped for the UNet, with promax's eight control modes.
+
+    Trained ControlNets start from zero convolutions that training moves; left at zero the tiny
+    one would change nothing, so every layer gets random weights (fixed seed).
+    """
+    torch.manual_seed(3)
+    width = shape.unet_channels[0]
+    with torch.device("meta"):  # only the UNet's config is read
+        unet = build_unet(shape)
+    config = ControlNetUnionModel.from_unet(unet, load_weights_from_unet=False).config
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # "_use_default_values" would win
+    config.update(
+        num_control_type=max(CONTROL_MODES.values()) + 2,  # + promax's repaint mode
+        num_trans_channel=width,  # the transformer mixes features of the conditioning embedding's width
+        num_trans_head=min(8, width // 4),
+        num_proj_channel=width,
+        conditioning_embedding_out_channels=(16, 32, 96, 256) if shape is FULL else (8, 8, 16, 16),
+    )
+    controlnet = ControlNetUnionModel.from_config(config)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            if param.abs().sum() == 0:
+                param.normal_(0, 0.05)
+    return controlnet
+
+
+def build_depth_estimator() -> tuple[DepthAnythingForDepthEstimation, DPTImageProcessorPil]:
+    """A tiny Depth Anything V2 (DINOv2 backbone + DPT head), the architecture the manifest bakes."""
+    torch.manual_seed(4)
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=56,
+        patch_size=14,
+        out_indices=[1, 2, 3, 4],
+        apply_layernorm=True,
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        patch_size=14,
+        neck_hidden_sizes=[8, 16, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        depth_estimation_type="relative",
+    )
+    processor = DPTImageProcessorPil(
+        size={"height": 56, "width": 56},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        do_pad=False,
+    )
+    return DepthAnythingForDepthEstimation(config), processor
+
+
 def _save_atomically(target: Path, save: callable) -> None:
     """Write into a temporary sibling folder, then rename, so a kill leaves nothing half-built."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -480,6 +552,7 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
     if force or not target.exists():
         upscaler = build_upscaler(shape)  # fp32 like the real checkpoint; the engine casts it
         _save_atomically(target, lambda d: upscaler.save_pretrained(d))
+        written.append(target)
     target = root / IP_ADAPTER_DIR
     if force or not target.exists():
         encoder, adapter = build_ip_adapter(shape)
@@ -492,6 +565,23 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
             save_file(adapter, d / IP_ADAPTER_WEIGHT_NAME)
 
         _save_atomically(target, save_ip_adapter)
+        written.append(target)
+    target = root / CONTROLNET_DIR
+    if force or not target.exists():
+        controlnet = build_controlnet(shape)
+        if shape is FULL:
+            controlnet.to(torch.float16)
+        _save_atomically(target, lambda d: controlnet.save_pretrained(d, safe_serialization=True))
+        written.append(target)
+    target = root / DEPTH_ESTIMATOR_DIR
+    if force or not target.exists():
+        estimator, depth_processor = build_depth_estimator()
+
+        def save_estimator(d: Path) -> None:
+            estimator.save_pretrained(d)
+            depth_processor.save_pretrained(d)
+
+        _save_atomically(target, save_estimator)
         written.append(target)
     return written
 

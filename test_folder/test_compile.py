@@ -75,9 +75,9 @@ def test_compile_setting() -> None:
 def test_compiled_unet_never_recompiles_after_setup(
     compiled: Engine, graphs: list, weights_dir: Path, lora_paths: dict[str, Path]
 ) -> None:
-    """After the setup warm-up, other sizes, batches, modes, go_fast off, LoRA switches and one to
-    three reference images run the graphs already built (dynamo is told to fail on any recompile)
-    and give the eager images."""
+    """After the setup warm-up, other sizes, batches, modes, go_fast off, LoRA switches, one to
+    three reference images and a control image run the graphs already built (dynamo is told to fail
+    on any recompile) and give the eager images."""
     assert graphs, "the warm-up compiled the blocks"
     warmed = len(graphs)
     eager = Engine.load(weights_dir, loras=LocalFiles(lora_paths), compile="off")
@@ -93,6 +93,7 @@ def test_compiled_unet_never_recompiles_after_setup(
         replace(BASE, loras=(LoraSpec("a", 0.4), LoraSpec("b", 1.0))),
         replace(BASE, aspect_ratio="3:2", ip_adapter_images=(photo,)),
         replace(BASE, aspect_ratio="9:21", ip_adapter_images=(photo,) * 3, go_fast=False),
+        replace(BASE, aspect_ratio="4:3", control_image=photo, control_type="canny"),
         BASE,
     ]
     with torch._dynamo.config.patch(error_on_recompile=True):
