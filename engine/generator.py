@@ -410,9 +410,10 @@ class Engine:
         assert upscaler is not None, "check_upscale refuses an upscale without an upscaler, before any work"
         start = time.perf_counter()
         upscaled = [
-            GeneratedImage(
-                upscaler.upscale(r.image, factor),
-                replace(r.parameters, upscale_by=factor, upscaler=UPSCALER_NAME),
+            replace(
+                r,
+                image=upscaler.upscale(r.image, factor),
+                parameters=replace(r.parameters, upscale_by=factor, upscaler=UPSCALER_NAME),
             )
             for r in results
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -230,3 +231,43 @@ def test_safety_checker_failure_and_opt_out_through_cog(flagging_server: CogServ
     assert "all 2 image(s) were flagged as NSFW" in body["error"]
     _, body = flagging_server.predict({**FLUX_JSON, "num_outputs": 2, "disable_safety_checker": True})
     assert len(images_of(body)) == 2
+
+
+def test_controlnet_ip_adapter_upscale_and_a_lora_in_one_request(
+    cog_server: CogServer, lora_files: dict[str, bytes]
+) -> None:
+    """Everything beyond the Flux schema at once, with go_fast: a control map (returned), a reference
+    image, a LoRA and the upscaler. Each leaves its mark on the output and none hides another:
+    leaving any one out changes the image."""
+    rng = np.random.default_rng(7)
+    photo = Image.fromarray(np.kron(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8), np.ones((16, 16, 1), np.uint8)))
+    reference = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    lora = "data:application/octet-stream;base64," + base64.b64encode(lora_files["a"]).decode()
+    everything = {
+        **FLUX_JSON,
+        "output_format": "png",
+        "control_image": image_data_uri(photo),
+        "control_type": "canny",
+        "return_control_map": True,
+        "ip_adapter_image": [image_data_uri(reference)],
+        "ip_adapter_scale": 0.8,
+        "lora_weights": lora,
+        "upscale": "2x",
+    }
+    status, body = cog_server.predict(everything)
+    assert status == 200, body
+    image, control_map = images_of(body)
+    assert image.size == (256, 256), "the 128 px tiny image, upscaled 2x"
+    assert control_map.size == (128, 128) and set(np.unique(np.asarray(control_map))) <= {0, 255}
+    parameters = image.text["parameters"]
+    for mark in ('ControlNet 0: "Module: canny', "IP-Adapter:", 'Lora: "', "Postprocess upscale by: 2", "Deep cache"):
+        assert mark in parameters, mark
+    logs = ("ControlNet: ", "IP-Adapter: 1 reference image(s)", "upscaled 1 image(s) 2x", "go_fast: the whole UNet")
+    for line in logs:
+        assert line in body["logs"], line
+    full = np.asarray(image, dtype=np.int16)
+    for left_out in (("control_image", "control_type"), ("ip_adapter_image",), ("lora_weights",)):
+        inputs = {k: v for k, v in everything.items() if k not in (*left_out, "return_control_map")}
+        _, other = cog_server.predict(inputs)
+        [without] = images_of(other)
+        assert np.abs(np.asarray(without, dtype=np.int16) - full).mean() > 0.5, f"without {left_out[0]}: no change"
