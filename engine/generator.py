@@ -18,8 +18,10 @@ from PIL import Image
 
 from engine.compiling import compile_blocks, compile_wanted, uncompile_blocks, warm_up
 from engine.config import (
+    CONTROLNET_DIR,
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
+    DEPTH_ESTIMATOR_DIR,
     GO_FAST_CFG_CUTOFF,
     GO_FAST_DEEP_CACHE_INTERVAL,
     GO_FAST_DEEP_CACHE_START,
@@ -30,6 +32,7 @@ from engine.config import (
     SAFETY_CHECKER_DIR,
     UNET_COMPILE,
     UPSCALE_FACTORS,
+    UPSCALER_DIR,
     UPSCALER_NAME,
 )
 from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
@@ -60,14 +63,16 @@ class GeneratedImage:
 
 
 def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device) -> bool:
-    """Whether idle models must wait in CPU RAM; "auto" compares weights on disk with GPU memory."""
+    """Whether idle models must wait in CPU RAM; "auto" compares weights on disk with GPU memory:
+    every model, and the safety checker and optional artifacts baked beside them (on the GPU too)."""
     if residency not in ("auto", "resident", "swap"):
         raise ValueError(f"MODEL_RESIDENCY must be auto, resident or swap, got {residency!r}")
     if residency != "auto":
         return residency == "swap"
     if device.type != "cuda":
         return False
-    weights = sum(p.stat().st_size for m in model_ids for p in (root / m).rglob("*.safetensors"))
+    folders = [*model_ids, SAFETY_CHECKER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR, IP_ADAPTER_DIR, UPSCALER_DIR]
+    weights = sum(p.stat().st_size for m in folders for p in (root / m).rglob("*.safetensors"))
     return weights + RESIDENCY_HEADROOM_BYTES > torch.cuda.get_device_properties(device).total_memory
 
 
@@ -102,9 +107,9 @@ def _log_trigger_words(lora: LocalLora, prompt: str) -> None:
 
 
 class Engine:
-    """Every baked model, the safety checker and the upscaler (when baked), resident on one device.
-    LoRA files come from the `loras` source its caller hands in (predict.py builds the store of
-    weights.py); without one, a request naming a LoRA is refused."""
+    """Every baked model and the safety checker, with the ControlNet, IP-Adapter and upscaler when
+    they are baked, on one device. LoRA files come from the `loras` source its caller hands in
+    (predict.py builds the store of weights.py); without one, a request naming a LoRA is refused."""
 
     def __init__(
         self,
