@@ -2,7 +2,9 @@
 repeated request must give the same bytes at the end as at the start.
 
 The mix cycles through both models, LoRAs switching (none, A, B, A+B), txt2img / img2img /
-inpaint, every output format and 1-2 outputs, from a fixed random sequence. A probe request
+inpaint, every output format and 1-2 outputs, and, when they are baked, a ControlNet (canny or
+tile), a reference image (IP-Adapter) and the 2x upscaler, each in a share of the requests, from a
+fixed random sequence. A probe request
 (fixed seed, PNG, LoRA A) runs first and last; its encoded bytes must be identical. Resident
 memory is printed every --every predictions. LoRAs come from --lora (any form lora_weights
 takes); without them, two are made for the loaded model with test_folder/lora_factory.py and
@@ -22,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +36,7 @@ from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
 from test_folder.lora_factory import diffusers_lora, kohya_lora
 from utils import save_image
+from weights import lora_store
 
 
 def rss_mib() -> float:
@@ -57,8 +61,11 @@ def encoded(engine: Engine, req: GenerationRequest, fmt: str, out: Path) -> list
     return files
 
 
-def mixed_requests(n: int, loras: list[str], steps: int, seed: int) -> list[tuple[GenerationRequest, str]]:
+def mixed_requests(
+    engine: Engine, n: int, loras: list[str], steps: int, seed: int
+) -> list[tuple[GenerationRequest, str]]:
     rng = random.Random(seed)
+    reference = Image.radial_gradient("L").convert("RGB")
     source = Image.linear_gradient("L").convert("RGB").resize((192, 128))
     mask = Image.new("L", (192, 128), 0)
     mask.paste(255, (48, 32, 144, 96))
@@ -79,6 +86,12 @@ def mixed_requests(n: int, loras: list[str], steps: int, seed: int) -> list[tupl
             seed=rng.randrange(2**32),
             loras=tuple(LoraSpec(src, rng.choice([0.5, 1.0])) for src in lora_sets[i % len(lora_sets)]),
         )
+        if engine.control.controlnet is not None and i % 4 == 1:
+            req = replace(req, control_image=source, control_type=rng.choice(["canny", "tile"]))
+        if any(m.ip_adapter is not None for m in engine.models.values()) and i % 5 == 2:
+            req = replace(req, ip_adapter_images=(reference,), ip_adapter_scale=rng.choice([0.4, 0.8]))
+        if engine.upscaler is not None and i % 7 == 3:
+            req = replace(req, megapixels="0.25", upscale="2x")
         requests.append((req, OUTPUT_FORMATS[i % len(OUTPUT_FORMATS)]))
     return requests
 
@@ -95,7 +108,7 @@ def main() -> None:
         parser.error("give --lora twice (A and B), or not at all")
 
     start = time.perf_counter()
-    engine = Engine.load(weights_root())
+    engine = Engine.load(weights_root(), loras=lora_store())
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         out = Path(tmp)
         loras = args.lora or made_loras(engine, out)
@@ -106,7 +119,7 @@ def main() -> None:
             loras=(LoraSpec(loras[0], 1.0),),
         )
         first = encoded(engine, probe, "png", out)
-        requests = mixed_requests(args.n, loras, args.steps, args.seed)
+        requests = mixed_requests(engine, args.n, loras, args.steps, args.seed)
         rss = [rss_mib()]
         print(f"after load and the first probe: RSS {rss[0]:.0f} MiB")
         images = 0
