@@ -1,7 +1,8 @@
 """Run predict.py's Predictor in-process, like `cog predict -i key=value`, without Docker.
 
 Inputs left out take their schema defaults (calling predict() directly would pass cog's
-FieldInfo objects instead). `-i image=@photo.png` passes a file, as `cog predict` does.
+FieldInfo objects instead). `-i image=@photo.png` passes a file, as `cog predict` does; a list
+input takes one `-i` per item (`-i ip_adapter_image=@a.png -i ip_adapter_image=@b.png`).
 Outputs are copied into the output folder and their paths printed.
 
 Usage: python scripts/run_predictor.py -i prompt="a cat" [-i seed=1 ...] [-o outputs]
@@ -26,9 +27,16 @@ from cog.input import FieldInfo
 from predict import Predictor
 
 
-def _coerce(raw: str, annotation: Any) -> Any:
+def _coerce(values: list[str], annotation: Any) -> Any:
+    """The -i values given for one input, as its annotation wants them."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     target = args[0] if args else annotation
+    if typing.get_origin(target) is list:  # a list input: each -i of that name is one item
+        [item] = typing.get_args(target)
+        return [_coerce([value], item) for value in values]
+    if len(values) != 1:
+        raise SystemExit(f"one value expected, got {len(values)}: {', '.join(values)}")
+    [raw] = values
     if target is bool:
         if raw.lower() not in ("true", "false"):
             raise SystemExit(f"expected true or false, got {raw!r}")
@@ -42,7 +50,7 @@ def _coerce(raw: str, annotation: Any) -> Any:
     return raw
 
 
-def predict_with_defaults(predictor: Predictor, inputs: dict[str, Any]) -> list[Path]:
+def predict_with_defaults(predictor: Predictor, inputs: dict[str, list[str]]) -> list[Path]:
     """Call predict() with every input filled: given values, else the Input() default."""
     signature = inspect.signature(Predictor.predict, eval_str=True)
     unknown = set(inputs) - set(signature.parameters)
@@ -54,7 +62,7 @@ def predict_with_defaults(predictor: Predictor, inputs: dict[str, Any]) -> list[
             continue
         if name in inputs:
             value = inputs[name]
-            kwargs[name] = _coerce(value, param.annotation) if isinstance(value, str) else value
+            kwargs[name] = _coerce(value, param.annotation)
         elif isinstance(param.default, FieldInfo):
             kwargs[name] = param.default.default
     return predictor.predict(**kwargs)
@@ -65,7 +73,10 @@ def main() -> None:
     parser.add_argument("-i", dest="inputs", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("-o", dest="out", type=Path, default=Path("outputs"), help="folder for the outputs")
     args = parser.parse_args()
-    inputs = dict(item.split("=", 1) for item in args.inputs)
+    inputs: dict[str, list[str]] = {}
+    for item in args.inputs:
+        name, value = item.split("=", 1)
+        inputs.setdefault(name, []).append(value)
     predictor = Predictor()
     predictor.setup()
     args.out.mkdir(parents=True, exist_ok=True)

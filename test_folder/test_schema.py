@@ -1,10 +1,13 @@
 """The committed OpenAPI schema is current, and every Flux dev-lora input keeps Flux's contract."""
 
 import json
+from typing import Optional
 
 import pytest
+from cog import Path as CogPath
 
 from scripts.cog_schema import SCHEMA_PATH, render
+from scripts.run_predictor import _coerce
 
 # name: (type, default, minimum, maximum) as flux-dev-lora declares them.
 FLUX_INPUTS = {
@@ -77,3 +80,13 @@ def test_tokens_are_secrets(schema: dict) -> None:
     props = schema["components"]["schemas"]["Input"]["properties"]
     for name in ("hf_api_token", "civitai_api_token"):
         assert props[name]["x-cog-secret"] is True and props[name]["format"] == "password"
+
+
+def test_the_local_runner_reads_list_inputs_one_flag_per_item() -> None:
+    """`scripts/run_predictor.py` (the stand-in for `cog predict`) turns repeated `-i` flags of a
+    list input into the list, and refuses two values for a single one."""
+    assert _coerce(["@a.png", "@b.png"], Optional[list[CogPath]]) == [CogPath("a.png"), CogPath("b.png")]
+    assert _coerce(["@a.png"], Optional[list[CogPath]]) == [CogPath("a.png")]
+    assert _coerce(["3"], int) == 3 and _coerce(["true"], bool) is True
+    with pytest.raises(SystemExit, match="one value expected, got 2"):
+        _coerce(["1", "2"], int)
