@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.config import COMPILE_WARMUP_ASPECTS, COMPILE_WARMUP_STEPS
+from engine.config import COMPILE_RECOMPILE_LIMIT, COMPILE_WARMUP_ASPECTS, COMPILE_WARMUP_STEPS
 from engine.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,14 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
 
 
 def compile_blocks(unets: Iterable[torch.nn.Module], backend: str | Callable[..., Any]) -> None:
-    """Mark each UNet's repeated blocks for compilation; the graphs are built on first use."""
+    """Mark each UNet's repeated blocks for compilation; the graphs are built on first use.
+
+    Every block shares one forward, and torch keeps at most `recompile_limit` graphs for it before
+    running it eager for good: batch 1 and batch 2 (the guidance cutoff), with and without a
+    reference image, and one or several references are separate graphs (eight on SDXL's shapes,
+    exactly torch's default limit), so the limit is raised to leave room.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     for unet in unets:
         unet.compile_repeated_blocks(backend=backend, fullgraph=True)
 

@@ -79,6 +79,9 @@ def test_compiled_unet_never_recompiles_after_setup(
     three reference images and a control image run the graphs already built (dynamo is told to fail
     on any recompile) and give the eager images."""
     assert graphs, "the warm-up compiled the blocks"
+    unet = compiled.models["sdxl"].txt2img.unet
+    blocks = [m for m in unet.modules() if m.__class__.__name__ in unet._repeated_blocks]
+    assert all(b._compiled_call_impl is not None for b in blocks), "the warm-up fell back to eager"
     warmed = len(graphs)
     eager = Engine.load(weights_dir, loras=LocalFiles(lora_paths), compile="off")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
@@ -99,6 +102,8 @@ def test_compiled_unet_never_recompiles_after_setup(
     with torch._dynamo.config.patch(error_on_recompile=True):
         results = [pixels(compiled, r) for r in requests]
     assert len(graphs) == warmed, "no request compiled anything after setup"
+    # At the limit torch stops compiling and runs the blocks eager for good, without an error.
+    assert len(graphs) < torch._dynamo.config.recompile_limit, "torch gave up: some blocks ran eager"
     for req, result in zip(requests, results, strict=True):
         np.testing.assert_array_equal(result, pixels(eager, req))
     assert np.array_equal(results[0], results[-1]), "back to the base weights after LoRAs"
