@@ -200,24 +200,8 @@ class Engine:
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one, and the
         kept ones upscaled when the request asks."""
-        req.validate()
-        if req.model == CUSTOM_MODEL_ID and req.model not in self.models:
-            raise InputError(
-                "no custom checkpoint is baked into this image: bake one with CUSTOM_CHECKPOINT_URL "
-                "(see README, 'Weights'), or choose illustrious-xl or sdxl"
-            )
-        if req.model not in self.models:
-            raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
-        model = self.models[req.model]
         # Everything that can be refused is checked before a model moves or a LoRA is downloaded.
-        if req.ip_adapter_images and model.ip_adapter is None:
-            raise InputError(
-                "this image was built without the IP-Adapter, so ip_adapter_image cannot be used: "
-                "leave it out, or bake the IP-Adapter into the image (see README, 'Weights')"
-            )
-        model.check_clip_skip(req.clip_skip)
-        model.prompts.check_length(req.prompt, "prompt")
-        model.prompts.check_length(req.negative_prompt, "negative_prompt")
+        model = self._checked_model(req)
         ref = reference_size(
             req.aspect_ratio,
             req.megapixels,
@@ -233,13 +217,7 @@ class Engine:
         if self.swap:
             self._move_in(model)
         model.loras.apply(loras)
-        if req.seed is None or req.seed < 0:
-            seed = secrets.randbelow(SEED_RANGE)
-            log.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
-        else:
-            seed = reduced_seed(req.seed)
-            log.info("seed: %d%s", seed, "" if seed == req.seed else f" ({req.seed} modulo 2^64)")
-        seeds = output_seeds(seed, req.num_outputs)
+        seeds = self._seeds(req)
 
         controlled = control_map is not None and req.control_strength > 0  # strength 0 is the plain pipeline
         pipe, extra = self._pipeline_for(model, req, width, height, control_map if controlled else None)
@@ -268,16 +246,7 @@ class Engine:
         reference = model.ip_adapter if req.ip_adapter_images and req.ip_adapter_scale > 0 else None
         with contextlib.ExitStack() as stack:
             if reference is not None:
-                stack.enter_context(reference.installed(req.ip_adapter_scale))
-                cfg = req.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' rule
-                encode_start = time.perf_counter()
-                extra["ip_adapter_image_embeds"] = reference.embeds(pipe, req.ip_adapter_images, cfg)
-                log.info(
-                    "IP-Adapter: %d reference image(s) at scale %g, encoded in %.2fs",
-                    len(req.ip_adapter_images),
-                    req.ip_adapter_scale,
-                    time.perf_counter() - encode_start,
-                )
+                extra.update(stack.enter_context(reference.used(pipe, req)))
             if req.go_fast:
                 stack.enter_context(deep.installed())
             if controlled:
@@ -340,6 +309,38 @@ class Engine:
         ]
         kept = self._drop_flagged(results) if req.safety_checker else results
         return self._upscaled(kept, req.upscale)
+
+    def _checked_model(self, req: GenerationRequest) -> BaseModel:
+        """The request's model, once the request and what it asks of that model are checked."""
+        req.validate()
+        if req.model == CUSTOM_MODEL_ID and req.model not in self.models:
+            raise InputError(
+                "no custom checkpoint is baked into this image: bake one with CUSTOM_CHECKPOINT_URL "
+                "(see README, 'Weights'), or choose illustrious-xl or sdxl"
+            )
+        if req.model not in self.models:
+            raise InputError(f"model must be one of {', '.join(self.models)}, got {req.model!r}")
+        model = self.models[req.model]
+        if req.ip_adapter_images and model.ip_adapter is None:
+            raise InputError(
+                "this image was built without the IP-Adapter, so ip_adapter_image cannot be used: "
+                "leave it out, or bake the IP-Adapter into the image (see README, 'Weights')"
+            )
+        model.check_clip_skip(req.clip_skip)
+        model.prompts.check_length(req.prompt, "prompt")
+        model.prompts.check_length(req.negative_prompt, "negative_prompt")
+        return model
+
+    @staticmethod
+    def _seeds(req: GenerationRequest) -> list[int]:
+        """One seed per output: the request's (reduced modulo 2^64) or a random one, logged either way."""
+        if req.seed is None or req.seed < 0:
+            seed = secrets.randbelow(SEED_RANGE)
+            log.info("seed: %d (random; pass seed=%d to reproduce)", seed, seed)
+        else:
+            seed = reduced_seed(req.seed)
+            log.info("seed: %d%s", seed, "" if seed == req.seed else f" ({req.seed} modulo 2^64)")
+        return output_seeds(seed, req.num_outputs)
 
     def _move_in(self, model: BaseModel) -> None:
         """Swap mode: the requested model onto the device, whichever held it back to CPU RAM."""

@@ -19,6 +19,8 @@ which cannot reach the image embeddings; a forward pre-hook keeps their conditio
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from engine.config import IP_ADAPTER_ENCODER_DIR, IP_ADAPTER_WEIGHT_NAME
+from engine.request import GenerationRequest
+
+log = logging.getLogger(__name__)
 
 IP_ADAPTER_NAME = IP_ADAPTER_WEIGHT_NAME.removesuffix(".safetensors")
 
@@ -95,6 +100,21 @@ class IpAdapter:
         finally:
             hook.remove()
             self._uninstall()
+
+    @contextlib.contextmanager
+    def used(self, pipe: StableDiffusionXLPipeline, req: GenerationRequest) -> Iterator[dict[str, Any]]:
+        """Installed for one pipeline call of `req`; yields the pipeline's arguments for its references."""
+        with self.installed(req.ip_adapter_scale):
+            guided = req.cfg_scale > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipelines' rule
+            start = time.perf_counter()
+            embeds = self.embeds(pipe, req.ip_adapter_images, guided)
+            log.info(
+                "IP-Adapter: %d reference image(s) at scale %g, encoded in %.2fs",
+                len(req.ip_adapter_images),
+                req.ip_adapter_scale,
+                time.perf_counter() - start,
+            )
+            yield {"ip_adapter_image_embeds": embeds}
 
     def embeds(self, pipe: StableDiffusionXLPipeline, images: Sequence[Image.Image], guided: bool) -> list[Any]:
         """The reference images through the image encoder once, in the form the pipelines take as
