@@ -1,22 +1,24 @@
 """torch.compile for the UNets: regional compilation, warmed up at setup so no request pays for it.
 
-Only the UNet's repeated transformer blocks are compiled (diffusers' `compile_repeated_blocks`):
-they hold most of the UNet's work, and one graph serves every block of the same shape, so compile
-time stays short. Shapes are warmed up at setup: a go_fast run changes the batch mid-run (the
-guidance cutoff halves it) and two sizes change the token count, after which torch marks those
-dimensions dynamic and no later size, batch or LoRA switch compiles again (LoRAs are written into
-the weights in place; `test_compiled_unet_never_recompiles_after_setup` counts the graphs).
+Only the UNet's repeated transformer blocks are compiled (diffusers' `compile_repeated_blocks`),
+and the ControlNet's, which are of the same class: they hold most of the work, and one graph
+serves every block of the same shape, so compile time stays short. Shapes are warmed up at
+setup: a go_fast run changes the batch mid-run (the guidance cutoff halves it) and two sizes
+change the token count, after which torch marks those dimensions dynamic and no later size, batch
+or LoRA switch compiles again (LoRAs are written into the weights in place;
+`test_compiled_unet_never_recompiles_after_setup` counts the graphs).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from engine.config import COMPILE_RECOMPILE_LIMIT, COMPILE_WARMUP_ASPECTS, COMPILE_WARMUP_STEPS
@@ -34,25 +36,35 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def compile_blocks(unets: Iterable[torch.nn.Module], backend: str | Callable[..., Any]) -> None:
-    """Mark each UNet's repeated blocks for compilation; the graphs are built on first use.
+def _blocks(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:
+    return [block for block in model.modules() if block.__class__.__name__ in names]
+
+
+def compile_blocks(
+    unets: Sequence[UNet2DConditionModel], backend: str | Callable[..., Any], controlnet: torch.nn.Module | None
+) -> None:
+    """Mark each UNet's repeated blocks, and the ControlNet's blocks of the same class, for
+    compilation; the graphs are built on first use. (diffusers' ControlNetUnionModel declares no
+    repeated blocks, but its transformer blocks are the UNet's, and share their graphs.)
 
     Every block shares one forward, and torch keeps at most `recompile_limit` graphs for it before
     running it eager for good: batch 1 and batch 2 (the guidance cutoff), with and without a
-    reference image, and one or several references are separate graphs (eight on SDXL's shapes,
-    exactly torch's default limit), so the limit is raised to leave room.
+    reference image, and one or several references are separate graphs (ten on the tiny model,
+    past torch's default limit of 8), so the limit is raised to leave room.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
     for unet in unets:
         unet.compile_repeated_blocks(backend=backend, fullgraph=True)
+    if controlnet is not None:
+        for block in _blocks(controlnet, unets[0]._repeated_blocks):
+            block.compile(backend=backend, fullgraph=True)
 
 
-def uncompile_blocks(unets: Iterable[torch.nn.Module]) -> None:
+def uncompile_blocks(unets: Sequence[UNet2DConditionModel], controlnet: torch.nn.Module | None) -> None:
     """Back to eager blocks (`nn.Module.compile` keeps the compiled call beside the module)."""
-    for unet in unets:
-        for block in unet.modules():
-            if block.__class__.__name__ in unet._repeated_blocks:
-                block._compiled_call_impl = None
+    for model in (*unets, *([controlnet] if controlnet is not None else [])):
+        for block in _blocks(model, unets[0]._repeated_blocks):
+            block._compiled_call_impl = None
 
 
 def warm_up(

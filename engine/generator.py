@@ -174,19 +174,20 @@ class Engine:
         return engine
 
     def compile(self, backend: str | Callable[..., Any]) -> None:
-        """Compile every UNet's repeated blocks and warm them up, so no request compiles.
+        """Compile every UNet's repeated blocks (and the ControlNet's) and warm them up, so no
+        request compiles.
 
         A compiler failure must not take the model down: the UNets go back to eager with a
         warning that names the error (the images are the same, only slower).
         """
         unets = [model.txt2img.unet for model in self.models.values()]
-        compile_blocks(unets, backend)
+        compile_blocks(unets, backend, self.control.controlnet)
         try:
             baked_ip = any(model.ip_adapter is not None for model in self.models.values())
             reference = Image.new("RGB", (64, 64), "gray") if baked_ip else None
             seconds = warm_up(self.generate, list(self.models), reference)
         except Exception as e:  # any compiler fault: run eager, and say why
-            uncompile_blocks(unets)
+            uncompile_blocks(unets, self.control.controlnet)
             torch._dynamo.reset()
             log.warning(
                 "torch.compile failed while warming up (%s: %s); the UNets run uncompiled. "

@@ -80,8 +80,13 @@ def test_compiled_unet_never_recompiles_after_setup(
     on any recompile) and give the eager images."""
     assert graphs, "the warm-up compiled the blocks"
     unet = compiled.models["sdxl"].txt2img.unet
-    blocks = [m for m in unet.modules() if m.__class__.__name__ in unet._repeated_blocks]
-    assert all(b._compiled_call_impl is not None for b in blocks), "the warm-up fell back to eager"
+    blocks = [
+        m
+        for net in (unet, compiled.control.controlnet)
+        for m in net.modules()
+        if m.__class__.__name__ in unet._repeated_blocks
+    ]
+    assert len(blocks) > 4 and all(b._compiled_call_impl is not None for b in blocks), "the warm-up fell back to eager"
     warmed = len(graphs)
     eager = Engine.load(weights_dir, loras=LocalFiles(lora_paths), compile="off")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
@@ -124,6 +129,7 @@ def test_a_compiler_failure_leaves_the_model_running_uncompiled(
     torch._dynamo.reset()
     assert "torch.compile failed while warming up" in caplog.text and "no compiler for this GPU" in caplog.text
     unet = engine.models["sdxl"].txt2img.unet
-    blocks = [m for m in unet.modules() if m.__class__.__name__ in unet._repeated_blocks]
+    nets = (unet, engine.control.controlnet)
+    blocks = [m for net in nets for m in net.modules() if m.__class__.__name__ in unet._repeated_blocks]
     assert blocks and all(b._compiled_call_impl is None for b in blocks)
     np.testing.assert_array_equal(pixels(engine, BASE), before)
