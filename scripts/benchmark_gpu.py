@@ -1,4 +1,5 @@
-"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches, upscale, memory.
+"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches,
+ControlNet, IP-Adapter, upscale, compile, memory.
 
 Builds the full-size random weights first when the folder is empty (see build_tiny_weights.py
 --full-size), then drives the real engine. Prints a Markdown table for the README.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -157,6 +159,12 @@ def main() -> None:
         "one rank-32 LoRA": one,
         "two rank-32 LoRAs": replace(one, loras=(*one.loras, LoraSpec(str(lora_b), 0.6))),
     }
+    # Issue 12's features on the same plain request, when baked: their added latency, interleaved.
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
+    if engine.control.controlnet is not None:
+        cases["ControlNet, canny"] = replace(cases["plain"], control_image=photo, control_type="canny")
+    if any(model.ip_adapter is not None for model in engine.models.values()):
+        cases["IP-Adapter, one reference"] = replace(cases["plain"], ip_adapter_images=(photo,))
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.runs):  # interleaved; each case is entered once untimed (its switch), then timed
         for name, case in cases.items():
