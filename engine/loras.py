@@ -1,11 +1,12 @@
 """LoRAs fused into a base model's weights: exact restores, warm switches, no module ever replaced.
 
-A request's LoRAs are merged into the weights they touch (W = W0 + sum of scale * up @ down,
-computed in fp32 and cast once), so a LoRA request runs the plain modules at base speed. Before a
-weight is first written, an exact copy of W0 is kept in CPU memory (pinned on CUDA); when the set
-or a scale changes, weights are copied back from it, never restored by subtracting, so a request
-without LoRAs after any sequence of LoRA requests is bit-identical to a fresh process. Weights are
-written in place (`param.data`), so a torch.compile graph stays valid across switches.
+A request's LoRAs are merged into the weights they touch (W = W0 + sum of scale * up @ down, one
+matrix product accumulated in fp32 and rounded once), so a LoRA request runs the plain modules at
+base speed. Before a weight is first written, an exact copy of W0 is kept in CPU memory (pinned on
+CUDA); when the set or a scale changes, weights are copied back from it, never restored by
+subtracting, so a request without LoRAs after any sequence of LoRA requests is bit-identical to a
+fresh process. Weights are written in place (`param.data`), so a torch.compile graph stays valid
+across switches.
 
 Files are parsed through diffusers' own conversions (kohya/SGM names, text encoders, alphas and
 metadata) into per-weight factors, without injecting PEFT layers. The last few parsed LoRAs stay
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", ".oft_": "OFT", "glora_": "GLoRA"}
 # The pipeline's modules a LoRA file can hold weights for, named as its keys' prefixes.
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-# fp32 elements of a delta computed at once: 1 MiB stays in a CPU core's cache; a GPU barely notices.
-_WORKSPACE_ELEMENTS = 2**18
 # Text-encoder modules diffusers reads ranks for (_load_lora_into_text_encoder).
 _TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 
@@ -185,7 +184,6 @@ class LoraSet:
         self.originals: dict[tuple[str, str], torch.Tensor] = {}  # exact copies of base weights, kept
         self.merged: set[tuple[str, str]] = set()  # weights that differ from their originals now
         self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
-        self.workspace: torch.Tensor | None = None
         self.tokens: dict[str, list[str]] = {}  # adapter name -> its pivotal tokens in the tokenizers
         self.triggers: list[tuple[str, str]] = []  # (what the user writes, the tokens it stands for)
 
@@ -277,13 +275,6 @@ class LoraSet:
         done_what = f"fused {len(updates)} weights" if loras else "restored the base weights"
         log.info("%s on %s in %.2fs", done_what, self.model_id, time.perf_counter() - start)
 
-    def _workspace(self, size: int, device: torch.device) -> torch.Tensor:
-        """One fp32 buffer, kept, for every delta: no allocation (and no page faults) per weight."""
-        size = max(size, _WORKSPACE_ELEMENTS)
-        if self.workspace is None or self.workspace.numel() < size or self.workspace.device != device:
-            self.workspace = torch.empty(size, dtype=torch.float32, device=device)
-        return self.workspace
-
     def _weight(self, key: tuple[str, str]) -> torch.nn.Parameter:
         """The parameter itself, looked up once: moving a model swaps its `.data`, not the object."""
         if key not in self.params:
@@ -292,10 +283,11 @@ class LoraSet:
         return self.params[key]
 
     def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]]) -> None:
-        """W = W0 + sum of scale * scaling * up @ down: the delta in fp32, added to W0 in fp32 and
-        cast once into the weight. Row blocks of the workspace's size keep the delta in cache, so
-        memory traffic is one read of W0 and one write of W. A weight that holds W0 now is its own
-        W0 (bit for bit), so no saved copy moves to the device for it."""
+        """W = W0 + sum of scale * scaling * up @ down, as one matrix product: the terms' factors are
+        stacked along the rank (each up scaled in fp32, then both cast to the weight's dtype) and
+        `addmm` accumulates in fp32 and writes W in the weight's dtype, with no temporary of the
+        weight's size (in bf16 it equals rounding the exact sum once). A weight that holds W0 now
+        is its own W0 (bit for bit), so no saved copy moves to the device for it."""
         param = self._weight(key)
         if key not in self.originals:
             self.originals[key] = _host_copy(param.detach())
@@ -304,23 +296,16 @@ class LoraSet:
         if key in self.merged:
             original = self.originals[key].to(param.device, non_blocking=True).view_as(target)
         self.merged.add(key)  # before writing: a cancel half-way still gets this weight restored
-        device = param.device
-        factors = [
-            (
-                layer.up.to(device, torch.float32, non_blocking=True).flatten(1),
-                layer.down.to(device, torch.float32, non_blocking=True).flatten(1),
-                scale * layer.scaling,
-            )
-            for layer, scale in terms
-        ]
-        workspace = self._workspace(target.shape[1], device)
-        rows = workspace.numel() // target.shape[1]
-        for start in range(0, target.shape[0], rows):
-            stop = min(start + rows, target.shape[0])
-            delta = workspace[: (stop - start) * target.shape[1]].view(stop - start, -1)
-            for i, (up, down, alpha) in enumerate(factors):
-                delta.addmm_(up[start:stop], down, beta=0 if i == 0 else 1, alpha=alpha)
-            torch.add(original[start:stop], delta, out=target[start:stop])
+        device, dtype = param.device, param.dtype
+        up = torch.cat(
+            [
+                layer.up.to(device, torch.float32, non_blocking=True).flatten(1) * (scale * layer.scaling)
+                for layer, scale in terms
+            ],
+            dim=1,
+        )
+        down = torch.cat([layer.down.to(device, torch.float32, non_blocking=True).flatten(1) for layer, _ in terms])
+        torch.addmm(original, up.to(dtype), down.to(dtype), out=target)
 
     def _restore(self, key: tuple[str, str]) -> None:
         self._weight(key).data.copy_(self.originals[key])

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load, save
 
 from engine.config import REPO_ROOT
@@ -640,3 +641,39 @@ def test_checks_run_before_a_swapped_model_moves(
     assert moves == [] and hosts["files"].total() == 0
     swapping.generate(replace(BASE, model="sdxl", num_inference_steps=1))
     assert moves == ["sdxl"]
+
+
+def test_fusing_in_bf16_rounds_once_and_restores_exactly(weights_dir: Path, lora_files: dict, tmp_path: Path) -> None:
+    """In a half-precision model two LoRAs on one weight are one product accumulated in fp32: each
+    fused weight is the exact W0 + sum of the (dtype-rounded) factors' products, rounded once
+    (within one unit of the last place where fp32 accumulation lands on a rounding boundary), and
+    the base comes back bit for bit."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl", torch_dtype=torch.bfloat16)
+    loras = LoraSet(pipe, "bf16-check")
+    (tmp_path / "a.safetensors").write_bytes(lora_files["a"])
+    (tmp_path / "b.safetensors").write_bytes(lora_files["b"])
+    a = LocalLora("bf16-a", tmp_path / "a.safetensors", 0.8, "A")
+    b = LocalLora("bf16-b", tmp_path / "b.safetensors", 1.3, "B")
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    loras.apply([a, b])
+    parsed = [loras._parsed(a), loras._parsed(b)]
+    shared = parsed[0].layers.keys() & parsed[1].layers.keys()
+    unet_keys = [key for key in shared if key[0] == "unet"]
+    assert unet_keys, "both LoRAs touch some of the same UNet weights"
+    ulp_misses = 0
+    for component, module in unet_keys:
+        weight = pipe.unet.get_submodule(module).weight
+        exact = base[f"{module}.weight"].double().flatten(1)
+        for lora, p in zip((a, b), parsed, strict=True):
+            layer = p.layers[(component, module)]
+            up = (layer.up.float().flatten(1) * (lora.scale * layer.scaling)).bfloat16().double()
+            exact += up @ layer.down.float().flatten(1).bfloat16().double()
+        expected = exact.bfloat16().view_as(weight)
+        differ = weight != expected
+        ulp_misses += int(differ.sum())
+        # Where they differ, by one step of bf16 at most.
+        spacing = torch.finfo(torch.bfloat16).eps * expected.float().abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        assert bool(((weight.float() - expected.float()).abs() <= spacing)[differ].all())
+    assert ulp_misses <= sum(pipe.unet.get_submodule(m).weight.numel() for _, m in unet_keys) // 1000
+    loras.apply([])
+    assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items()), "the base, bit for bit"
