@@ -24,8 +24,10 @@ import importlib.util
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -500,7 +502,7 @@ def build_depth_estimator() -> tuple[DepthAnythingForDepthEstimation, DPTImagePr
     return DepthAnythingForDepthEstimation(config), processor
 
 
-def _save_atomically(target: Path, save: callable) -> None:
+def _save_atomically(target: Path, save: Callable[[Path], None]) -> None:
     """Write into a temporary sibling folder, then rename, so a kill leaves nothing half-built."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -511,6 +513,35 @@ def _save_atomically(target: Path, save: callable) -> None:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pretrained(*parts: Any) -> Callable[[Path], None]:
+    """Writes each part (a model, its processor) into one folder with its own `save_pretrained`."""
+
+    def save(folder: Path) -> None:
+        for part in parts:
+            part.save_pretrained(folder)
+
+    return save
+
+
+def _as_baked(model: torch.nn.Module, shape: Shape) -> torch.nn.Module:
+    """Full-size stand-ins are stored in fp16, as the real baked weights are."""
+    return model.to(torch.float16) if shape is FULL else model
+
+
+def _ip_adapter_folder(shape: Shape) -> Callable[[Path], None]:
+    """The adapter file beside its image encoder's folder, the layout load_ip_adapter reads."""
+    encoder, adapter = build_ip_adapter(shape)
+    if shape is FULL:
+        adapter = {k: v.half() for k, v in adapter.items()}
+    encoder = _as_baked(encoder, shape)
+
+    def save(folder: Path) -> None:
+        encoder.save_pretrained(folder / IP_ADAPTER_ENCODER_DIR)
+        save_file(adapter, folder / IP_ADAPTER_WEIGHT_NAME)
+
+    return save
 
 
 def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path]:
@@ -528,61 +559,20 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
         _save_atomically(target, lambda d, p=pipe: p.save_pretrained(d, safe_serialization=True))
         del pipe
         written.append(target)
-    target = root / SAFETY_CHECKER_DIR
-    if force or not target.exists():
-        checker, processor = build_safety_checker(shape)
-
-        def save(d: Path) -> None:
-            checker.save_pretrained(d, safe_serialization=True)
-            processor.save_pretrained(d)
-
-        _save_atomically(target, save)
-        written.append(target)
-    target = root / CAPTIONER_DIR
-    if force or not target.exists():
-        captioner, caption_processor = build_captioner()
-
-        def save_captioner(d: Path) -> None:
-            captioner.save_pretrained(d)
-            caption_processor.save_pretrained(d)
-
-        _save_atomically(target, save_captioner)
-        written.append(target)
-    target = root / UPSCALER_DIR
-    if force or not target.exists():
-        upscaler = build_upscaler(shape)  # fp32 like the real checkpoint; the engine casts it
-        _save_atomically(target, lambda d: upscaler.save_pretrained(d))
-        written.append(target)
-    target = root / IP_ADAPTER_DIR
-    if force or not target.exists():
-        encoder, adapter = build_ip_adapter(shape)
-        if shape is FULL:
-            encoder.to(torch.float16)
-            adapter = {k: v.half() for k, v in adapter.items()}
-
-        def save_ip_adapter(d: Path) -> None:
-            encoder.save_pretrained(d / IP_ADAPTER_ENCODER_DIR)
-            save_file(adapter, d / IP_ADAPTER_WEIGHT_NAME)
-
-        _save_atomically(target, save_ip_adapter)
-        written.append(target)
-    target = root / CONTROLNET_DIR
-    if force or not target.exists():
-        controlnet = build_controlnet(shape)
-        if shape is FULL:
-            controlnet.to(torch.float16)
-        _save_atomically(target, lambda d: controlnet.save_pretrained(d, safe_serialization=True))
-        written.append(target)
-    target = root / DEPTH_ESTIMATOR_DIR
-    if force or not target.exists():
-        estimator, depth_processor = build_depth_estimator()
-
-        def save_estimator(d: Path) -> None:
-            estimator.save_pretrained(d)
-            depth_processor.save_pretrained(d)
-
-        _save_atomically(target, save_estimator)
-        written.append(target)
+    # Each folder's builder runs only when the folder is missing; it returns what writes the folder.
+    folders: dict[str, Callable[[], Callable[[Path], None]]] = {
+        SAFETY_CHECKER_DIR: lambda: _pretrained(*build_safety_checker(shape)),
+        CAPTIONER_DIR: lambda: _pretrained(*build_captioner()),
+        UPSCALER_DIR: lambda: _pretrained(build_upscaler(shape)),  # fp32 like the real checkpoint; the engine casts it
+        IP_ADAPTER_DIR: lambda: _ip_adapter_folder(shape),
+        CONTROLNET_DIR: lambda: _pretrained(_as_baked(build_controlnet(shape), shape)),
+        DEPTH_ESTIMATOR_DIR: lambda: _pretrained(*build_depth_estimator()),
+    }
+    for name, make in folders.items():
+        target = root / name
+        if force or not target.exists():
+            _save_atomically(target, make())
+            written.append(target)
     return written
 
 

@@ -144,6 +144,19 @@ class CogServer:
                 return err.code, json.loads(err.read() or b"{}")
         raise RuntimeError("server stayed at capacity")
 
+    def __enter__(self) -> CogServer:
+        """Ready to take predictions (stopped again if setup fails)."""
+        try:
+            health = self.wait_ready()
+            assert health["status"] == "READY", health
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -155,13 +168,8 @@ class CogServer:
 
 @pytest.fixture(scope="session")
 def cog_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    server = CogServer(weights_dir, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        health = server.wait_ready()
-        assert health["status"] == "READY", health
+    with CogServer(weights_dir, tmp_path_factory.mktemp("server") / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def decode_data_uri(uri: str) -> tuple[str, bytes]:

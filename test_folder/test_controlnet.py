@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
+from test_folder.test_local_generation import unet_inputs
 from test_folder.test_logs import noisy_lines
 
 BASE = {"prompt": "a lighthouse on a cliff", "seed": 7, "num_inference_steps": 4, "output_format": "png"}
@@ -44,14 +44,10 @@ def photo() -> Image.Image:
 PHOTO = image_data_uri(photo())
 
 
-@pytest.fixture(scope="module")
-def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    server = CogServer(weights_dir, tmp_path_factory.mktemp("control-server") / "server.log")
-    try:
-        assert server.wait_ready()["status"] == "READY"
-        yield server
-    finally:
-        server.stop()
+@pytest.fixture
+def server(cog_server: CogServer) -> CogServer:
+    """The session's Cog server: this module needs no setting of its own."""
+    return cog_server
 
 
 def run(server: CogServer, **inputs: Any) -> list[tuple[bytes, Image.Image]]:
@@ -74,6 +70,16 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 def differ(a: Image.Image, b: Image.Image) -> float:
     return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+def controlled(**fields: Any) -> GenerationRequest:
+    """An engine request guided by a canny map of `photo()`, without the checker; fields override."""
+    return replace(
+        GenerationRequest(
+            prompt=BASE["prompt"], seed=1, safety_checker=False, control_image=photo(), control_type="canny"
+        ),
+        **fields,
+    )
 
 
 # Through the Cog server.
@@ -231,15 +237,7 @@ def test_the_controlnet_reads_the_returned_map(engine: Engine) -> None:
         lambda _, args, kwargs: seen.append(kwargs["controlnet_cond"][0]), with_kwargs=True
     )
     try:
-        req = GenerationRequest(
-            prompt=BASE["prompt"],
-            seed=1,
-            num_inference_steps=2,
-            safety_checker=False,
-            control_image=photo(),
-            control_type="canny",
-            return_control_map=True,
-        )
+        req = controlled(num_inference_steps=2, return_control_map=True)
         [result] = engine.generate(req)
     finally:
         hook.remove()
@@ -300,14 +298,7 @@ def test_go_fast_with_control(engine: Engine, mode: str) -> None:
     """The deep path of the UNet and of the ControlNet runs in 6 of 10 steps as without control; the
     ControlNet is called every step (its shallow part only on cached steps), at half batch after the
     guidance cutoff, or at full batch in inpaint, where the cutoff is off."""
-    req = GenerationRequest(
-        prompt=BASE["prompt"],
-        seed=1,
-        num_inference_steps=10,
-        safety_checker=False,
-        control_image=photo(),
-        control_type="canny",
-    )
+    req = controlled(num_inference_steps=10)
     if mode != "txt2img":
         req = replace(req, image=photo(), prompt_strength=1.0)
     if mode == "inpaint":
@@ -331,16 +322,7 @@ def test_the_shallow_path_adds_the_controlnet_residuals_exactly(engine: Engine) 
     unet = engine.models["illustrious-xl"].txt2img.unet
     controlnet = engine.control.controlnet
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    added = {
-        "text_embeds": torch.randn(
-            2,
-            unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim,
-            generator=generator,
-        ),
-        "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2),
-    }
+    sample, text, added = unet_inputs(unet, generator)
     control_type = torch.zeros(2, controlnet.config.num_control_type)
     control_type[:, 3] = 1
     with torch.no_grad():
@@ -395,14 +377,7 @@ def test_the_controlnet_skips_its_deep_half_exactly_on_cached_steps(
         first = control_module.shallow_residuals(controlnet, 2, **kwargs)
     assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, down[:2], strict=True))
 
-    req = GenerationRequest(
-        prompt=BASE["prompt"],
-        seed=2,
-        num_inference_steps=10,
-        safety_checker=False,
-        control_image=photo(),
-        control_type="depth",
-    )
+    req = controlled(seed=2, num_inference_steps=10, control_type="depth")
     skipped = engine.generate(req)[0].image
 
     def whole_forward(net: torch.nn.Module, count: int, **kw: Any) -> tuple[torch.Tensor, ...]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,14 +35,10 @@ REF_A = image_data_uri(noise(1))
 REF_B = image_data_uri(noise(2))
 
 
-@pytest.fixture(scope="module")
-def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    server = CogServer(weights_dir, tmp_path_factory.mktemp("ip-server") / "server.log")
-    try:
-        assert server.wait_ready()["status"] == "READY"
-        yield server
-    finally:
-        server.stop()
+@pytest.fixture
+def server(cog_server: CogServer) -> CogServer:
+    """The session's Cog server: this module needs no setting of its own."""
+    return cog_server
 
 
 def run(server: CogServer, **inputs: object) -> tuple[bytes, str]:

@@ -155,20 +155,23 @@ def test_go_fast_reuses_deep_features_after_30_percent(engine: Engine, cfg_scale
     assert deep_path_calls(engine, replace(req, go_fast=True)) == (10, 6)
 
 
+def unet_inputs(unet: torch.nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A batch-2 UNet call's inputs for the tiny model: latents, text embeddings, SDXL's added conditions."""
+    sample = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    added = {
+        "text_embeds": torch.randn(2, pooled, generator=generator),
+        "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2),
+    }
+    return sample, text, added
+
+
 def test_the_shallow_path_is_the_unets_own_computation(engine: Engine) -> None:
     """Fed the deep features of the same step, the shallow path gives the full UNet's output."""
     unet = engine.models["illustrious-xl"].txt2img.unet
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 16, 16, generator=generator)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    added = {
-        "text_embeds": torch.randn(
-            2,
-            unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim,
-            generator=generator,
-        ),
-        "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2),
-    }
+    sample, text, added = unet_inputs(unet, generator)
     cache = DeepFeatureCache(unet, lambda: 10, start=0.0, interval=2)
     with torch.no_grad(), cache.installed():
         full = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]

@@ -217,12 +217,8 @@ def flagging_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     tensors = load_file(path)
     tensors["concept_embeds_weights"] = torch.full_like(tensors["concept_embeds_weights"], -1.0)
     save_file(tensors, path, metadata={"format": "pt"})
-    server = CogServer(root, tmp_path_factory.mktemp("flagging-server") / "server.log")
-    try:
-        assert server.wait_ready()["status"] == "READY"
+    with CogServer(root, tmp_path_factory.mktemp("flagging-server") / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_safety_checker_failure_and_opt_out_through_cog(flagging_server: CogServer) -> None:

@@ -63,10 +63,9 @@ def lora_server(
         mp.setenv("LORA_CACHE_DIR", str(server_cache))
         server = CogServer(weights_dir, tmp_path_factory.mktemp("lora-server") / "server.log")
     try:
-        assert server.wait_ready()["status"] == "READY"
-        yield server, {"hf": hf, "civitai": civ, "files": files}
+        with server:
+            yield server, {"hf": hf, "civitai": civ, "files": files}
     finally:
-        server.stop()
         for host in (hf, civ, files):
             host.close()
 

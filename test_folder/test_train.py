@@ -179,11 +179,8 @@ def train_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # one thread in its worker too (see one_thread)
         server = CogServer(weights_dir, tmp_path_factory.mktemp("train-server") / "server.log", train=True)
-    try:
-        assert server.wait_ready()["status"] == "READY"
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 def zip_data_uri(files: dict[str, bytes]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,10 @@ BASE = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
-    cog = CogServer(weights_dir, tmp_path_factory.mktemp("upscale-server") / "server.log")
-    try:
-        assert cog.wait_ready()["status"] == "READY"
-        yield cog
-    finally:
-        cog.stop()
+@pytest.fixture
+def server(cog_server: CogServer) -> CogServer:
+    """The session's Cog server: this module needs no setting of its own."""
+    return cog_server
 
 
 def _predict(server: CogServer, **inputs: Any) -> tuple[list[bytes], dict[str, Any]]:
