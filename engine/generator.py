@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -76,19 +75,30 @@ def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device
     return weights + RESIDENCY_HEADROOM_BYTES > torch.cuda.get_device_properties(device).total_memory
 
 
-def _share_identical_vaes(root: Path, models: list[BaseModel]) -> None:
-    """Models baked with the same VAE file (the fp16-fix one) use one module, not two copies."""
-    first: dict[str, BaseModel] = {}
+def _share_identical_vaes(models: list[BaseModel]) -> None:
+    """Models baked with the same VAE (the fp16-fix one) use one module, not two copies. Compared
+    as loaded, config and tensors, on the device: no second read of the files."""
+    kept: list[BaseModel] = []
     for model in models:
-        path = root / model.model_id / "vae" / "diffusion_pytorch_model.safetensors"
-        if not path.is_file():
+        same = next((k for k in kept if k.device == model.device and _same_vae(k, model)), None)
+        if same is None:
+            kept.append(model)
             continue
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest in first and first[digest].device == model.device:
-            model.use_vae(first[digest].txt2img.vae)
-            log.info("%s shares the VAE of %s (identical file)", model.model_id, first[digest].model_id)
-        else:
-            first.setdefault(digest, model)
+        model.use_vae(same.txt2img.vae)
+        log.info("%s shares the VAE of %s (identical weights)", model.model_id, same.model_id)
+
+
+def _same_vae(a: BaseModel, b: BaseModel) -> bool:
+    config_a, config_b = ({k: v for k, v in m.txt2img.vae.config.items() if not k.startswith("_")} for m in (a, b))
+    tensors_a, tensors_b = a.txt2img.vae.state_dict(), b.txt2img.vae.state_dict()
+    return (
+        config_a == config_b
+        and tensors_a.keys() == tensors_b.keys()
+        and all(
+            t.dtype == tensors_b[k].dtype and t.shape == tensors_b[k].shape and torch.equal(t, tensors_b[k])
+            for k, t in tensors_a.items()
+        )
+    )
 
 
 def _log_trigger_words(lora: LocalLora, prompt: str) -> None:
@@ -158,7 +168,7 @@ class Engine:
             model_id: BaseModel(model_id, root / model_id, device if not swap or i == 0 else cpu, dtype)
             for i, model_id in enumerate(sorted(present, key=lambda m: m != DEFAULT_MODEL))
         }
-        _share_identical_vaes(root, list(models.values()))
+        _share_identical_vaes(list(models.values()))
         if (root / IP_ADAPTER_DIR).is_dir():
             shared: IpAdapter | None = None
             for model in models.values():

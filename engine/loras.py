@@ -283,11 +283,11 @@ class LoraSet:
         return self.params[key]
 
     def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]]) -> None:
-        """W = W0 + sum of scale * scaling * up @ down, as one matrix product: the terms' factors are
-        stacked along the rank (each up scaled in fp32, then both cast to the weight's dtype) and
-        `addmm` accumulates in fp32 and writes W in the weight's dtype, with no temporary of the
-        weight's size (in bf16 it equals rounding the exact sum once). A weight that holds W0 now
-        is its own W0 (bit for bit), so no saved copy moves to the device for it."""
+        """W = W0 + sum of scale * scaling * up @ down, as one matrix product that `addmm` accumulates
+        in fp32 and rounds once into the weight's dtype, with no temporary of the weight's size (in
+        bf16 it equals rounding the exact sum once). One LoRA's factors go in as they are, its scale
+        as addmm's alpha; several are stacked along the rank, each up scaled in fp32 first. A
+        weight that holds W0 now is its own W0 (bit for bit), so no saved copy moves to the device."""
         param = self._weight(key)
         if key not in self.originals:
             self.originals[key] = _host_copy(param.detach())
@@ -297,15 +297,22 @@ class LoraSet:
             original = self.originals[key].to(param.device, non_blocking=True).view_as(target)
         self.merged.add(key)  # before writing: a cancel half-way still gets this weight restored
         device, dtype = param.device, param.dtype
-        up = torch.cat(
-            [
-                layer.up.to(device, torch.float32, non_blocking=True).flatten(1) * (scale * layer.scaling)
-                for layer, scale in terms
-            ],
-            dim=1,
-        )
-        down = torch.cat([layer.down.to(device, torch.float32, non_blocking=True).flatten(1) for layer, _ in terms])
-        torch.addmm(original, up.to(dtype), down.to(dtype), out=target)
+        if len(terms) == 1:
+            layer, scale = terms[0]
+            alpha = scale * layer.scaling
+            up = layer.up.to(device, dtype, non_blocking=True).flatten(1)
+            down = layer.down.to(device, dtype, non_blocking=True).flatten(1)
+        else:
+            alpha = 1.0
+            up = torch.cat(
+                [
+                    layer.up.to(device, torch.float32, non_blocking=True).flatten(1) * (scale * layer.scaling)
+                    for layer, scale in terms
+                ],
+                dim=1,
+            ).to(dtype)
+            down = torch.cat([layer.down.to(device, dtype, non_blocking=True).flatten(1) for layer, _ in terms])
+        torch.addmm(original, up, down, alpha=alpha, out=target)
 
     def _restore(self, key: tuple[str, str]) -> None:
         self._weight(key).data.copy_(self.originals[key])

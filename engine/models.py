@@ -17,6 +17,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from transformers import PreTrainedTokenizerFast
 
 from engine.errors import InputError
 from engine.ip_adapter import IpAdapter
@@ -35,6 +36,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def _tokenizers(folder: Path) -> dict[str, PreTrainedTokenizerFast]:
+    """The CLIP tokenizers read from their tokenizer.json in Rust (the bake writes one where the
+    model publishes only vocab.json + merges.txt): transformers' CLIPTokenizer rebuilds the
+    vocabulary in Python at every load, about 0.2 s each and four per setup. The ids are the same
+    (tested); only `decode` keeps CLIP's `</w>` word ends, and nothing here decodes. A folder
+    without the file (baked before the bake wrote it) gets diffusers' own class."""
+    return {
+        name: PreTrainedTokenizerFast.from_pretrained(folder / name)
+        for name in ("tokenizer", "tokenizer_2")
+        if (folder / name / "tokenizer.json").is_file()
+    }
+
+
 class BaseModel:
     """One SDXL-family model folder loaded onto the device, with its three pipelines."""
 
@@ -42,7 +56,12 @@ class BaseModel:
         start = time.perf_counter()
         self.model_id = model_id
         self.txt2img = StableDiffusionXLPipeline.from_pretrained(
-            folder, dtype=dtype, device_map=str(device), local_files_only=True, use_safetensors=True
+            folder,
+            dtype=dtype,
+            device_map=str(device),
+            local_files_only=True,
+            use_safetensors=True,
+            **_tokenizers(folder),
         )
         vae = self.txt2img.vae
         if vae.config.force_upcast and vae.dtype == torch.float32:

@@ -18,6 +18,8 @@ in their own layer of the image and `setup()` never touches a network.
   config says `force_upcast: false`, so fp16 runs decode without a float32 copy of the VAE).
 - A pickled torch file with `"safetensors": NAME` is converted once, tensors only, to NAME;
   only the converted file is installed.
+- CLIP tokenizers published as vocab.json + merges.txt (SDXL's) get a tokenizer.json written
+  beside them, which setup reads in Rust instead of rebuilding the vocabulary in Python.
 - Single-file checkpoints are converted once, here, with a config folder shipped in the repo
   (`from_single_file` converts at every load, so run time must not pay for it).
 
@@ -209,6 +211,16 @@ def to_safetensors(src: Path, dest: Path, name: str) -> None:
     os.replace(part, dest)
 
 
+def write_tokenizer_json(folder: Path) -> None:
+    """The tokenizer.json of a CLIP tokenizer published as vocab.json + merges.txt, as
+    transformers' CLIPTokenizer builds it (the engine loads it with the tokenizers backend)."""
+    from transformers import CLIPTokenizer
+
+    part = folder / "tokenizer.json.part"
+    CLIPTokenizer.from_pretrained(folder, local_files_only=True).backend_tokenizer.save(str(part))
+    os.replace(part, folder / "tokenizer.json")
+
+
 def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
     """Bake one model folder; False when it is already baked from this very manifest entry."""
     final = root / model_id
@@ -241,6 +253,11 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
             part.write_text(json.dumps({**config, **f["set"]}, indent=2))
             os.replace(part, target)  # a killed bake never leaves half a config
         record[str(target.relative_to(staging))] = sha256_of(target)
+    for folder in sorted(staging.glob("tokenizer*/")):
+        if (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
+            log.info("%s: writing %s/tokenizer.json", model_id, folder.name)
+            write_tokenizer_json(folder)
+            record[f"{folder.name}/tokenizer.json"] = sha256_of(folder / "tokenizer.json")
     pickles = []
     for source in entry["sources"]:
         for f in (f for f in source["files"] if f.get("safetensors")):
@@ -271,7 +288,7 @@ def _convert(staging: Path, single: dict[str, str], out: Path) -> Path:
         str(staging / single["checkpoint"]),
         config=str(REPO_ROOT / single["config"]),
         local_files_only=True,
-        torch_dtype=torch.float16,
+        dtype=torch.float16,
     )
     if (staging / "vae" / "config.json").is_file():
         pipe.vae = AutoencoderKL.from_pretrained(staging / "vae", dtype=torch.float16)

@@ -16,13 +16,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file, save
+from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
 from engine.config import REPO_ROOT
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from engine.safety import SafetyChecker
-from scripts.bake import MANIFEST, bake, check_manifest, describe, to_safetensors
+from scripts.bake import MANIFEST, bake, check_manifest, describe, to_safetensors, write_tokenizer_json
 from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
 from test_folder.single_file import to_original
 from weights import WeightsError
@@ -30,16 +31,37 @@ from weights import WeightsError
 REPOS = {"sdxl": "acme/sdxl-base", "illustrious-xl": "acme/illustrious", "safety-checker": "acme/checker"}
 
 
+def _legacy_tokenizer(tokenizer_json: bytes) -> dict[str, bytes]:
+    """A CLIP tokenizer the way SDXL's repo publishes it: vocab.json + merges.txt, no tokenizer.json."""
+    model = json.loads(tokenizer_json)["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return {
+        "vocab.json": json.dumps(model["vocab"]).encode(),
+        "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode(),
+    }
+
+
+def _published(folder: Path) -> dict[str, bytes]:
+    """A tiny model folder's files as the hub serves them, tokenizers in SDXL's published layout."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder)
+        if path.name == "tokenizer.json":
+            files |= {str(rel.parent / k): v for k, v in _legacy_tokenizer(path.read_bytes()).items()}
+        else:
+            files[str(rel)] = path.read_bytes()
+    return files
+
+
 def _manifest(weights_dir: Path, sizes: bool = True) -> dict:
     """The shape of bake/manifest.json, listing the tiny folders' files, sizes and sha256s."""
     models = {}
     for model_id, repo in REPOS.items():
         files = []
-        for path in sorted(p for p in (weights_dir / model_id).rglob("*") if p.is_file()):
-            rel = str(path.relative_to(weights_dir / model_id))
+        for rel, data in _published(weights_dir / model_id).items():
             spec: dict = {"path": rel}
             if sizes and rel.endswith(".safetensors"):
-                spec.update(size=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+                spec.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
             files.append(spec)
         models[model_id] = {"sources": [{"hf": repo, "revision": "main", "files": files}]}
     return {"models": models}
@@ -47,16 +69,7 @@ def _manifest(weights_dir: Path, sizes: bool = True) -> dict:
 
 @pytest.fixture
 def hub(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
-    repos = {
-        repo: HfRepo(
-            {
-                str(p.relative_to(weights_dir / mid)): p.read_bytes()
-                for p in (weights_dir / mid).rglob("*")
-                if p.is_file()
-            }
-        )
-        for mid, repo in REPOS.items()
-    }
+    repos = {repo: HfRepo(_published(weights_dir / mid)) for mid, repo in REPOS.items()}
     server = hugging_face(repos)
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -75,6 +88,11 @@ def test_bake_end_to_end_then_idempotent(hub: Loopback, weights_dir: Path, tmp_p
     assert np.array_equal(ours, np.asarray(engine.generate(req)[0].image)), "baked weights are the source bytes"
     record = json.loads((root / "sdxl" / ".baked").read_text())
     assert record["files"]["unet/diffusion_pytorch_model.safetensors"]
+    # The tokenizers came as vocab.json + merges.txt; the bake wrote the tokenizer.json setup reads.
+    for name in ("tokenizer", "tokenizer_2"):
+        written = root / "sdxl" / name / "tokenizer.json"
+        assert record["files"][f"{name}/tokenizer.json"] == hashlib.sha256(written.read_bytes()).hexdigest()
+        assert type(getattr(baked.models["sdxl"].txt2img, name)) is PreTrainedTokenizerFast
     served = hub.total()
     assert bake(root, manifest) == []
     assert hub.total() == served, "a second bake downloads nothing"
@@ -97,6 +115,52 @@ def test_bake_resumes_after_a_failure(hub: Loopback, weights_dir: Path, tmp_path
     assert all(hub.hits[k] == v for k, v in before.items()), "complete files are not fetched again"
     assert hub.hits[f"GET {unet}"] == 6
     assert (root / "sdxl" / "model_index.json").is_file()
+
+
+PROMPTS = [
+    "a photo of a cat, (masterpiece:1.2), café naïve 東京 😀",
+    "",
+    "TOK <s0><s1> <|startoftext|>x<|endoftext|>",
+    "Hello,World!!  \n\t tabs " * 30,
+    "a" * 400,
+]
+
+
+def test_the_written_tokenizer_json_encodes_as_clip_tokenizer(weights_dir: Path, tmp_path: Path) -> None:
+    """What setup reads (the tokenizers backend on the written tokenizer.json) gives the ids
+    transformers' CLIPTokenizer gives from the published vocab.json + merges.txt, with and without
+    added pivotal tokens."""
+    for name in ("tokenizer", "tokenizer_2"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for rel, data in _legacy_tokenizer((weights_dir / "sdxl" / name / "tokenizer.json").read_bytes()).items():
+            (folder / rel).write_bytes(data)
+        shutil.copy(weights_dir / "sdxl" / name / "tokenizer_config.json", folder)
+        published = CLIPTokenizer.from_pretrained(folder)
+        write_tokenizer_json(folder)
+        fast = PreTrainedTokenizerFast.from_pretrained(folder)
+        for tok in (published, fast):
+            tok.add_tokens(["<lora_0>", "<lora_1>"])
+        for text in [*PROMPTS, "a <lora_0><lora_1> dog"]:
+            for kwargs in ({}, {"padding": "max_length", "truncation": True, "max_length": 77}):
+                assert fast(text, **kwargs).input_ids == published(text, **kwargs).input_ids, (name, text)
+        assert (fast.pad_token, fast.model_max_length) == (published.pad_token, published.model_max_length)
+
+
+def test_weights_baked_without_tokenizer_json_still_load(engine: Engine, weights_dir: Path, tmp_path: Path) -> None:
+    """A folder baked before the bake wrote tokenizer.json loads through diffusers' own class,
+    to the same image."""
+    root = tmp_path / "weights"
+    shutil.copytree(weights_dir, root, ignore=shutil.ignore_patterns("tokenizer.json"))
+    for model_id in ("sdxl", "illustrious-xl"):
+        for name in ("tokenizer", "tokenizer_2"):
+            data = (weights_dir / model_id / name / "tokenizer.json").read_bytes()
+            for rel, content in _legacy_tokenizer(data).items():
+                (root / model_id / name / rel).write_bytes(content)
+    older = Engine.load(root)
+    assert type(older.models["sdxl"].txt2img.tokenizer) is CLIPTokenizer
+    req = GenerationRequest(prompt="a lighthouse at dusk, (storm:1.3)", num_inference_steps=2, seed=3)
+    assert np.array_equal(np.asarray(older.generate(req)[0].image), np.asarray(engine.generate(req)[0].image))
 
 
 @pytest.mark.parametrize(

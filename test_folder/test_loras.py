@@ -643,30 +643,38 @@ def test_checks_run_before_a_swapped_model_moves(
     assert moves == ["sdxl"]
 
 
-def test_fusing_in_bf16_rounds_once_and_restores_exactly(weights_dir: Path, lora_files: dict, tmp_path: Path) -> None:
-    """In a half-precision model two LoRAs on one weight are one product accumulated in fp32: each
-    fused weight is the exact W0 + sum of the (dtype-rounded) factors' products, rounded once
-    (within one unit of the last place where fp32 accumulation lands on a rounding boundary), and
-    the base comes back bit for bit."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl", torch_dtype=torch.bfloat16)
+@pytest.mark.parametrize("count", [1, 2])
+def test_fusing_in_bf16_rounds_once_and_restores_exactly(
+    weights_dir: Path, lora_files: dict, tmp_path: Path, count: int
+) -> None:
+    """In a half-precision model each fused weight is the exact W0 plus the product of the
+    dtype-rounded factors, accumulated in fp32 and rounded once (within one unit of the last place
+    where fp32 accumulation lands on a rounding boundary), and the base comes back bit for bit.
+    One LoRA goes in with its scale as addmm's alpha; two are one product of stacked factors, each
+    up scaled before rounding."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl", dtype=torch.bfloat16)
     loras = LoraSet(pipe, "bf16-check")
     (tmp_path / "a.safetensors").write_bytes(lora_files["a"])
     (tmp_path / "b.safetensors").write_bytes(lora_files["b"])
-    a = LocalLora("bf16-a", tmp_path / "a.safetensors", 0.8, "A")
-    b = LocalLora("bf16-b", tmp_path / "b.safetensors", 1.3, "B")
+    chosen = [
+        LocalLora("bf16-a", tmp_path / "a.safetensors", 0.8, "A"),
+        LocalLora("bf16-b", tmp_path / "b.safetensors", 1.3, "B"),
+    ][:count]
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    loras.apply([a, b])
-    parsed = [loras._parsed(a), loras._parsed(b)]
-    shared = parsed[0].layers.keys() & parsed[1].layers.keys()
+    loras.apply(chosen)
+    parsed = [loras._parsed(lora) for lora in chosen]
+    shared = set.intersection(*(set(p.layers) for p in parsed))
     unet_keys = [key for key in shared if key[0] == "unet"]
-    assert unet_keys, "both LoRAs touch some of the same UNet weights"
+    assert unet_keys, "the LoRAs touch some of the same UNet weights"
     ulp_misses = 0
     for component, module in unet_keys:
         weight = pipe.unet.get_submodule(module).weight
         exact = base[f"{module}.weight"].double().flatten(1)
-        for lora, p in zip((a, b), parsed, strict=True):
+        for lora, p in zip(chosen, parsed, strict=True):
             layer = p.layers[(component, module)]
-            up = (layer.up.float().flatten(1) * (lora.scale * layer.scaling)).bfloat16().double()
+            scale = lora.scale * layer.scaling
+            up = layer.up.float().flatten(1)
+            up = up.bfloat16().double() * scale if count == 1 else (up * scale).bfloat16().double()
             exact += up @ layer.down.float().flatten(1).bfloat16().double()
         expected = exact.bfloat16().view_as(weight)
         differ = weight != expected
