@@ -31,13 +31,44 @@ from weights import WeightsError
 REPOS = {"sdxl": "acme/sdxl-base", "illustrious-xl": "acme/illustrious", "safety-checker": "acme/checker"}
 
 
-def _legacy_tokenizer(tokenizer_json: bytes) -> dict[str, bytes]:
-    """A CLIP tokenizer the way SDXL's repo publishes it: vocab.json + merges.txt, no tokenizer.json."""
-    model = json.loads(tokenizer_json)["model"]
+def _legacy_tokenizer(folder: Path) -> dict[str, bytes]:
+    """A tiny CLIP tokenizer folder the way SDXL's repo publishes its two: vocab.json, merges.txt
+    and the older tokenizer_config.json / special_tokens_map.json format (AddedToken dicts with
+    `normalized: true`), no tokenizer.json."""
+    model = json.loads((folder / "tokenizer.json").read_bytes())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    pad = json.loads((folder / "tokenizer_config.json").read_text())["pad_token"]
+
+    def added(content: str) -> dict:
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
+
+    special = {
+        "bos_token": added("<|startoftext|>"),
+        "eos_token": added("<|endoftext|>"),
+        "unk_token": added("<|endoftext|>"),
+        "pad_token": pad,
+    }
+    config = {
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "openai/clip-vit-large-patch14",
+        "tokenizer_class": "CLIPTokenizer",
+        **special,
+    }
     return {
         "vocab.json": json.dumps(model["vocab"]).encode(),
         "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode(),
+        "tokenizer_config.json": json.dumps(config, indent=2).encode(),
+        "special_tokens_map.json": json.dumps(special, indent=2).encode(),
     }
 
 
@@ -46,8 +77,9 @@ def _published(folder: Path) -> dict[str, bytes]:
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder)
-        if path.name == "tokenizer.json":
-            files |= {str(rel.parent / k): v for k, v in _legacy_tokenizer(path.read_bytes()).items()}
+        if path.parent.name.startswith("tokenizer"):
+            if path.name == "tokenizer.json":
+                files |= {str(rel.parent / k): v for k, v in _legacy_tokenizer(path.parent).items()}
         else:
             files[str(rel)] = path.read_bytes()
     return files
@@ -133,9 +165,8 @@ def test_the_written_tokenizer_json_encodes_as_clip_tokenizer(weights_dir: Path,
     for name in ("tokenizer", "tokenizer_2"):
         folder = tmp_path / name
         folder.mkdir()
-        for rel, data in _legacy_tokenizer((weights_dir / "sdxl" / name / "tokenizer.json").read_bytes()).items():
+        for rel, data in _legacy_tokenizer(weights_dir / "sdxl" / name).items():
             (folder / rel).write_bytes(data)
-        shutil.copy(weights_dir / "sdxl" / name / "tokenizer_config.json", folder)
         published = CLIPTokenizer.from_pretrained(folder)
         write_tokenizer_json(folder)
         fast = PreTrainedTokenizerFast.from_pretrained(folder)
@@ -154,8 +185,7 @@ def test_weights_baked_without_tokenizer_json_still_load(engine: Engine, weights
     shutil.copytree(weights_dir, root, ignore=shutil.ignore_patterns("tokenizer.json"))
     for model_id in ("sdxl", "illustrious-xl"):
         for name in ("tokenizer", "tokenizer_2"):
-            data = (weights_dir / model_id / name / "tokenizer.json").read_bytes()
-            for rel, content in _legacy_tokenizer(data).items():
+            for rel, content in _legacy_tokenizer(weights_dir / model_id / name).items():
                 (root / model_id / name / rel).write_bytes(content)
     older = Engine.load(root)
     assert type(older.models["sdxl"].txt2img.tokenizer) is CLIPTokenizer
