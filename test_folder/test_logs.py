@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import logging
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -60,3 +62,25 @@ def test_lora_switches_img2img_and_inpaint_log_only_the_engine(
         if "lora_weights" in inputs:
             assert "LoRAs active on illustrious-xl" in logs
     assert not noisy, "\n".join(noisy)
+
+
+def test_setup_log_has_no_torchvision_fallback_warning(cog_server: CogServer) -> None:
+    """Importing diffusers' pipelines makes transformers warn that three image processors fall back
+    to PIL (the image has no torchvision on purpose); the server's log, setup included, shows none."""
+    log = Path(cog_server.log.name).read_text()
+    assert "loaded illustrious-xl" in log, "the log holds setup's lines"
+    assert "requires torchvision" not in log
+
+
+def test_only_the_torchvision_fallback_message_is_dropped() -> None:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.warning("`XImageProcessor` requires torchvision (not installed); falling back to `XImageProcessorPil`")
+        logger.warning("Could not import module 'X'")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["Could not import module 'X'"]
