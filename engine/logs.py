@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import logging
 
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
-
 # diffusers' ModelMixin.to warns on every dtype argument, even when no module must stay in fp32
 # (the list it prints is empty); load_ip_adapter calls unet.to(dtype=unet.dtype) once per model.
 _EMPTY_FP32_WARNING = "There are modules in UNet2DConditionModel that should be kept in float32: []."
@@ -48,6 +45,11 @@ def quiet_import_noise() -> None:
 
 def quiet_library_noise() -> None:
     """Turn off the libraries' progress bars and the ModelMixin.to message above (idempotent)."""
+    # Imported here: engine/__init__.py imports this module, and what imports only engine.config
+    # (the bake's dry run) must not pull in torch.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     _drop("diffusers.models.modeling_utils", _EMPTY_FP32_WARNING)

@@ -28,7 +28,14 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.compiling import compile_wanted
-from engine.config import MODEL_IDS, UPSCALER_DIR
+from engine.config import (
+    CONTROLNET_DIR,
+    DEPTH_ESTIMATOR_DIR,
+    IP_ADAPTER_DIR,
+    MODEL_IDS,
+    SAFETY_CHECKER_DIR,
+    UPSCALER_DIR,
+)
 from engine.generator import Engine
 from engine.models import default_device, default_dtype
 from engine.request import Credentials, GenerationRequest, LoraSpec
@@ -51,14 +58,31 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def _upscale_rows(engine: Engine, plain: GenerationRequest, args: argparse.Namespace) -> list[tuple[str, str]]:
+class Table:
+    """Rows printed as they are measured, the JSON rewritten after each: a run cut short by the
+    device's time limit still leaves every number taken before it."""
+
+    def __init__(self, json_path: Path | None) -> None:
+        self.rows: dict[str, str] = {}
+        self.json_path = json_path
+        print("| measure | value |\n|---|---|", flush=True)
+
+    def add(self, name: str, value: str) -> None:
+        self.rows[name] = value
+        print(f"| {name} | {value} |", flush=True)
+        if self.json_path:
+            self.json_path.write_text(json.dumps(self.rows, indent=2))
+
+
+def _upscale_rows(engine: Engine, plain: GenerationRequest, args: argparse.Namespace, table: Table) -> None:
     """upscale=4x: its setup (a second copy is loaded to time it), the latency it adds to a plain
     request, and its own peak memory on top of the resident models, at 1:1 and at Flux's widest size."""
     device = default_device()
     load_s, upscaler = _timed(lambda: Upscaler(args.weights / UPSCALER_DIR, device, default_dtype(device)))
     weights_mib = sum(p.numel() * p.element_size() for p in upscaler.model.parameters()) / 2**20
     del upscaler
-    rows = [("upscaler load, Swin2SR x4 (s)", f"{load_s:.2f}"), ("upscaler weights (MiB)", f"{weights_mib:.0f}")]
+    table.add("upscaler load, Swin2SR x4 (s)", f"{load_s:.2f}")
+    table.add("upscaler weights (MiB)", f"{weights_mib:.0f}")
     four = replace(plain, upscale="4x")
     engine.generate(four)  # warm-up
     runs: dict[str, list[float]] = {"plain": [], "4x": []}
@@ -68,7 +92,7 @@ def _upscale_rows(engine: Engine, plain: GenerationRequest, args: argparse.Names
     best = min(runs["4x"]) - min(runs["plain"])
     median = statistics.median(runs["4x"]) - statistics.median(runs["plain"])
     # engine.generate returns images: the time to encode a 16-megapixel file (predict.py) is not in it.
-    rows.append((f"upscale 4x, added to a {args.steps}-step request: best / median (s)", f"{best:.3f} / {median:.3f}"))
+    table.add(f"upscale 4x, added to a {args.steps}-step request: best / median (s)", f"{best:.3f} / {median:.3f}")
     assert engine.upscaler is not None
     for aspect in ("1:1", "21:9"):
         image = engine.generate(replace(plain, aspect_ratio=aspect))[0].image
@@ -77,11 +101,10 @@ def _upscale_rows(engine: Engine, plain: GenerationRequest, args: argparse.Names
             torch.cuda.reset_peak_memory_stats()
         t, result = _timed(lambda im=image: engine.upscaler.upscale(im, 4))
         name = f"upscale 4x alone, {image.width}x{image.height} -> {result.width}x{result.height}"
-        rows.append((f"{name} (s)", f"{t:.3f}"))
+        table.add(f"{name} (s)", f"{t:.3f}")
         if torch.cuda.is_available():
             peak = (torch.cuda.max_memory_allocated() - resident) / 2**30
-            rows.append((f"{name}: peak GPU memory above the resident models (GiB)", f"{peak:.2f}"))
-    return rows
+            table.add(f"{name}: peak GPU memory above the resident models (GiB)", f"{peak:.2f}")
 
 
 def main() -> None:
@@ -95,23 +118,27 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    rows: list[tuple[str, str]] = [("GPU", device), ("torch", torch.__version__)]
+    table = Table(args.json)
+    table.add("GPU", device)
+    table.add("torch", torch.__version__)
     size = 128 if args.tiny else 1024
 
     build_s, _ = _timed(lambda: build_all(args.weights, shape=TINY if args.tiny else FULL))
-    rows.append(("build random full-size weights (s, skipped if present)", f"{build_s:.1f}"))
+    table.add("build random full-size weights (s, skipped if present)", f"{build_s:.1f}")
 
-    files = sorted(p for m in MODEL_IDS for p in (args.weights / m).rglob("*.safetensors"))
+    # Every file setup loads (the optional folders too, when built), so the ratio compares like with like.
+    loaded = (*MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
+    files = sorted(p for m in loaded for p in (args.weights / m).rglob("*.safetensors"))
     size_gb = sum(p.stat().st_size for p in files) / 1e9
     raw_s, _ = _timed(lambda: [load_file(p, device="cuda" if torch.cuda.is_available() else "cpu") for p in files])
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    rows.append((f"raw safetensors read to GPU, {size_gb:.1f} GB (s)", f"{raw_s:.2f}"))
+    table.add(f"raw safetensors read to GPU, every file setup loads, {size_gb:.1f} GB (s)", f"{raw_s:.2f}")
 
     setup_s, engine = _timed(lambda: Engine.load(args.weights, loras=lora_store(), compile="off"))
-    rows.append(("Engine.load, both models + checker + upscaler, uncompiled (s)", f"{setup_s:.2f}"))
-    rows.append(("setup / raw read", f"{setup_s / raw_s:.2f}x"))
+    table.add("Engine.load, both models + checker + the optional folders built, uncompiled (s)", f"{setup_s:.2f}")
+    table.add("setup / raw read", f"{setup_s / raw_s:.2f}x")
 
     req = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=args.steps, seed=1)
     # Interleaved rounds, so clock and neighbour noise hit both settings alike.
@@ -126,11 +153,9 @@ def main() -> None:
             outputs[fast] = np.asarray(result[0].image, dtype=np.int16)
     latency = {fast: min(times) for fast, times in runs.items()}
     for fast, label in ((False, "off"), (True, "on")):
-        rows.append(
-            (
-                f"{size}x{size}, {args.steps} steps, go_fast {label}: best / median of {args.runs} (s)",
-                f"{latency[fast]:.3f} / {statistics.median(runs[fast]):.3f}",
-            )
+        table.add(
+            f"{size}x{size}, {args.steps} steps, go_fast {label}: best / median of {args.runs} (s)",
+            f"{latency[fast]:.3f} / {statistics.median(runs[fast]):.3f}",
         )
     batches: list[int] = []
     hook = engine.models[req.model].txt2img.unet.register_forward_pre_hook(
@@ -138,15 +163,15 @@ def main() -> None:
     )
     engine.generate(replace(req, go_fast=True))
     hook.remove()
-    rows.append(("go_fast UNet calls at batch 2 / batch 1", f"{batches.count(2)} / {batches.count(1)}"))
-    rows.append(("go_fast speed-up", f"{latency[False] / latency[True]:.2f}x"))
+    table.add("go_fast UNet calls at batch 2 / batch 1", f"{batches.count(2)} / {batches.count(1)}")
+    table.add("go_fast speed-up", f"{latency[False] / latency[True]:.2f}x")
     diff = np.abs(outputs[True] - outputs[False])
-    rows.append(("go_fast on vs off: mean / max pixel difference (0-255)", f"{diff.mean():.1f} / {diff.max()}"))
+    table.add("go_fast on vs off: mean / max pixel difference (0-255)", f"{diff.mean():.1f} / {diff.max()}")
 
     switch_s, _ = _timed(lambda: engine.generate(replace(req, model="sdxl")))
     back_s, _ = _timed(lambda: engine.generate(req))
-    rows.append(("first request on the other model, both resident (s)", f"{switch_s:.3f}"))
-    rows.append(("and back (s)", f"{back_s:.3f}"))
+    table.add("first request on the other model, both resident (s)", f"{switch_s:.3f}")
+    table.add("and back (s)", f"{back_s:.3f}")
     # The LoRA and long-prompt paths on fp16 CUDA: one rank-32 LoRA, a weighted 130-token prompt.
     pipe = engine.models[req.model].txt2img
     lora_a = diffusers_lora(pipe, args.weights / "bench-lora", seed=7, rank=32)
@@ -172,11 +197,9 @@ def main() -> None:
             timings[name].append(_timed(lambda c=case: engine.generate(c))[0])
     plain = min(timings["plain"])
     for name, times in timings.items():
-        rows.append(
-            (
-                f"{size}x{size}, {args.steps} steps, go_fast off, {name}: best / median (s), x plain",
-                f"{min(times):.3f} / {statistics.median(times):.3f}, {min(times) / plain:.3f}x",
-            )
+        table.add(
+            f"{size}x{size}, {args.steps} steps, go_fast off, {name}: best / median (s), x plain",
+            f"{min(times):.3f} / {statistics.median(times):.3f}, {min(times) / plain:.3f}x",
         )
     # Warm switches: both LoRAs parsed and cached; only the fused weights change.
     loras = engine.models[req.model].loras
@@ -189,28 +212,20 @@ def main() -> None:
         switches["scale only"].append(_timed(lambda: loras.apply([replace(fetched[0], scale=0.4)]))[0])
         switches["to none"].append(_timed(lambda: loras.apply([]))[0])
     for name, times in switches.items():
-        rows.append(
-            (f"warm LoRA switch {name}: best / median (s)", f"{min(times):.3f} / {statistics.median(times):.3f}")
-        )
+        table.add(f"warm LoRA switch {name}: best / median (s)", f"{min(times):.3f} / {statistics.median(times):.3f}")
     if compile_wanted(args.compile, torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-        rows.extend(_compiled(engine, cases, args.runs, size, args.steps))
+        _compiled(engine, cases, args.runs, size, args.steps, table)
     if torch.cuda.is_available():
-        rows.append(("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
-    rows.extend(_upscale_rows(engine, replace(req, go_fast=False), args))
-
-    print("| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
-    if args.json:
-        args.json.write_text(json.dumps(dict(rows), indent=2))
+        table.add("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}")
+    _upscale_rows(engine, replace(req, go_fast=False), args, table)
 
 
 def _compiled(
-    engine: Engine, cases: dict[str, GenerationRequest], runs: int, size: int, steps: int
-) -> list[tuple[str, str]]:
+    engine: Engine, cases: dict[str, GenerationRequest], runs: int, size: int, steps: int, table: Table
+) -> None:
     """The same engine after setup's compile and warm-up: plain, go_fast, one LoRA (interleaved)."""
     compile_s, _ = _timed(lambda: engine.compile("inductor"))
-    rows = [("compile + warm-up, both models (s)", f"{compile_s:.1f}")]
+    table.add("compile + warm-up, both models (s)", f"{compile_s:.1f}")
     compiled_cases = {
         "plain": cases["plain"],
         "plain, go_fast on": replace(cases["plain"], go_fast=True),
@@ -222,13 +237,10 @@ def _compiled(
             engine.generate(case)
             timings[name].append(_timed(lambda c=case: engine.generate(c))[0])
     for name, times in timings.items():
-        rows.append(
-            (
-                f"compiled, {size}x{size}, {steps} steps, {name}: best / median (s)",
-                f"{min(times):.3f} / {statistics.median(times):.3f}",
-            )
+        table.add(
+            f"compiled, {size}x{size}, {steps} steps, {name}: best / median (s)",
+            f"{min(times):.3f} / {statistics.median(times):.3f}",
         )
-    return rows
 
 
 if __name__ == "__main__":
