@@ -152,6 +152,7 @@ class Engine:
     ) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing.
         `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up."""
+        start = time.perf_counter()
         quiet_library_noise()
         device = device or default_device()
         dtype = dtype or default_dtype(device)
@@ -176,11 +177,14 @@ class Engine:
         else:
             log.info("IP-Adapter not baked (no %s folder in the weights): ip_adapter_image is refused", IP_ADAPTER_DIR)
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
+        checker_start = time.perf_counter()
         safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
+        log.info("loaded the safety checker in %.1fs", time.perf_counter() - checker_start)
         upscaler = Upscaler.load_if_baked(root, device, dtype)
         engine = cls(models, safety, loras, swap, upscaler=upscaler, control=Control.load(root, device, dtype))
         if compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device):
             engine.compile("inductor")
+        log.info("setup done in %.1fs", time.perf_counter() - start)
         return engine
 
     def compile(self, backend: str | Callable[..., Any]) -> None:
