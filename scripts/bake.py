@@ -19,7 +19,8 @@ in their own layer of the image and `setup()` never touches a network.
 - A pickled torch file with `"safetensors": NAME` is converted once, tensors only, to NAME;
   only the converted file is installed.
 - CLIP tokenizers published as vocab.json + merges.txt (SDXL's) get a tokenizer.json written
-  beside them, which setup reads in Rust instead of rebuilding the vocabulary in Python.
+  beside them, which setup reads in Rust instead of rebuilding the vocabulary in Python, and their
+  configs lose the `"__type"` keys the tokenizers library prints a line about at every start.
 - Single-file checkpoints are converted once, here, with a config folder shipped in the repo
   (`from_single_file` converts at every load, so run time must not pay for it).
 
@@ -211,14 +212,33 @@ def to_safetensors(src: Path, dest: Path, name: str) -> None:
     os.replace(part, dest)
 
 
-def write_tokenizer_json(folder: Path) -> None:
-    """The tokenizer.json of a CLIP tokenizer published as vocab.json + merges.txt, as
-    transformers' CLIPTokenizer builds it (the engine loads it with the tokenizers backend)."""
+def prepare_tokenizer(folder: Path) -> list[str]:
+    """A CLIP tokenizer published as vocab.json + merges.txt (SDXL's two) made quick and quiet to
+    load: the `"__type": "AddedToken"` keys of its JSON configs dropped (transformers ignores them
+    and the tokenizers library prints "Ignored unknown kwarg option __type" for each, at every
+    start), then the tokenizer.json written that setup reads in Rust, as transformers'
+    CLIPTokenizer builds it. Returns the names of the files it wrote."""
     from transformers import CLIPTokenizer
 
+    written = []
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            cleaned = {k: _without_type(v) for k, v in config.items()}
+            if cleaned != config:
+                part = path.with_name(name + ".part")
+                part.write_text(json.dumps(cleaned, indent=2))
+                os.replace(part, path)
+                written.append(name)
     part = folder / "tokenizer.json.part"
     CLIPTokenizer.from_pretrained(folder, local_files_only=True).backend_tokenizer.save(str(part))
     os.replace(part, folder / "tokenizer.json")
+    return [*written, "tokenizer.json"]
+
+
+def _without_type(value: Any) -> Any:
+    return {k: v for k, v in value.items() if k != "__type"} if isinstance(value, dict) else value
 
 
 def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
@@ -254,10 +274,11 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
             os.replace(part, target)  # a killed bake never leaves half a config
         record[str(target.relative_to(staging))] = sha256_of(target)
     for folder in sorted(staging.glob("tokenizer*/")):
-        if (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
-            log.info("%s: writing %s/tokenizer.json", model_id, folder.name)
-            write_tokenizer_json(folder)
-            record[f"{folder.name}/tokenizer.json"] = sha256_of(folder / "tokenizer.json")
+        # Not when the source ships its own tokenizer.json (it is among the fetched files then).
+        if (folder / "vocab.json").is_file() and f"{folder.name}/tokenizer.json" not in record:
+            log.info("%s: preparing %s (tokenizer.json for setup)", model_id, folder.name)
+            for name in prepare_tokenizer(folder):
+                record[f"{folder.name}/{name}"] = sha256_of(folder / name)
     pickles = []
     for source in entry["sources"]:
         for f in (f for f in source["files"] if f.get("safetensors")):

@@ -23,7 +23,7 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from engine.safety import SafetyChecker
-from scripts.bake import MANIFEST, bake, check_manifest, describe, to_safetensors, write_tokenizer_json
+from scripts.bake import MANIFEST, bake, check_manifest, describe, prepare_tokenizer, to_safetensors
 from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
 from test_folder.single_file import to_original
 from weights import WeightsError
@@ -109,7 +109,9 @@ def hub(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback
     server.close()
 
 
-def test_bake_end_to_end_then_idempotent(hub: Loopback, weights_dir: Path, tmp_path: Path, engine: Engine) -> None:
+def test_bake_end_to_end_then_idempotent(
+    hub: Loopback, weights_dir: Path, tmp_path: Path, engine: Engine, capfd: pytest.CaptureFixture[str]
+) -> None:
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(_manifest(weights_dir)))
     root = tmp_path / "weights"
@@ -125,6 +127,9 @@ def test_bake_end_to_end_then_idempotent(hub: Loopback, weights_dir: Path, tmp_p
         written = root / "sdxl" / name / "tokenizer.json"
         assert record["files"][f"{name}/tokenizer.json"] == hashlib.sha256(written.read_bytes()).hexdigest()
         assert type(getattr(baked.models["sdxl"].txt2img, name)) is PreTrainedTokenizerFast
+        assert "__type" not in (root / "sdxl" / name / "special_tokens_map.json").read_text()
+    out, err = capfd.readouterr()
+    assert "Ignored unknown kwarg" not in out + err, "the tokenizers library's line for each __type key"
     served = hub.total()
     assert bake(root, manifest) == []
     assert hub.total() == served, "a second bake downloads nothing"
@@ -168,7 +173,7 @@ def test_the_written_tokenizer_json_encodes_as_clip_tokenizer(weights_dir: Path,
         for rel, data in _legacy_tokenizer(weights_dir / "sdxl" / name).items():
             (folder / rel).write_bytes(data)
         published = CLIPTokenizer.from_pretrained(folder)
-        write_tokenizer_json(folder)
+        prepare_tokenizer(folder)
         fast = PreTrainedTokenizerFast.from_pretrained(folder)
         for tok in (published, fast):
             tok.add_tokens(["<lora_0>", "<lora_1>"])
