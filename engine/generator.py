@@ -290,9 +290,12 @@ class Engine:
             log.info("ControlNet: strength 0, not run (the plain pipeline made the image)")
         if req.go_fast:
             log.info(
-                "go_fast: the whole UNet ran in %d of %d steps, the others reused its deep features",
+                "go_fast: the whole UNet ran in %d of %d steps, %s",
                 deep.full_calls,
                 deep.calls,
+                "the others reused its deep features"
+                if deep.full_calls < deep.calls
+                else "too few steps to reuse its deep features",
             )
 
         results = [
