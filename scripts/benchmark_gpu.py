@@ -217,7 +217,28 @@ def main() -> None:
         _compiled(engine, cases, args.runs, size, args.steps, table)
     if torch.cuda.is_available():
         table.add("peak GPU memory allocated (GiB)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}")
+        _memory_rows(engine, replace(req, go_fast=False), size, table)
     _upscale_rows(engine, replace(req, go_fast=False), args, table)
+
+
+def _memory_rows(engine: Engine, plain: GenerationRequest, size: int, table: Table) -> None:
+    """What holds the peak (CUDA only): the weights resident now, a plain request's peak above them,
+    and the VAE decode's own share of it (the fp16-fix VAE decodes in fp16, with no fp32 copy)."""
+    engine.models[plain.model].loras.apply([])
+    torch.cuda.empty_cache()
+    resident = torch.cuda.memory_allocated()
+    table.add("GPU memory held by the resident weights, no LoRA (GiB)", f"{resident / 2**30:.1f}")
+    torch.cuda.reset_peak_memory_stats()
+    engine.generate(plain)
+    above = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    table.add(f"peak of a plain {size}x{size} request above the resident weights (GiB)", f"{above:.2f}")
+    vae = engine.models[plain.model].txt2img.vae
+    latents = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=vae.dtype)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        vae.decode(latents / vae.config.scaling_factor)
+    decode = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    table.add(f"of which the VAE decode at {size}x{size}, {vae.dtype} (GiB)", f"{decode:.2f}")
 
 
 def _compiled(
