@@ -165,8 +165,8 @@ PROMPTS = [
 
 def test_the_written_tokenizer_json_encodes_as_clip_tokenizer(weights_dir: Path, tmp_path: Path) -> None:
     """What setup reads (the tokenizers backend on the written tokenizer.json) gives the ids
-    transformers' CLIPTokenizer gives from the published vocab.json + merges.txt, with and without
-    added pivotal tokens."""
+    transformers' CLIPTokenizer gives from the published vocab.json + merges.txt, with two pivotal
+    tokens added as the LoRA loader adds them."""
     for name in ("tokenizer", "tokenizer_2"):
         folder = tmp_path / name
         folder.mkdir()
