@@ -18,6 +18,9 @@ in their own layer of the image and `setup()` never touches a network.
   config says `force_upcast: false`, so fp16 runs decode without a float32 copy of the VAE).
 - A pickled torch file with `"safetensors": NAME` is converted once, tensors only, to NAME;
   only the converted file is installed.
+- A file (or a pickle's converted NAME) with `"dtype": "float16"` has its floating tensors stored
+  in fp16, the dtype setup loads them in on a GPU: half the bytes to read and no cast at each start
+  (the safety checker and the IP-Adapter's image encoder are fp32 on the hub).
 - CLIP tokenizers published as vocab.json + merges.txt (SDXL's) get a tokenizer.json written
   beside them, which setup reads in Rust instead of rebuilding the vocabulary in Python, and their
   configs lose the `"__type"` keys the tokenizers library prints a line about at every start.
@@ -49,6 +52,7 @@ from weights import WeightsError, display_url, download, hf_endpoint
 MANIFEST = REPO_ROOT / "bake" / "manifest.json"
 COMMIT = re.compile(r"[0-9a-f]{40}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+STORED_DTYPES = ("float16",)  # what "dtype" may ask for: the dtype setup loads weights in on a GPU
 log = logging.getLogger("bake")
 
 
@@ -124,6 +128,8 @@ def describe(manifest: dict[str, Any], only: list[str] | None) -> list[str]:
                     target = f"{f['safetensors']} (converted from {target} at bake time)"
                 if f.get("set"):
                     target = f"{target} (with {json.dumps(f['set'])})"
+                if f.get("dtype"):
+                    target = f"{target} (stored in {f['dtype']})"
                 status = f"not pinned: {', '.join(gaps)}" if gaps else f"pinned, {f['size']} bytes"
                 lines.append(f"{model_id}: {source_name(source, f['path'])} -> {target} [{status}]")
                 pinned, total = pinned + (not gaps), total + 1
@@ -146,6 +152,11 @@ def check_manifest(manifest: dict[str, Any]) -> list[str]:
                 problems.append(f"{model_id}: {f['path']}: 'set' is for keys of a .json file")
             if f.get("safetensors") and not f["safetensors"].endswith(".safetensors"):
                 problems.append(f"{model_id}: {f['path']} converts to {f['safetensors']}, not a .safetensors name")
+            if f.get("dtype") is not None:
+                stored = f.get("safetensors") or f.get("target") or f["path"]
+                if f["dtype"] not in STORED_DTYPES or not stored.endswith(".safetensors"):
+                    allowed = ", ".join(STORED_DTYPES)
+                    problems.append(f"{model_id}: {f['path']}: 'dtype' is one of {allowed}, for a .safetensors file")
         single = entry.get("single_file")
         if single:
             config = REPO_ROOT / single["config"]
@@ -212,6 +223,24 @@ def to_safetensors(src: Path, dest: Path, name: str) -> None:
     os.replace(part, dest)
 
 
+def to_dtype(path: Path, dtype_name: str) -> None:
+    """A safetensors file with its floating tensors stored in `dtype_name` (other tensors, such as
+    position ids, as they are), its metadata kept; a file already in that dtype is left alone."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    dtype = getattr(torch, dtype_name)
+    tensors = load_file(str(path))
+    if all(t.dtype == dtype for t in tensors.values() if t.is_floating_point()):
+        return
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    part = path.with_name(path.name + ".part")
+    save_file({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}, str(part), metadata)
+    os.replace(part, path)
+
+
 def prepare_tokenizer(folder: Path) -> list[str]:
     """A CLIP tokenizer published as vocab.json + merges.txt (SDXL's two) made quick and quiet to
     load: the `"__type": "AddedToken"` keys of its JSON configs dropped (transformers ignores them
@@ -264,34 +293,45 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
                 target.unlink()
             log.info("%s: fetching %s", model_id, name)
             record[key] = _fetch(source, f, target, name)
+    # Everything the bake changes or adds happens in a copy made of hard links: a changed file is
+    # written anew and replaces its link, so the staged files stay as fetched (a resumed bake
+    # checks them against the manifest) and `record` holds the fetched bytes' sha256s to pin.
+    built = root / ".staging" / f"{model_id}.build"
+    shutil.rmtree(built, ignore_errors=True)
+    shutil.copytree(staging, built, copy_function=os.link)
+    written: dict[str, str] = {}
     for f in (f for source in entry["sources"] for f in source["files"] if f.get("set")):
-        target = staging / (f.get("target") or f["path"])
+        target = built / (f.get("target") or f["path"])
         config = json.loads(target.read_text())
         if any(config.get(k) != v for k, v in f["set"].items()):
             log.info("%s: setting %s in %s", model_id, json.dumps(f["set"]), target.name)
             part = target.with_name(target.name + ".part")
             part.write_text(json.dumps({**config, **f["set"]}, indent=2))
-            os.replace(part, target)  # a killed bake never leaves half a config
-        record[str(target.relative_to(staging))] = sha256_of(target)
-    for folder in sorted(staging.glob("tokenizer*/")):
+            os.replace(part, target)
+            written[str(target.relative_to(built))] = sha256_of(target)
+    for folder in sorted(built.glob("tokenizer*/")):
         # Not when the source ships its own tokenizer.json (it is among the fetched files then).
         if (folder / "vocab.json").is_file() and f"{folder.name}/tokenizer.json" not in record:
             log.info("%s: preparing %s (tokenizer.json for setup)", model_id, folder.name)
             for name in prepare_tokenizer(folder):
-                record[f"{folder.name}/{name}"] = sha256_of(folder / name)
-    pickles = []
+                written[f"{folder.name}/{name}"] = sha256_of(folder / name)
     for source in entry["sources"]:
         for f in (f for f in source["files"] if f.get("safetensors")):
-            pickles.append(staging / (f.get("target") or f["path"]))
+            pickled = built / (f.get("target") or f["path"])
             log.info("%s: converting %s to %s", model_id, f["path"], f["safetensors"])
-            to_safetensors(pickles[-1], staging / f["safetensors"], source_name(source, f["path"]))
-            record[f["safetensors"]] = sha256_of(staging / f["safetensors"])
-    built = staging
+            to_safetensors(pickled, built / f["safetensors"], source_name(source, f["path"]))
+            pickled.unlink()  # only the safetensors copy is installed
+            written[f["safetensors"]] = sha256_of(built / f["safetensors"])
+    for f in (f for source in entry["sources"] for f in source["files"] if f.get("dtype")):
+        stored = f.get("safetensors") or f.get("target") or f["path"]
+        log.info("%s: storing %s in %s", model_id, stored, f["dtype"])
+        to_dtype(built / stored, f["dtype"])
+        written[stored] = sha256_of(built / stored)
     if entry.get("single_file"):
-        built = _convert(staging, entry["single_file"], root / ".staging" / f"{model_id}.converted")
-    for path in pickles:  # only the safetensors copy is installed
-        path.unlink()
-    (built / ".baked").write_text(json.dumps({"manifest": digest, "files": record}, indent=1))
+        converted = _convert(built, entry["single_file"], root / ".staging" / f"{model_id}.converted")
+        shutil.rmtree(built)
+        built = converted
+    (built / ".baked").write_text(json.dumps({"manifest": digest, "files": record, "written": written}, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(built, final)

@@ -122,10 +122,14 @@ def test_bake_end_to_end_then_idempotent(
     assert np.array_equal(ours, np.asarray(engine.generate(req)[0].image)), "baked weights are the source bytes"
     record = json.loads((root / "sdxl" / ".baked").read_text())
     assert record["files"]["unet/diffusion_pytorch_model.safetensors"]
+    # "files" holds the bytes as fetched (what a pin must state), "written" what the bake changed.
+    config = "tokenizer/tokenizer_config.json"
+    assert record["files"][config] == hashlib.sha256(_published(weights_dir / "sdxl")[config]).hexdigest()
+    assert record["written"][config] == hashlib.sha256((root / "sdxl" / config).read_bytes()).hexdigest()
     # The tokenizers came as vocab.json + merges.txt; the bake wrote the tokenizer.json setup reads.
     for name in ("tokenizer", "tokenizer_2"):
         written = root / "sdxl" / name / "tokenizer.json"
-        assert record["files"][f"{name}/tokenizer.json"] == hashlib.sha256(written.read_bytes()).hexdigest()
+        assert record["written"][f"{name}/tokenizer.json"] == hashlib.sha256(written.read_bytes()).hexdigest()
         assert type(getattr(baked.models["sdxl"].txt2img, name)) is PreTrainedTokenizerFast
         assert "__type" not in (root / "sdxl" / name / "special_tokens_map.json").read_text()
     out, err = capfd.readouterr()
@@ -259,7 +263,8 @@ def test_dry_run_checks_the_real_manifest_without_network_or_torch(tmp_path: Pat
         "[pinned, 5135149760 bytes]"
     ) in out.stdout
     assert (
-        "pytorch_model.bin -> model.safetensors (converted from pytorch_model.bin at bake time) [pinned" in out.stdout
+        "pytorch_model.bin -> model.safetensors (converted from pytorch_model.bin at bake time) "
+        "(stored in float16) [pinned" in out.stdout
     )
     assert "problem" not in out.stdout
 
@@ -297,18 +302,75 @@ def test_manifest_typos_are_problems_before_any_download() -> None:
     files = [
         {"path": "a.safetensors", "sha256": "83E012A8", "size": "5.14 GB"},
         {"path": "b.bin", "safetensors": "b.bin"},
+        {"path": "c.safetensors", "dtype": "fp16"},
+        {"path": "d.json", "dtype": "float16"},
     ]
     problems = check_manifest({"models": {"m": {"sources": [{"hf": "acme/m", "files": files}]}}})
     assert problems == [
         "m: a.safetensors: sha256 is not 64 lowercase hex digits",
         "m: a.safetensors: size is not a byte count",
         "m: b.bin converts to b.bin, not a .safetensors name",
+        "m: c.safetensors: 'dtype' is one of float16, for a .safetensors file",
+        "m: d.json: 'dtype' is one of float16, for a .safetensors file",
     ]
 
 
-def test_a_pickled_checker_is_converted_to_safetensors_once(weights_dir: Path, tmp_path: Path) -> None:
+def test_an_fp32_encoder_is_stored_in_fp16_and_its_fetched_bytes_stay_pinnable(
+    weights_dir: Path, tmp_path: Path
+) -> None:
+    """The IP-Adapter's image encoder is fp32 on the hub and loads in fp16 on a GPU: the bake stores
+    it in fp16 (half the bytes, no cast at setup). `.baked` keeps the sha256 of the bytes as
+    fetched under "files" (what a pin in the manifest must state) and the stored one under
+    "written"; the adapter, without "dtype", is installed as fetched."""
+    source = weights_dir / "ip-adapter"
+    served = {
+        "models/image_encoder/config.json": (source / "image_encoder" / "config.json").read_bytes(),
+        "models/image_encoder/model.safetensors": (source / "image_encoder" / "model.safetensors").read_bytes(),
+        "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors": (
+            source / "ip-adapter-plus_sdxl_vit-h.safetensors"
+        ).read_bytes(),
+    }
+    server = hugging_face({"acme/ip": HfRepo(served)})
+    files = [
+        {
+            "path": "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+            "target": "ip-adapter-plus_sdxl_vit-h.safetensors",
+        },
+        {"path": "models/image_encoder/config.json", "target": "image_encoder/config.json"},
+        {
+            "path": "models/image_encoder/model.safetensors",
+            "target": "image_encoder/model.safetensors",
+            "dtype": "float16",
+        },
+    ]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": {"ip-adapter": {"sources": [{"hf": "acme/ip", "files": files}]}}}))
+    root = tmp_path / "weights"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HF_ENDPOINT", server.url)
+            assert bake(root, manifest) == ["ip-adapter"]
+    finally:
+        server.close()
+    encoder = "image_encoder/model.safetensors"
+    fetched = load_file(source / encoder)
+    stored = load_file(root / "ip-adapter" / encoder)
+    assert all(v.dtype == torch.float32 for v in fetched.values())
+    assert stored.keys() == fetched.keys() and all(torch.equal(stored[k], fetched[k].half()) for k in fetched)
+    record = json.loads((root / "ip-adapter" / ".baked").read_text())
+    assert record["files"][encoder] == hashlib.sha256(served[f"models/{encoder}"]).hexdigest()
+    assert record["written"][encoder] == hashlib.sha256((root / "ip-adapter" / encoder).read_bytes()).hexdigest()
+    adapter = "ip-adapter-plus_sdxl_vit-h.safetensors"
+    assert (root / "ip-adapter" / adapter).read_bytes() == served[f"sdxl_models/{adapter}"]
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_a_pickled_checker_is_converted_to_safetensors_once(
+    weights_dir: Path, tmp_path: Path, dtype: str | None
+) -> None:
     """The checker's hub branch holds only pytorch_model.bin: the bake verifies it, converts it, and
-    installs only model.safetensors, which the engine's loader reads."""
+    installs only model.safetensors, which the engine's loader reads; with `"dtype": "float16"`
+    (as the real manifest says: fp32 on the hub, fp16 on a GPU) its floating tensors are stored in fp16."""
     source = weights_dir / "safety-checker"
     state = load_file(source / "model.safetensors")
     pickled = tmp_path / "pytorch_model.bin"
@@ -320,7 +382,12 @@ def test_a_pickled_checker_is_converted_to_safetensors_once(weights_dir: Path, t
     pins = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
     checker_files = [
         {"path": "config.json"},
-        {"path": "pytorch_model.bin", "safetensors": "model.safetensors", **pins},
+        {
+            "path": "pytorch_model.bin",
+            "safetensors": "model.safetensors",
+            **pins,
+            **({"dtype": dtype} if dtype else {}),
+        },
         {"path": "preprocessor_config.json"},
     ]
     entry = {"sources": [{"hf": "acme/checker", "revision": repo.commit, "files": checker_files}]}
@@ -341,10 +408,14 @@ def test_a_pickled_checker_is_converted_to_safetensors_once(weights_dir: Path, t
         "preprocessor_config.json",
     ]
     converted = load_file(baked / "model.safetensors")
-    assert converted.keys() == state.keys() and all(torch.equal(converted[k], state[k]) for k in state)
-    record = json.loads((baked / ".baked").read_text())["files"]
-    assert record["pytorch_model.bin"] == pins["sha256"]
-    assert record["model.safetensors"] == hashlib.sha256((baked / "model.safetensors").read_bytes()).hexdigest()
+    expected = {k: v.half() if dtype and v.is_floating_point() else v for k, v in state.items()}
+    assert any(v.dtype == torch.float32 for v in state.values()), "the source is fp32, as on the hub"
+    assert converted.keys() == state.keys()
+    assert all(converted[k].dtype == expected[k].dtype and torch.equal(converted[k], expected[k]) for k in state)
+    record = json.loads((baked / ".baked").read_text())
+    assert record["files"]["pytorch_model.bin"] == pins["sha256"]
+    stored = hashlib.sha256((baked / "model.safetensors").read_bytes()).hexdigest()
+    assert record["written"]["model.safetensors"] == stored
     checker = SafetyChecker(baked, torch.device("cpu"), torch.float32)
     assert checker.flags([Image.new("RGB", (64, 64), "white")]) == [False]
 
