@@ -9,7 +9,8 @@ in their own layer of the image and `setup()` never touches a network.
 - Downloads go through weights.download: pget when it is on PATH, else one Python stream.
 - Each file is verified against the manifest's size and sha256 when they are stated (the size
   first, so a wrong file is refused without reading it); the sha256 of everything fetched is
-  recorded in weights/<id>/.baked either way.
+  recorded in weights/<id>/.baked either way ("files"), and of what the bake changed or wrote
+  ("written"), so the fetched values can be copied into the manifest as pins.
 - Idempotent: a model whose .baked matches its manifest entry is skipped, with no request.
 - Resumable: files are staged in weights/.staging/<id>/ and each appears only once complete,
   so a killed bake continues where it stopped; a staged file that no longer matches the
