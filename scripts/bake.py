@@ -257,14 +257,19 @@ def prepare_tokenizer(folder: Path) -> list[str]:
             config = json.loads(path.read_text())
             cleaned = {k: _without_type(v) for k, v in config.items()}
             if cleaned != config:
-                part = path.with_name(name + ".part")
-                part.write_text(json.dumps(cleaned, indent=2))
-                os.replace(part, path)
+                _write_json(path, cleaned)
                 written.append(name)
     part = folder / "tokenizer.json.part"
     CLIPTokenizer.from_pretrained(folder, local_files_only=True).backend_tokenizer.save(str(part))
     os.replace(part, folder / "tokenizer.json")
     return [*written, "tokenizer.json"]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace a JSON file whole: a killed bake never leaves half a config."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(data, indent=2))
+    os.replace(part, path)
 
 
 def _without_type(value: Any) -> Any:
@@ -306,9 +311,7 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
         config = json.loads(target.read_text())
         if any(config.get(k) != v for k, v in f["set"].items()):
             log.info("%s: setting %s in %s", model_id, json.dumps(f["set"]), target.name)
-            part = target.with_name(target.name + ".part")
-            part.write_text(json.dumps({**config, **f["set"]}, indent=2))
-            os.replace(part, target)
+            _write_json(target, {**config, **f["set"]})
             written[str(target.relative_to(built))] = sha256_of(target)
     for folder in sorted(built.glob("tokenizer*/")):
         # Not when the source ships its own tokenizer.json (it is among the fetched files then).

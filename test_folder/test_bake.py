@@ -99,6 +99,20 @@ def _manifest(weights_dir: Path, sizes: bool = True) -> dict:
     return {"models": models}
 
 
+def _bake_one(server: Loopback, model_id: str, entry: dict, tmp_path: Path) -> Path:
+    """Bake one manifest entry from the emulated hub `server` (closed afterwards); the baked folder."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"models": {model_id: entry}}))
+    root = tmp_path / "weights"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HF_ENDPOINT", server.url)
+            assert bake(root, manifest) == [model_id]
+    finally:
+        server.close()
+    return root / model_id
+
+
 @pytest.fixture
 def hub(weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
     repos = {repo: HfRepo(_published(weights_dir / mid)) for mid, repo in REPOS.items()}
@@ -343,25 +357,17 @@ def test_an_fp32_encoder_is_stored_in_fp16_and_its_fetched_bytes_stay_pinnable(
             "dtype": "float16",
         },
     ]
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"models": {"ip-adapter": {"sources": [{"hf": "acme/ip", "files": files}]}}}))
-    root = tmp_path / "weights"
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HF_ENDPOINT", server.url)
-            assert bake(root, manifest) == ["ip-adapter"]
-    finally:
-        server.close()
+    baked = _bake_one(server, "ip-adapter", {"sources": [{"hf": "acme/ip", "files": files}]}, tmp_path)
     encoder = "image_encoder/model.safetensors"
     fetched = load_file(source / encoder)
-    stored = load_file(root / "ip-adapter" / encoder)
+    stored = load_file(baked / encoder)
     assert all(v.dtype == torch.float32 for v in fetched.values())
     assert stored.keys() == fetched.keys() and all(torch.equal(stored[k], fetched[k].half()) for k in fetched)
-    record = json.loads((root / "ip-adapter" / ".baked").read_text())
+    record = json.loads((baked / ".baked").read_text())
     assert record["files"][encoder] == hashlib.sha256(served[f"models/{encoder}"]).hexdigest()
-    assert record["written"][encoder] == hashlib.sha256((root / "ip-adapter" / encoder).read_bytes()).hexdigest()
+    assert record["written"][encoder] == hashlib.sha256((baked / encoder).read_bytes()).hexdigest()
     adapter = "ip-adapter-plus_sdxl_vit-h.safetensors"
-    assert (root / "ip-adapter" / adapter).read_bytes() == served[f"sdxl_models/{adapter}"]
+    assert (baked / adapter).read_bytes() == served[f"sdxl_models/{adapter}"]
 
 
 @pytest.mark.parametrize("dtype", [None, "float16"])
@@ -391,16 +397,7 @@ def test_a_pickled_checker_is_converted_to_safetensors_once(
         {"path": "preprocessor_config.json"},
     ]
     entry = {"sources": [{"hf": "acme/checker", "revision": repo.commit, "files": checker_files}]}
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"models": {"safety-checker": entry}}))
-    root = tmp_path / "weights"
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("HF_ENDPOINT", server.url)
-            assert bake(root, manifest) == ["safety-checker"]
-    finally:
-        server.close()
-    baked = root / "safety-checker"
+    baked = _bake_one(server, "safety-checker", entry, tmp_path)
     assert sorted(p.name for p in baked.iterdir()) == [
         ".baked",
         "config.json",
@@ -450,9 +447,7 @@ def test_tensors_that_share_storage_convert(tmp_path: Path) -> None:
     assert out["head"].tolist() == [0, 1, 2] and out["strided"].tolist() == [0, 2, 4] and out["all"].shape == (6,)
 
 
-def test_single_file_checkpoint_is_converted_once_at_bake_time(
-    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_single_file_checkpoint_is_converted_once_at_bake_time(weights_dir: Path, tmp_path: Path) -> None:
     """Illustrious ships as one SGM-layout file: the bake converts it with a config folder."""
     source = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl")
     checkpoint = save(to_original(source))
@@ -462,8 +457,6 @@ def test_single_file_checkpoint_is_converted_once_at_bake_time(
     server = hugging_face(
         {"acme/illustrious-single": HfRepo({"Illustrious.safetensors": checkpoint}), "acme/vae-fix": HfRepo(vae)}
     )
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    manifest = tmp_path / "manifest.json"
     upcast_off = {"force_upcast": False}
     entry = {
         "sources": [
@@ -481,19 +474,14 @@ def test_single_file_checkpoint_is_converted_once_at_bake_time(
         ],
         "single_file": {"checkpoint": "checkpoint.safetensors", "config": str(config)},
     }
-    manifest.write_text(json.dumps({"models": {"illustrious-xl": entry}}))
-    root = tmp_path / "weights"
-    try:
-        assert bake(root, manifest) == ["illustrious-xl"]
-    finally:
-        server.close()
-    baked = StableDiffusionXLPipeline.from_pretrained(root / "illustrious-xl")
-    assert not (root / "illustrious-xl" / "checkpoint.safetensors").exists(), "only the converted folder is kept"
+    folder = _bake_one(server, "illustrious-xl", entry, tmp_path)
+    baked = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert not (folder / "checkpoint.safetensors").exists(), "only the converted folder is kept"
     for name in ("unet", "text_encoder", "text_encoder_2"):
         want = {k: v.half() for k, v in getattr(source, name).state_dict().items()}
         got = getattr(baked, name).state_dict()
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k].half()) for k in want), name
-    stored = load_file(root / "illustrious-xl" / "unet" / "diffusion_pytorch_model.safetensors")
+    stored = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}, "baked as fp16, as real runs load it"
     sdxl_vae = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl").vae.state_dict()
     assert all(torch.equal(v.half(), baked.vae.state_dict()[k]) for k, v in sdxl_vae.items()), "the VAE override"
