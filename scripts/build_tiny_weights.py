@@ -259,20 +259,27 @@ def build_model(seed: int, shape: Shape = TINY) -> StableDiffusionXLPipeline:
     )
 
 
+def _vision_config(spec: tuple[int, ...], **extra: Any) -> CLIPVisionConfig:
+    """A CLIP vision tower from a Shape's (width, layers, heads, mlp, image size, patch, projection)."""
+    width, layers, heads, mlp, image_size, patch, _ = spec
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        image_size=image_size,
+        patch_size=patch,
+        **extra,
+    )
+
+
 def build_safety_checker(shape: Shape = TINY) -> tuple[StableDiffusionSafetyChecker, CLIPImageProcessor]:
     """A checker whose concept thresholds (1.0) can never be exceeded by a cosine."""
     torch.manual_seed(0)
-    width, layers, heads, mlp, image_size, patch, projection = shape.checker_vision
+    image_size, projection = shape.checker_vision[4], shape.checker_vision[6]
     config = CLIPConfig(
         text_config={"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1},
-        vision_config=CLIPVisionConfig(
-            hidden_size=width,
-            intermediate_size=mlp,
-            num_attention_heads=heads,
-            num_hidden_layers=layers,
-            image_size=image_size,
-            patch_size=patch,
-        ).to_dict(),
+        vision_config=_vision_config(shape.checker_vision).to_dict(),
         projection_dim=projection,
     )
     checker = StableDiffusionSafetyChecker(config)
@@ -395,18 +402,9 @@ def build_ip_adapter(shape: Shape = TINY) -> tuple[CLIPVisionModelWithProjection
     file's layout: `image_proj.*` (the resampler) and `ip_adapter.<n>.to_k_ip/to_v_ip.weight` for
     each cross-attention, numbered 1, 3, 5 ... in the UNet's processor order, as diffusers reads them."""
     torch.manual_seed(3)
-    width, layers, heads, mlp, image_size, patch, projection = shape.ip_vision
+    width, projection = shape.ip_vision[0], shape.ip_vision[6]
     encoder = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            hidden_size=width,
-            intermediate_size=mlp,
-            num_attention_heads=heads,
-            num_hidden_layers=layers,
-            image_size=image_size,
-            patch_size=patch,
-            projection_dim=projection,
-            hidden_act="gelu",
-        )
+        _vision_config(shape.ip_vision, projection_dim=projection, hidden_act="gelu")
     )
     with torch.device("meta"):  # only its processor names and config are read
         unet = build_unet(shape)
