@@ -2,8 +2,8 @@
 fused LoRAs; prints a Markdown table for the README.
 
 - Switching, through the engine's LoraSet: first load (parse + fuse), a warm switch A -> B (both
-  parsed before), a scale-only change, and for comparison the naive switch
-  (`unload_lora_weights()` + `load_lora_weights()`, unfused) and diffusers' own fused switch
+  parsed before), a scale-only change, and for comparison the naive switch from A to B
+  (`unload_lora_weights()` of A's unfused adapter + `load_lora_weights()` of B) and diffusers' own fused switch
   (`unfuse_lora()`, unload, load, `fuse_lora()`). Tiny model, and real SDXL shapes with random weights
   (a rank-32 LoRA on every attention projection of the UNet).
 - UNet step time at real SDXL shapes: plain, one and two fused LoRAs, and one unfused PEFT
@@ -14,7 +14,7 @@ Real-size weights are bf16: this CPU has no fast fp16 matmul (about 3 GFLOPS aga
 bf16), and bf16 moves the same bytes as the fp16 a GPU uses. The step runs at a small latent
 (`--latent`, 32 = 256 px) so a round takes seconds on two cores; every weight has its real shape.
 
-Usage: python scripts/benchmark_loras.py [--skip-full-size] [--latent 32] [--rounds 3]
+Usage: python scripts/benchmark_loras.py [--skip-full-size] [--latent 32] [--rounds 3] [--switch-rounds 5]
 """
 
 from __future__ import annotations
@@ -72,9 +72,14 @@ def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: 
         loras.apply([])
         loras.warm.clear()
 
+    def naive_a() -> None:  # A loaded as an unfused adapter, as the naive engine leaves it
+        loras.apply([])
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(a.path), adapter_name="naive_a")
+
     def naive() -> None:
         pipe.unload_lora_weights()
-        pipe.load_lora_weights(str(b.path), adapter_name="naive")
+        pipe.load_lora_weights(str(b.path), adapter_name="naive_b")
 
     def library_fused(lora: LocalLora) -> Callable[[], None]:
         def switch() -> None:
@@ -85,12 +90,16 @@ def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: 
 
         return switch
 
+    def warm_a() -> None:  # both parsed (`cold` dropped them), A active
+        loras.apply([b])
+        loras.apply([a])
+
     half_b = LocalLora("b", b.path, 0.5, "B")
     cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {  # name: (setup, timed)
         "first": (cold, lambda: loras.apply([a])),
-        "switch": (lambda: loras.apply([a]), lambda: loras.apply([b])),
+        "switch": (warm_a, lambda: loras.apply([b])),
         "rescale": (lambda: loras.apply([b]), lambda: loras.apply([half_b])),
-        "naive": (lambda: loras.apply([]), naive),
+        "naive": (naive_a, naive),
         "library fused": (library_fused(a), library_fused(b)),
     }
     best = dict.fromkeys(cases, float("inf"))
@@ -159,7 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-full-size", action="store_true", help="only the tiny model")
     parser.add_argument("--latent", type=int, default=32, help="latent side for the step timing (128 = 1024 px)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each real-size timing")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the real-size step timing")
+    parser.add_argument("--switch-rounds", type=int, default=5, help="interleaved rounds of the switch timings")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     # Random weights make denormal activations, which x86 computes slowly and GPUs do not: without
@@ -170,7 +180,7 @@ def main() -> None:
         "first load of a LoRA: parse + fuse (s)",
         "warm switch A → B, both parsed before (s)",
         "scale-only change (s)",
-        "naive `unload_lora_weights()` + `load_lora_weights()`, unfused (s)",
+        "naive switch A → B: `unload_lora_weights()` + `load_lora_weights()`, unfused (s)",
         "diffusers' fused switch: `unfuse_lora`, unload, load, `fuse_lora` (s)",
         "warm switch speed-up over naive",
         "warm switch speed-up over diffusers' fused switch",
@@ -185,7 +195,7 @@ def main() -> None:
         root = Path(tmp)
         tiny = build_model(1, TINY)
         a, b = _pair(tiny, root / "tiny", rank=4)
-        tiny_switch = switching(tiny, LoraSet(tiny, "tiny"), a, b, rounds=5)
+        tiny_switch = switching(tiny, LoraSet(tiny, "tiny"), a, b, args.switch_rounds)
         tiny_memory = memory(tiny, LoraSet(tiny, "tiny"), a, b)
         full_switch = [""] * len(switch_names)
         full_steps = [""] * len(step_names)
@@ -195,7 +205,7 @@ def main() -> None:
             torch.set_default_dtype(torch.float32)
             a, b = _pair(full, root / "full", rank=32)
             loras = LoraSet(full, "SDXL-size")
-            full_switch = switching(full, loras, a, b, args.rounds)
+            full_switch = switching(full, loras, a, b, args.switch_rounds)
             full_steps = steps(full, loras, a, b, args.latent, args.rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, step latent {args.latent}²\n")
     print("| measure | tiny | SDXL-size |\n|---|---|---|")
