@@ -276,6 +276,7 @@ def test_parts_left_by_a_killed_download_are_removed_at_start(store: LoraStore) 
     dead = store.files / f".part-{'d' * 64}-x1"
     dead.write_bytes(b"half a file")
     (store.files / f".part-{'d' * 64}-x1-hubdir").mkdir()
+    (store.locks / f"{'d' * 64}.lock").touch()  # the killed process's lock file, which nobody holds
     live = store.files / f".part-{'e' * 64}-x2"
     live.write_bytes(b"still being written")
     fd = _key_lock(store.root, "e" * 64)  # another process is downloading that one
@@ -285,6 +286,38 @@ def test_parts_left_by_a_killed_download_are_removed_at_start(store: LoraStore) 
         os.close(fd)
     assert not dead.exists() and not (store.files / f".part-{'d' * 64}-x1-hubdir").exists()
     assert live.exists()
+    assert [p.name for p in store.locks.iterdir()] == [f"{'e' * 64}.lock"], "only the held lock file is left"
+
+
+def _lock_waiters(path: Path) -> int:
+    """Processes or threads blocked in flock on this file now, from the kernel's lock table."""
+    inode = f":{path.stat().st_ino} "
+    with open("/proc/locks") as table:
+        return sum(1 for line in table if " -> FLOCK " in line and inode in line)
+
+
+def test_a_lock_file_lasts_only_while_its_download_runs(store: LoraStore, files: Loopback) -> None:
+    url = f"{files.url}/a.safetensors"
+    files.holds["GET /a.safetensors"] = release = threading.Event()
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(store.fetch(url, 1.0, Credentials()))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: files.hits["GET /a.safetensors"] == 1, "the download to start")
+        (lock,) = store.locks.iterdir()
+        wait_for(lambda: _lock_waiters(lock) == 2, "the other two to wait on the download's lock file")
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    # The two woke on a removed file, took the lock again on a new one and found the file cached.
+    assert len(results) == 3 and len({lora.path for lora in results}) == 1
+    assert files.hits["GET /a.safetensors"] == 1
+    assert list(store.locks.iterdir()) == []
+    with pytest.raises(WeightsError, match="404"):
+        store.fetch(f"{files.url}/missing.safetensors", 1.0, Credentials())
+    assert list(store.locks.iterdir()) == [], "a failed download leaves no lock file either"
 
 
 def test_a_corrupt_index_leaves_no_orphan(store: LoraStore, files: Loopback) -> None:

@@ -6,6 +6,10 @@
 - Locks: the index lock is held only while the index is read or written, never during a
   download, so a cache hit is never blocked; each key has its own download lock, so a file is
   downloaded once however many threads or processes ask, and two different files at the same time.
+  A key's lock file exists only while its download runs: the holder removes it before letting go,
+  and whoever then wakes on the removed file takes the lock again on a fresh one. So `locks/` does
+  not grow with every LoRA ever asked for (failed downloads included); files left by a killed
+  process are removed at start.
 - Access: an entry fetched with a credential (a hub token, a URL's token or signature) is
   served only to a caller presenting the same credential, compared by a salted HMAC. Another
   caller downloads it again with their own; a success without any credential makes it public.
@@ -67,6 +71,7 @@ class LoraStore:
                 salt.write_bytes(os.urandom(16))
             self._salt = salt.read_bytes()
             self._sweep(index)
+        self._sweep_locks()
 
     # -- public -----------------------------------------------------------------------------
 
@@ -235,21 +240,32 @@ class LoraStore:
 
     @contextlib.contextmanager
     def _key_lock(self, key: str) -> Iterator[None]:
-        with open(self.locks / f"{_key_hash(key)}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """The key's download lock, held until the block ends; its file is removed on the way out."""
+        path = self.locks / f"{_key_hash(key)}.lock"
+        fd = _take(path, blocking=True)
+        assert fd is not None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # before letting go: a waiter then sees it was removed
+            os.close(fd)
 
     def _lock_is_free(self, keyhash: str) -> bool:
-        with open(self.locks / f"{keyhash}.lock", "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return True
+        """No download of this key is running now (one that runs holds its lock file)."""
+        fd = _take(self.locks / f"{keyhash}.lock", blocking=False, create=False)
+        if fd is None:
+            return False
+        if fd >= 0:
+            os.close(fd)
+        return True
+
+    def _sweep_locks(self) -> None:
+        """Remove the lock files nobody holds: left by a killed process, or by an older version."""
+        for item in self.locks.iterdir():
+            fd = _take(item, blocking=False, create=False)
+            if fd is not None and fd >= 0:
+                item.unlink(missing_ok=True)
+                os.close(fd)
 
     def _tag(self, credential: str | None) -> str | None:
         return hmac.new(self._salt, credential.encode(), hashlib.sha256).hexdigest() if credential else None
@@ -301,6 +317,31 @@ def _file_name(key: str) -> str:
 
 def _part_prefix(key: str) -> str:
     return f".part-{_key_hash(key)}-"
+
+
+def _take(path: Path, blocking: bool, create: bool = True) -> int | None:
+    """An exclusive flock on the file now at `path`: its descriptor, or None when another holds it
+    (without `blocking`), or -1 when there is no file (without `create`). A lock won on a file its
+    holder has just removed guards nothing, so it is dropped and taken again on what is there now."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            if create:
+                raise
+            return -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)
 
 
 def _remove(item: Path) -> None:
