@@ -25,6 +25,8 @@ in their own layer of the image and `setup()` never touches a network.
 - CLIP tokenizers published as vocab.json + merges.txt (SDXL's) get a tokenizer.json written
   beside them, which setup reads in Rust instead of rebuilding the vocabulary in Python, and their
   configs lose the `"__type"` keys the tokenizers library prints a line about at every start.
+  Every tokenizer config then lists its added tokens (`added_tokens_decoder`), so a load does not
+  parse the whole tokenizer.json in Python to find them.
 - Single-file checkpoints are converted once, here, with a config folder shipped in the repo
   (`from_single_file` converts at every load, so run time must not pay for it).
 
@@ -265,6 +267,31 @@ def prepare_tokenizer(folder: Path) -> list[str]:
     return [*written, "tokenizer.json"]
 
 
+def index_added_tokens(folder: Path) -> bool:
+    """Write a fast tokenizer's added tokens into its tokenizer_config.json as
+    `added_tokens_decoder` (with the special tokens they stand for), the form transformers has saved
+    since 4.34 and transformers 5 no longer writes: without that key, every load parses the whole
+    tokenizer.json in Python (3.6 MB for CLIP, about 0.06 s; four tokenizers per setup) only to find
+    those tokens. The values are the loaded tokenizer's own, so a load reads the same tokenizer.
+    True when it wrote the config; a folder without tokenizer.json, or already indexed, is left."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    if "added_tokens_decoder" in config:
+        return False
+    loaded = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    special = {k: str(getattr(loaded, k)) for k in _SPECIAL_TOKENS if getattr(loaded, k) is not None}
+    added = {str(i): token.__getstate__() for i, token in sorted(loaded.added_tokens_decoder.items())}
+    _write_json(path, {**config, **special, "added_tokens_decoder": added})
+    return True
+
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Replace a JSON file whole: a killed bake never leaves half a config."""
     part = path.with_name(path.name + ".part")
@@ -335,6 +362,9 @@ def bake_model(model_id: str, entry: dict[str, Any], root: Path) -> bool:
         converted = _convert(built, entry["single_file"], root / ".staging" / f"{model_id}.converted")
         shutil.rmtree(built)
         built = converted
+    for folder in sorted(built.glob("tokenizer*/")):
+        if index_added_tokens(folder):
+            written[f"{folder.name}/tokenizer_config.json"] = sha256_of(folder / "tokenizer_config.json")
     (built / ".baked").write_text(json.dumps({"manifest": digest, "files": record, "written": written}, indent=1))
     if final.exists():
         shutil.rmtree(final)

@@ -28,14 +28,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.compiling import compile_wanted
-from engine.config import (
-    CONTROLNET_DIR,
-    DEPTH_ESTIMATOR_DIR,
-    IP_ADAPTER_DIR,
-    MODEL_IDS,
-    SAFETY_CHECKER_DIR,
-    UPSCALER_DIR,
-)
+from engine.config import SETUP_DIRS, UPSCALER_DIR
 from engine.generator import Engine
 from engine.models import default_device, default_dtype
 from engine.request import Credentials, GenerationRequest, LoraSpec
@@ -127,8 +120,7 @@ def main() -> None:
     table.add("build random full-size weights (s, skipped if present)", f"{build_s:.1f}")
 
     # Every file setup loads (the optional folders too, when built), so the ratio compares like with like.
-    loaded = (*MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
-    files = sorted(p for m in loaded for p in (args.weights / m).rglob("*.safetensors"))
+    files = sorted(p for m in SETUP_DIRS for p in (args.weights / m).rglob("*.safetensors"))
     size_gb = sum(p.stat().st_size for p in files) / 1e9
     raw_s, _ = _timed(lambda: [load_file(p, device="cuda" if torch.cuda.is_available() else "cpu") for p in files])
     if torch.cuda.is_available():

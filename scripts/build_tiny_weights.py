@@ -78,6 +78,7 @@ from engine.config import (
     UPSCALER_DIR,
     weights_root,
 )
+from scripts.bake import index_added_tokens
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408
@@ -513,6 +514,13 @@ def _save_atomically(target: Path, save: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _save_pipeline(pipe: StableDiffusionXLPipeline, folder: Path) -> None:
+    """The pipeline's folder with its tokenizer configs indexed as the bake leaves them."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        index_added_tokens(folder / name)
+
+
 def _pretrained(*parts: Any) -> Callable[[Path], None]:
     """Writes each part (a model, its processor) into one folder with its own `save_pretrained`."""
 
@@ -554,7 +562,7 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
             pipe = build_model(MODEL_SEEDS[model_id], shape)
         if shape is FULL:
             pipe.to(torch.float16)  # what real baked weights hold
-        _save_atomically(target, lambda d, p=pipe: p.save_pretrained(d, safe_serialization=True))
+        _save_atomically(target, lambda d, p=pipe: _save_pipeline(p, d))
         del pipe
         written.append(target)
     # Each folder's builder runs only when the folder is missing; it returns what writes the folder.

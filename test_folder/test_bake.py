@@ -23,7 +23,15 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
 from engine.safety import SafetyChecker
-from scripts.bake import MANIFEST, bake, check_manifest, describe, prepare_tokenizer, to_safetensors
+from scripts.bake import (
+    MANIFEST,
+    bake,
+    check_manifest,
+    describe,
+    index_added_tokens,
+    prepare_tokenizer,
+    to_safetensors,
+)
 from test_folder.emulators import HfRepo, Loopback, Reply, file_host, hugging_face
 from test_folder.single_file import to_original
 from weights import WeightsError
@@ -146,6 +154,7 @@ def test_bake_end_to_end_then_idempotent(
         assert record["written"][f"{name}/tokenizer.json"] == hashlib.sha256(written.read_bytes()).hexdigest()
         assert type(getattr(baked.models["sdxl"].txt2img, name)) is PreTrainedTokenizerFast
         assert "__type" not in (root / "sdxl" / name / "special_tokens_map.json").read_text()
+        assert "added_tokens_decoder" in json.loads((root / "sdxl" / name / "tokenizer_config.json").read_text())
     out, err = capfd.readouterr()
     assert "Ignored unknown kwarg" not in out + err, "the tokenizers library's line for each __type key"
     served = hub.total()
@@ -199,6 +208,38 @@ def test_the_written_tokenizer_json_encodes_as_clip_tokenizer(weights_dir: Path,
             for kwargs in ({}, {"padding": "max_length", "truncation": True, "max_length": 77}):
                 assert fast(text, **kwargs).input_ids == published(text, **kwargs).input_ids, (name, text)
         assert (fast.pad_token, fast.model_max_length) == (published.pad_token, published.model_max_length)
+
+
+@pytest.mark.parametrize("layout", ["published vocab.json + merges.txt", "transformers 5 save_pretrained"])
+def test_indexing_the_added_tokens_loads_the_same_tokenizer(weights_dir: Path, tmp_path: Path, layout: str) -> None:
+    """`added_tokens_decoder` in the config changes how a load finds the special tokens (no parse of
+    tokenizer.json in Python), not what it finds."""
+    for name in ("tokenizer", "tokenizer_2"):
+        folder = tmp_path / name
+        folder.mkdir()
+        if layout.startswith("published"):
+            for rel, data in _legacy_tokenizer(weights_dir / "sdxl" / name).items():
+                (folder / rel).write_bytes(data)
+            prepare_tokenizer(folder)
+        else:
+            saved = json.loads((weights_dir / "sdxl" / name / "tokenizer_config.json").read_text())
+            saved.pop("added_tokens_decoder", None)
+            shutil.copy(weights_dir / "sdxl" / name / "tokenizer.json", folder)
+            (folder / "tokenizer_config.json").write_text(json.dumps(saved))
+        before = PreTrainedTokenizerFast.from_pretrained(folder)
+        assert index_added_tokens(folder)
+        assert not index_added_tokens(folder), "a config already indexed is left as it is"
+        after = PreTrainedTokenizerFast.from_pretrained(folder)
+        assert json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+        for tok in (before, after):
+            tok.add_tokens(["<lora_0>", "<lora_1>"])
+        decoder = {i: t.__getstate__() for i, t in after.added_tokens_decoder.items()}
+        assert decoder == {i: t.__getstate__() for i, t in before.added_tokens_decoder.items()}
+        specials = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "all_special_ids")
+        assert [getattr(after, k) for k in specials] == [getattr(before, k) for k in specials]
+        for text in [*PROMPTS, "a <lora_0><lora_1> dog"]:
+            for kwargs in ({}, {"padding": "max_length", "truncation": True, "max_length": 77}):
+                assert after(text, **kwargs).input_ids == before(text, **kwargs).input_ids, (name, text)
 
 
 def test_weights_baked_without_tokenizer_json_still_load(engine: Engine, weights_dir: Path, tmp_path: Path) -> None:
