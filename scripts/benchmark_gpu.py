@@ -1,5 +1,6 @@
-"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches,
-ControlNet, IP-Adapter, upscale, compile, memory.
+"""GPU benchmark on real-size SDXL shapes with random weights: setup, go_fast, LoRAs, switches
+(the fuse alone, and request start to the first UNet step), ControlNet, IP-Adapter, upscale,
+compile, memory.
 
 Builds the full-size random weights first when the folder is empty (see build_tiny_weights.py
 --full-size), then drives the real engine. Prints a Markdown table for the README.
@@ -49,6 +50,26 @@ def _timed(fn) -> tuple[float, object]:
     result = fn()
     _sync()
     return time.perf_counter() - start, result
+
+
+def _to_first_step(engine: Engine, req: GenerationRequest) -> float:
+    """Seconds from calling the engine to the first UNet step's start, with the device's queue
+    drained there, so the LoRA fuse and the text encoders queued before it are counted."""
+    first: list[float] = []
+
+    def mark(module: torch.nn.Module, args: tuple) -> None:
+        if not first:
+            _sync()
+            first.append(time.perf_counter())
+
+    handle = engine.models[req.model].txt2img.unet.register_forward_pre_hook(mark)
+    try:
+        _sync()
+        start = time.perf_counter()
+        engine.generate(req)
+    finally:
+        handle.remove()
+    return first[0] - start
 
 
 class Table:
@@ -205,6 +226,20 @@ def main() -> None:
         switches["to none"].append(_timed(lambda: loras.apply([]))[0])
     for name, times in switches.items():
         table.add(f"warm LoRA switch {name}: best / median (s)", f"{min(times):.3f} / {statistics.median(times):.3f}")
+    # Issue 10's measure: from request start to the first UNet step, the LoRA the same as the last
+    # request's or switched (both warm: parsed and cached), interleaved.
+    a, b = (replace(one, loras=(LoraSpec(str(path), 0.8),), num_inference_steps=2) for path in (lora_a, lora_b))
+    to_step: dict[str, list[float]] = {"same LoRA": [], "switch A -> B": [], "switch B -> A": []}
+    engine.generate(a)
+    for _ in range(args.runs):
+        to_step["same LoRA"].append(_to_first_step(engine, a))
+        to_step["switch A -> B"].append(_to_first_step(engine, b))
+        to_step["switch B -> A"].append(_to_first_step(engine, a))
+    for name, times in to_step.items():
+        table.add(
+            f"request start to first UNet step, {name}: best / median (s)",
+            f"{min(times):.3f} / {statistics.median(times):.3f}",
+        )
     if compile_wanted(args.compile, torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         _compiled(engine, cases, args.runs, size, args.steps, table)
     if torch.cuda.is_available():
