@@ -261,7 +261,9 @@ class LoraStore:
 
     def _sweep_locks(self) -> None:
         """Remove the lock files nobody holds: left by a killed process, or by an older version."""
-        for item in self.locks.iterdir():
+        for item in self.locks.glob("*.lock"):
+            if not item.is_file():
+                continue
             fd = _take(item, blocking=False, create=False)
             if fd is not None and fd >= 0:
                 item.unlink(missing_ok=True)
