@@ -211,9 +211,6 @@ TRAIN_CAPTION_MAX_TOKENS = 40  # autocaption length bound
 # run on each kept output after the safety checker. "2x" is the x4 result reduced by half with
 # Lanczos (A1111 does the same with its x4 upscalers), so one model serves both choices.
 UPSCALER_DIR = "upscaler"
-# Every folder of the weights root that setup reads (the optional ones when baked): what a cold
-# start's raw-read reference covers in the setup benchmarks. Training's captioner is not among them.
-SETUP_DIRS = (*MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
 UPSCALER_NAME = "Swin2SR realworld x4"  # what the output metadata names
 UPSCALE_FACTORS: dict[str, int] = {"none": 1, "2x": 2, "4x": 4}
 # Tiles, in input pixels: the model runs on tiles of at most this side, overlapping by at least this
@@ -224,3 +221,7 @@ UPSCALE_TILE_OVERLAP = 32
 # The largest upscaled image, in pixels, at Flux's sizes (SDXL's generated sizes): 4x of every
 # 1-megapixel size of the aspect table (4x of 1024x1024 is exactly 4096x4096) and 2x of every size.
 UPSCALE_MAX_PIXELS = 4096 * 4096
+
+# Every folder of the weights root that setup reads (the optional ones when baked): what a cold
+# start's raw-read reference covers in the setup benchmarks. Training's captioner is not among them.
+SETUP_DIRS = (*MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
