@@ -267,6 +267,9 @@ def prepare_tokenizer(folder: Path) -> list[str]:
     return [*written, "tokenizer.json"]
 
 
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
 def index_added_tokens(folder: Path) -> bool:
     """Write a fast tokenizer's added tokens into its tokenizer_config.json as
     `added_tokens_decoder` (with the special tokens they stand for), the form transformers has saved
@@ -287,9 +290,6 @@ def index_added_tokens(folder: Path) -> bool:
     added = {str(i): token.__getstate__() for i, token in sorted(loaded.added_tokens_decoder.items())}
     _write_json(path, {**config, **special, "added_tokens_decoder": added})
     return True
-
-
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
