@@ -181,6 +181,41 @@ def test_bake_resumes_after_a_failure(hub: Loopback, weights_dir: Path, tmp_path
     assert (root / "sdxl" / "model_index.json").is_file()
 
 
+class _Stopped(Exception):
+    """Stands for a bake killed at a chosen point."""
+
+
+def test_a_bake_stopped_after_its_changes_leaves_the_staged_files_as_fetched(
+    hub: Loopback, weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every change is made in a copy of hard links, so the staged files a resumed bake checks stay
+    byte for byte as fetched even when the bake stops after changing its copy; the resumed bake
+    then downloads nothing."""
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(_manifest(weights_dir)))
+    root = tmp_path / "weights"
+
+    def stop(folder: Path) -> bool:  # the bake's last change, after it rewrote the tokenizer configs
+        raise _Stopped
+
+    with monkeypatch.context() as mp:
+        mp.setattr("scripts.bake.index_added_tokens", stop)
+        with pytest.raises(_Stopped):
+            bake(root, manifest, only=["sdxl"])
+    build = root / ".staging" / "sdxl.build"
+    config = "tokenizer/tokenizer_config.json"
+    assert (build / "tokenizer" / "tokenizer.json").is_file(), "the copy was changed before the stop"
+    published = _published(weights_dir / "sdxl")
+    assert (build / config).read_bytes() != published[config]
+    staged = root / ".staging" / "sdxl"
+    assert {str(p.relative_to(staged)): p.read_bytes() for p in staged.rglob("*") if p.is_file()} == published
+    assert not (root / "sdxl").exists(), "nothing is installed half-baked"
+    served = hub.total()
+    assert bake(root, manifest, only=["sdxl"]) == ["sdxl"]
+    assert hub.total() == served, "the resumed bake fetched nothing again"
+    assert "added_tokens_decoder" in json.loads((root / "sdxl" / config).read_text())
+
+
 PROMPTS = [
     "a photo of a cat, (masterpiece:1.2), café naïve 東京 😀",
     "",
