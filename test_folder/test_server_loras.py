@@ -163,6 +163,7 @@ def test_a_presigned_signature_never_shows(lora_server: tuple[CogServer, dict], 
         ("http://127.0.0.1:9/x.safetensors?token=hf_unreachable_secret", "the host could not be reached"),
         ("https://exa mple.com/x.safetensors", "has no valid host name"),
     ],
+    ids=["not-safetensors", "missing-file", "file-scheme", "s3-scheme", "unreachable-with-token", "space-in-host"],
 )
 def test_lora_string_errors_through_cog_are_the_projects_own(
     lora_server: tuple[CogServer, dict], source: str, message: str

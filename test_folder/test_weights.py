@@ -107,6 +107,7 @@ def test_a_json_page_is_still_refused(store: LoraStore, files: Loopback) -> None
 @pytest.mark.parametrize(
     ("path", "key", "secret"),
     [("private.safetensors", "token", URL_TOKEN), ("bucket/signed.safetensors", "X-Amz-Signature", SIGNATURE)],
+    ids=["query-token", "presigned-signature"],  # test ids are written to pytest's cache: no secrets
 )
 def test_a_cached_private_url_is_never_served_without_its_credential(
     store: LoraStore, files: Loopback, caplog: pytest.LogCaptureFixture, path: str, key: str, secret: str
