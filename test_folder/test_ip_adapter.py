@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from engine.config import IP_ADAPTER_DIR, IP_ADAPTER_ENCODER_DIR, IP_ADAPTER_WEIGHT_NAME
 from engine.errors import InputError
 from engine.generator import Engine
+from engine.ip_adapter import IpAdapter
 from engine.request import GenerationRequest
 from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
 from test_folder.test_logs import noisy_lines
@@ -212,6 +215,34 @@ def test_one_adapter_and_one_image_encoder_for_every_model_and_pipeline(engine: 
     assert len(encoders) == 1 and None not in encoders
     adapters = [model.ip_adapter for model in engine.models.values()]
     assert all(a is not None and a.modules is adapters[0].modules for a in adapters)
+
+
+def test_the_load_with_one_listing_equals_diffusers_own_and_leaves_no_patch(weights_dir: Path) -> None:
+    """IpAdapter loads through `load_ip_adapter` with the UNet's processor listing kept while it
+    runs: the same processors and weights as diffusers' own load, and nothing left patched."""
+    folder = weights_dir / "sdxl"
+    kwargs = {"local_files_only": True, "use_safetensors": True}
+    ours = StableDiffusionXLPipeline.from_pretrained(folder, **kwargs)
+    theirs = StableDiffusionXLPipeline.from_pretrained(folder, **kwargs)
+    adapter = IpAdapter(ours, weights_dir / IP_ADAPTER_DIR)
+    theirs.load_ip_adapter(
+        str(weights_dir / IP_ADAPTER_DIR),
+        subfolder="",
+        weight_name=IP_ADAPTER_WEIGHT_NAME,
+        image_encoder_folder=IP_ADAPTER_ENCODER_DIR,
+        local_files_only=True,
+    )
+    loaded = {k: v for k, v in theirs.unet.attn_processors.items() if not k.startswith("encoder_hid_proj.")}
+    assert {k: type(v) for k, v in adapter.processors.items()} == {k: type(v) for k, v in loaded.items()}
+    assert any(isinstance(v, torch.nn.Module) for v in loaded.values())
+    for name, processor in loaded.items():
+        if isinstance(processor, torch.nn.Module):
+            mine = adapter.processors[name].state_dict()
+            assert all(torch.equal(mine[k], v) for k, v in processor.state_dict().items()), name
+    unet = ours.unet
+    assert "set_attn_processor" not in vars(unet)
+    assert type(unet).attn_processors.fget.__module__.startswith("diffusers."), "the library's property is back"
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in adapter.plain.items()}
 
 
 def test_the_guidance_cutoff_halves_the_image_embeddings(engine: Engine) -> None:
