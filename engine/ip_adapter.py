@@ -149,7 +149,10 @@ def _processors_listed_once(unet: torch.nn.Module) -> Iterator[None]:
 
     def set_attn_processor(*args: Any, **kwargs: Any) -> None:
         kept.clear()
-        cls.set_attn_processor(unet, *args, **kwargs)
+        try:
+            cls.set_attn_processor(unet, *args, **kwargs)  # lists the processors before setting them
+        finally:
+            kept.clear()
 
     cls.attn_processors = property(listing)
     unet.set_attn_processor = set_attn_processor

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 
 from engine.config import IP_ADAPTER_DIR, IP_ADAPTER_ENCODER_DIR, IP_ADAPTER_WEIGHT_NAME
 from engine.errors import InputError
 from engine.generator import Engine
-from engine.ip_adapter import IpAdapter
+from engine.ip_adapter import IpAdapter, _processors_listed_once
 from engine.request import GenerationRequest
 from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
 from test_folder.test_logs import noisy_lines
@@ -243,6 +244,15 @@ def test_the_load_with_one_listing_equals_diffusers_own_and_leaves_no_patch(weig
     assert "set_attn_processor" not in vars(unet)
     assert type(unet).attn_processors.fget.__module__.startswith("diffusers."), "the library's property is back"
     assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in adapter.plain.items()}
+
+
+def test_the_kept_listing_is_dropped_when_a_processor_is_set(weights_dir: Path) -> None:
+    unet = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl", local_files_only=True).unet
+    with _processors_listed_once(unet):
+        before = unet.attn_processors
+        assert not any(isinstance(p, AttnProcessor) for p in before.values())
+        unet.set_attn_processor(AttnProcessor())
+        assert all(isinstance(p, AttnProcessor) for p in unet.attn_processors.values()), "not the kept listing"
 
 
 def test_the_guidance_cutoff_halves_the_image_embeddings(engine: Engine) -> None:
