@@ -222,6 +222,8 @@ UPSCALE_TILE_OVERLAP = 32
 # 1-megapixel size of the aspect table (4x of 1024x1024 is exactly 4096x4096) and 2x of every size.
 UPSCALE_MAX_PIXELS = 4096 * 4096
 
-# Every folder of the weights root that setup reads (the optional ones when baked): what a cold
-# start's raw-read reference covers in the setup benchmarks. Training's captioner is not among them.
-SETUP_DIRS = (*MODEL_IDS, SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
+# The folders setup reads beside the base models (the optional ones when baked): what residency
+# "auto" counts with the models, and with them what the setup benchmarks' raw read covers.
+# Training's captioner is not among them.
+SETUP_SIDE_DIRS = (SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
+SETUP_DIRS = (*MODEL_IDS, *SETUP_SIDE_DIRS)

@@ -17,10 +17,8 @@ from PIL import Image
 
 from engine.compiling import compile_blocks, compile_wanted, uncompile_blocks, warm_up
 from engine.config import (
-    CONTROLNET_DIR,
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
-    DEPTH_ESTIMATOR_DIR,
     GO_FAST_CFG_CUTOFF,
     GO_FAST_DEEP_CACHE_INTERVAL,
     GO_FAST_DEEP_CACHE_START,
@@ -29,9 +27,9 @@ from engine.config import (
     MODEL_RESIDENCY,
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
+    SETUP_SIDE_DIRS,
     UNET_COMPILE,
     UPSCALE_FACTORS,
-    UPSCALER_DIR,
     UPSCALER_NAME,
 )
 from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
@@ -70,8 +68,7 @@ def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device
         return residency == "swap"
     if device.type != "cuda":
         return False
-    folders = [*model_ids, SAFETY_CHECKER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR, IP_ADAPTER_DIR, UPSCALER_DIR]
-    weights = sum(p.stat().st_size for m in folders for p in (root / m).rglob("*.safetensors"))
+    weights = sum(p.stat().st_size for m in (*model_ids, *SETUP_SIDE_DIRS) for p in (root / m).rglob("*.safetensors"))
     return weights + RESIDENCY_HEADROOM_BYTES > torch.cuda.get_device_properties(device).total_memory
 
 
