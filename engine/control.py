@@ -67,9 +67,11 @@ class Control:
             log.info("ControlNet not baked (no %s folder): requests with control_image are refused", CONTROLNET_DIR)
         if (root / DEPTH_ESTIMATOR_DIR).is_dir():
             folder = root / DEPTH_ESTIMATOR_DIR
-            model = DepthAnythingForDepthEstimation.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            model = DepthAnythingForDepthEstimation.from_pretrained(
+                folder, dtype=dtype, device_map=str(device), local_files_only=True
+            )
             processor = DPTImageProcessorPil.from_pretrained(folder, local_files_only=True)
-            depth = (model.to(device).eval(), processor)
+            depth = (model.eval(), processor)
         else:
             log.info("depth estimator not baked (no %s folder): depth maps must be sent ready", DEPTH_ESTIMATOR_DIR)
         if controlnet is not None:

@@ -99,9 +99,8 @@ class Upscaler:
     ) -> None:
         start = time.perf_counter()
         self.model = Swin2SRForImageSuperResolution.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, use_safetensors=True
-        )
-        self.model.to(device).eval()
+            folder, dtype=dtype, device_map=str(device), local_files_only=True, use_safetensors=True
+        ).eval()  # straight onto the device, as the other models: no CPU copy first
         self.device = device
         self.dtype = dtype
         self.scale: int = self.model.config.upscale
