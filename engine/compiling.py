@@ -22,6 +22,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from engine.config import COMPILE_RECOMPILE_LIMIT, COMPILE_WARMUP_ASPECTS, COMPILE_WARMUP_STEPS
+from engine.devices import settings_for
 from engine.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,14 @@ COMPILE_SETTINGS = ("auto", "on", "off")
 
 
 def compile_wanted(setting: str, device: torch.device) -> bool:
-    """`auto` compiles on CUDA, where it pays; on a CPU the compile time outweighs the gain."""
+    """`auto` compiles on CUDA, where it pays; on a CPU the compile time outweighs the gain, and on
+    MPS torch.compile is not used at all (engine/devices.py), even when asked for."""
     if setting not in COMPILE_SETTINGS:
         raise ValueError(f"UNET_COMPILE must be one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    settings = settings_for(device)
+    if setting == "on" and not settings.compile_allowed:
+        log.warning("UNET_COMPILE=on is ignored on %s: the UNets run uncompiled there", device.type)
+    return settings.compile_allowed and (setting == "on" or (setting == "auto" and settings.compile_auto))
 
 
 def _blocks(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:

@@ -69,6 +69,10 @@ GO_FAST_CFG_CUTOFF = 0.6
 GO_FAST_DEEP_CACHE_START = 0.3
 GO_FAST_DEEP_CACHE_INTERVAL = 3
 
+# The device (engine/devices.py): "auto" picks CUDA, else Apple Silicon's MPS, else the CPU;
+# "cuda", "mps" or "cpu" force one. Deploy-time override: TORCH_DEVICE.
+TORCH_DEVICE = "auto"
+
 # torch.compile of each UNet's repeated transformer blocks (engine/compiling.py): "auto" compiles
 # on CUDA only, "on" / "off" force it. Deploy-time override: UNET_COMPILE. Setup then runs one
 # go_fast warm-up per model at each of these aspect ratios (batch 2 and 1, two token counts), after

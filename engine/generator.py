@@ -34,11 +34,12 @@ from engine.config import (
 )
 from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
 from engine.deepcache import DeepFeatureCache
+from engine.devices import current, settings_for, setup_line
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.ip_adapter import IP_ADAPTER_NAME, IpAdapter
 from engine.logs import quiet_library_noise
 from engine.metadata import GenerationParameters
-from engine.models import BaseModel, default_device, default_dtype
+from engine.models import BaseModel
 from engine.request import GenerationRequest, LocalLora, LoraSource, output_seeds, reduced_seed
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
@@ -151,8 +152,9 @@ class Engine:
         `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up."""
         start = time.perf_counter()
         quiet_library_noise()
-        device = device or default_device()
-        dtype = dtype or default_dtype(device)
+        settings = settings_for(device) if device is not None else current()
+        device = settings.device
+        dtype = dtype or settings.dtype
         missing = [name for name in (*MODEL_IDS, SAFETY_CHECKER_DIR) if not (root / name).is_dir()]
         if missing:
             raise WeightsMissingError(
@@ -179,14 +181,16 @@ class Engine:
         log.info("loaded the safety checker in %.1fs", time.perf_counter() - checker_start)
         upscaler = Upscaler.load_if_baked(root, device, dtype)
         engine = cls(models, safety, loras, swap, upscaler=upscaler, control=Control.load(root, device, dtype))
-        if compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device):
-            engine.compile("inductor")
+        wanted = compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device)
+        compiled = wanted and engine.compile("inductor")
+        baked = [name for name in (*SETUP_SIDE_DIRS, CUSTOM_MODEL_ID) if name != SAFETY_CHECKER_DIR]
+        log.info("%s", setup_line(settings, compiled, [name for name in baked if (root / name).is_dir()]))
         log.info("setup done in %.1fs", time.perf_counter() - start)
         return engine
 
-    def compile(self, backend: str | Callable[..., Any]) -> None:
+    def compile(self, backend: str | Callable[..., Any]) -> bool:
         """Compile every UNet's repeated blocks (and the ControlNet's) and warm them up, so no
-        request compiles.
+        request compiles; False when the compiler failed and the blocks run eager.
 
         A compiler failure must not take the model down: the UNets go back to eager with a
         warning that names the error (the images are the same, only slower).
@@ -206,8 +210,9 @@ class Engine:
                 type(e).__name__,
                 e,
             )
-            return
+            return False
         log.info("UNets compiled and warmed up in %.1fs (%s)", seconds, ", ".join(self.models))
+        return True
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
         """Run one request; images flagged by the safety checker are dropped one by one, and the

@@ -27,15 +27,6 @@ from engine.prompts import PromptEncoder
 log = logging.getLogger(__name__)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on GPU (the VAE upcasts itself when its config asks to), fp32 on CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 def _tokenizers(folder: Path) -> dict[str, PreTrainedTokenizerFast]:
     """The CLIP tokenizers read from their tokenizer.json in Rust (the bake writes one where the
     model publishes only vocab.json + merges.txt): transformers' CLIPTokenizer rebuilds the

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.compiling import compile_wanted
 from engine.config import SETUP_DIRS, UPSCALER_DIR
+from engine.devices import default_device, default_dtype
 from engine.generator import Engine
-from engine.models import default_device, default_dtype
 from engine.request import Credentials, GenerationRequest, LoraSpec
 from engine.upscale import Upscaler
 from scripts.build_tiny_weights import FULL, TINY, build_all

@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from engine.config import CAPTIONER_DIR, TRAIN_CAPTION_MAX_TOKENS
+from engine.devices import default_dtype
 from engine.errors import WeightsMissingError
-from engine.models import default_dtype
 
 log = logging.getLogger(__name__)
 

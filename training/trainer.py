@@ -51,9 +51,9 @@ from engine.config import (
     TRAIN_WARMUP_FRACTION,
     TRAIN_WARMUP_MAX_STEPS,
 )
+from engine.devices import current
 from engine.errors import InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
-from engine.models import default_device, default_dtype
 from engine.request import reduced_seed
 from training.captioner import autocaption
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive, trigger_pattern
@@ -317,8 +317,8 @@ def train(
     if not request.train_text_encoder:  # with pivotal tuning the word becomes new tokens instead
         _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), request.trigger_word)
     quiet_library_noise()
-    device = default_device()
-    dtype = default_dtype(device)
+    settings = current()  # the engine's device choice (engine/devices.py)
+    device, dtype = settings.device, settings.train_dtype
     uncaptioned = [i.image for i in images if i.caption is None]
     automatic = autocaption(weights, uncaptioned, device) if request.autocaption and uncaptioned else None
     pipe = StableDiffusionXLPipeline.from_pretrained(
@@ -335,7 +335,7 @@ def train(
     log.info("seed: %d", seed)
     generator = torch.Generator("cpu").manual_seed(seed)
 
-    cuda = device.type == "cuda"
+    cuda = settings.mixed_precision  # fp32 LoRA weights, fp16 autocast and a grad scaler: CUDA only
     for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     pivotal = _Pivotal(pipe, generator, cuda) if request.train_text_encoder else None
