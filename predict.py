@@ -9,46 +9,34 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cog import BasePredictor, Input, Path, Secret
 
 from engine.config import (
-    ASPECT_RATIOS,
-    CONTROL_DEFAULT_STRENGTH,
-    CONTROL_MAX_STRENGTH,
-    CONTROL_PREPROCESSORS,
-    CONTROL_TYPES,
-    CUSTOM_ASPECT,
-    CUSTOM_MODEL_ID,
-    CUSTOM_SIZE_MAX,
-    CUSTOM_SIZE_MIN,
-    DEFAULT_MODEL,
-    DEFAULT_SCHEDULER,
-    FLUX_GUIDANCE_TO_CFG,
-    GO_FAST_CFG_CUTOFF,
-    GO_FAST_DEEP_CACHE_INTERVAL,
-    GO_FAST_DEEP_CACHE_START,
-    IP_ADAPTER_DEFAULT_SCALE,
-    IP_ADAPTER_MAX_IMAGES,
-    IP_ADAPTER_MAX_SCALE,
-    MAX_CLIP_SKIP,
-    MAX_OUTPUTS,
-    MAX_STEPS,
-    MEGAPIXELS,
-    MODEL_IDS,
-    OUTPUT_FORMATS,
-    UPSCALE_FACTORS,
-    UPSCALE_MAX_PIXELS,
     weights_root,
 )
 from engine.generator import Engine
 from engine.request import Credentials, GenerationRequest, cfg_from_flux, loras_from_flux
-from engine.schedulers import SCHEDULERS
+from engine.server_files import server_file
 from utils import load_image, save_image
 from weights import lora_store
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 log = logging.getLogger("predict")
+
+
+def _image(value: Path | str | None, input_name: str) -> Image.Image | None:
+    """An image input, read only when the caller sent it. coglet stores a URL or data: URI in a
+    temporary file and passes that as a cog Path; any other string reaches predict() exactly as
+    sent, i.e. a path on this server: `engine/server_files.py` refuses it before it is opened."""
+    if value is None:
+        return None
+    if not isinstance(value, Path):
+        value = server_file(str(value), input_name, "the image as an https URL or a data: URI")
+    return load_image(value, input_name)
 
 
 class Predictor(BasePredictor):
@@ -63,9 +51,8 @@ class Predictor(BasePredictor):
         prompt: str = Input(description="Prompt for the generated image"),
         aspect_ratio: str = Input(
             default="1:1",
-            choices=[*ASPECT_RATIOS, CUSTOM_ASPECT],
-            description="Aspect ratio (Flux's table at 1 megapixel). 'custom' uses width and height. "
-            "Ignored when an image is given: the output follows the image's proportions.",
+            choices=["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "custom"],
+            description="Aspect ratio (Flux's table at 1 megapixel). 'custom' uses width and height. Ignored when an image is given: the output follows the image's proportions.",
         ),
         image: Optional[Path] = Input(
             default=None, description="Input image for img2img, or the image to inpaint when a mask is given"
@@ -73,81 +60,81 @@ class Predictor(BasePredictor):
         prompt_strength: float = Input(
             default=0.8, ge=0, le=1, description="How much the image changes in img2img/inpaint; 1 repaints fully"
         ),
-        num_outputs: int = Input(default=1, ge=1, le=MAX_OUTPUTS, description="Number of images; output i uses seed+i"),
-        num_inference_steps: int = Input(default=28, ge=1, le=MAX_STEPS, description="Denoising steps"),
+        num_outputs: int = Input(default=1, ge=1, le=4, description="Number of images; output i uses seed+i"),
+        num_inference_steps: int = Input(default=28, ge=1, le=50, description="Denoising steps"),
         guidance: float = Input(
             default=3,
             ge=0,
             le=10,
-            description=f"Flux-style guidance. SDXL's CFG scale is guidance x {FLUX_GUIDANCE_TO_CFG:g} "
-            "(3 gives 6), unless cfg_scale is set",
+            description="Flux-style guidance. SDXL's CFG scale is guidance x 2 (3 gives 6), unless cfg_scale is set",
         ),
         seed: Optional[int] = Input(
             default=None,
-            description="Random seed; unset or negative means random. 0 is a seed. "
-            "Seeds past 2^64-1 are reduced modulo 2^64",
+            description="Random seed; unset or negative means random. 0 is a seed. Seeds past 2^64-1 are reduced modulo 2^64",
         ),
-        output_format: str = Input(default="webp", choices=list(OUTPUT_FORMATS), description="Output image format"),
+        output_format: str = Input(default="webp", choices=["webp", "jpg", "png"], description="Output image format"),
         output_quality: int = Input(default=80, ge=0, le=100, description="Quality for jpg and webp; not used for png"),
         disable_safety_checker: bool = Input(default=False, description="Skip the safety checker"),
         go_fast: bool = Input(
             default=True,
-            description=f"Faster: after {GO_FAST_DEEP_CACHE_START:.0%} of the steps only one step in "
-            f"{GO_FAST_DEEP_CACHE_INTERVAL} runs the whole UNet (the others reuse its deep features), and "
-            f"classifier-free guidance stops after {GO_FAST_CFG_CUTOFF:.0%} of the steps (see README)",
+            description="Faster: after 30% of the steps only one step in 3 runs the whole UNet (the others reuse its deep features), and classifier-free guidance stops after 60% of the steps (see README)",
         ),
         lora_weights: Optional[str] = Input(
             default=None,
-            description="LoRA: Hugging Face (huggingface.co/owner/repo[/blob/main/x.safetensors], "
-            "owner/repo/x.safetensors), CivitAI (civitai.com/models/<id>, api/download/models/<version>, "
-            "AIR URN), Replicate (owner/model, .tar URL), any https URL, or a data: URI",
+            description="LoRA: Hugging Face (huggingface.co/owner/repo[/blob/main/x.safetensors], owner/repo/x.safetensors), CivitAI (civitai.com/models/<id>, api/download/models/<version>, AIR URN), Replicate (owner/model, .tar URL), any https URL, or a data: URI",
         ),
         lora_scale: float = Input(default=1.0, ge=-1, le=3, description="Scale of lora_weights"),
         extra_lora: Optional[str] = Input(default=None, description="A second LoRA, in any form lora_weights takes"),
         extra_lora_scale: float = Input(default=1.0, ge=-1, le=3, description="Scale of extra_lora"),
-        megapixels: str = Input(default="1", choices=list(MEGAPIXELS), description="Approximate output size"),
+        megapixels: str = Input(default="1", choices=["1", "0.5", "0.25"], description="Approximate output size"),
         hf_api_token: Optional[Secret] = Input(default=None, description="Hugging Face token for private LoRAs"),
         civitai_api_token: Optional[Secret] = Input(default=None, description="CivitAI token for LoRAs that need one"),
         negative_prompt: str = Input(default="", description="What the image should not contain"),
         model: str = Input(
-            default=DEFAULT_MODEL,
-            choices=[*MODEL_IDS, CUSTOM_MODEL_ID],
+            default="illustrious-xl",
+            choices=["illustrious-xl", "sdxl", "custom"],
             description="Base model; 'custom' is the checkpoint baked with CUSTOM_CHECKPOINT_URL, if any",
         ),
         use_standard_sdxl: bool = Input(default=False, description="Alias: true selects model 'sdxl'"),
-        width: Optional[int] = Input(
-            default=None, ge=CUSTOM_SIZE_MIN, le=CUSTOM_SIZE_MAX, description="Width for aspect_ratio 'custom'"
+        width: Optional[int] = Input(default=None, ge=256, le=1440, description="Width for aspect_ratio 'custom'"),
+        height: Optional[int] = Input(default=None, ge=256, le=1440, description="Height for aspect_ratio 'custom'"),
+        scheduler: str = Input(
+            default="Euler a",
+            choices=[
+                "Euler a",
+                "Euler",
+                "DPM++ 2M",
+                "DPM++ 2M Karras",
+                "DPM++ 2M SDE",
+                "DPM++ 2M SDE Karras",
+                "DDIM",
+                "UniPC",
+            ],
+            description="Sampler",
         ),
-        height: Optional[int] = Input(
-            default=None, ge=CUSTOM_SIZE_MIN, le=CUSTOM_SIZE_MAX, description="Height for aspect_ratio 'custom'"
-        ),
-        scheduler: str = Input(default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS), description="Sampler"),
         cfg_scale: Optional[float] = Input(
             default=None, ge=0, le=20, description="SDXL classifier-free guidance; overrides guidance when set"
         ),
         clip_skip: int = Input(
             default=0,
             ge=0,
-            le=MAX_CLIP_SKIP,
-            description="CLIP layers to skip beyond SDXL's standard penultimate layer. "
-            "'Clip skip 2' on CivitAI SDXL/Illustrious pages is the standard, i.e. 0 here",
+            le=4,
+            description="CLIP layers to skip beyond SDXL's standard penultimate layer. 'Clip skip 2' on CivitAI SDXL/Illustrious pages is the standard, i.e. 0 here",
         ),
         mask: Optional[Path] = Input(default=None, description="Inpainting mask for image: white is repainted"),
         control_image: Optional[Path] = Input(
             default=None,
-            description="ControlNet: an image whose outline, depth, pose ... the output follows (see control_type). "
-            "It is cropped to the output's proportions",
+            description="ControlNet: an image whose outline, depth, pose ... the output follows (see control_type). It is cropped to the output's proportions",
         ),
         control_type: str = Input(
             default="none",
-            choices=list(CONTROL_TYPES),
-            description="What to follow in control_image. Made from a plain photo here: "
-            f"{', '.join(CONTROL_PREPROCESSORS)}; the others need a ready map (control_preprocess false)",
+            choices=["none", "pose", "depth", "scribble", "canny", "lineart", "normal", "segment", "tile"],
+            description="What to follow in control_image. Made from a plain photo here: canny, depth, tile; the others need a ready map (control_preprocess false)",
         ),
         control_strength: float = Input(
-            default=CONTROL_DEFAULT_STRENGTH,
+            default=0.8,
             ge=0,
-            le=CONTROL_MAX_STRENGTH,
+            le=2,
             description="How strongly the ControlNet guides the image; 0 turns it off",
         ),
         control_start: float = Input(
@@ -158,30 +145,25 @@ class Predictor(BasePredictor):
         ),
         control_preprocess: bool = Input(
             default=True,
-            description="Make the control map from control_image (canny edges, depth, tile). "
-            "False: control_image already is the map (an OpenPose skeleton, a depth or line drawing)",
+            description="Make the control map from control_image (canny edges, depth, tile). False: control_image already is the map (an OpenPose skeleton, a depth or line drawing)",
         ),
         return_control_map: bool = Input(
             default=False, description="Also return the control map that guided the image, as a PNG after the images"
         ),
         ip_adapter_image: Optional[list[Path]] = Input(
             default=None,
-            description=f"Reference image(s) the output should look like (IP-Adapter): subject, style, colours. "
-            f"Up to {IP_ADAPTER_MAX_IMAGES}; several are combined. Works with the prompt, LoRAs, image and mask",
+            description="Reference image(s) the output should look like (IP-Adapter): subject, style, colours. Up to 4; several are combined. Works with the prompt, LoRAs, image and mask",
         ),
         ip_adapter_scale: float = Input(
-            default=IP_ADAPTER_DEFAULT_SCALE,
+            default=0.6,
             ge=0,
-            le=IP_ADAPTER_MAX_SCALE,
-            description="How strongly ip_adapter_image steers the output; 0 ignores it, about 1 follows it "
-            "closely and the prompt matters less",
+            le=1.5,
+            description="How strongly ip_adapter_image steers the output; 0 ignores it, about 1 follows it closely and the prompt matters less",
         ),
         upscale: str = Input(
             default="none",
-            choices=list(UPSCALE_FACTORS),
-            description="Enlarge each image 2x or 4x with a built-in Swin2SR upscaler, after the safety checker "
-            f"(2x is its 4x result reduced). Refused past {UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels, "
-            "e.g. 4x of a size above 1 megapixel",
+            choices=["none", "2x", "4x"],
+            description="Enlarge each image 2x or 4x with a built-in Swin2SR upscaler, after the safety checker (2x is its 4x result reduced). Refused past 16.8 megapixels, e.g. 4x of a size above 1 megapixel",
         ),
     ) -> list[Path]:
         request = GenerationRequest(
@@ -192,8 +174,8 @@ class Predictor(BasePredictor):
             megapixels=megapixels,
             width=width,
             height=height,
-            image=load_image(image, "image") if image is not None else None,
-            mask=load_image(mask, "mask") if mask is not None else None,
+            image=_image(image, "image"),
+            mask=_image(mask, "mask"),
             prompt_strength=prompt_strength,
             num_outputs=num_outputs,
             num_inference_steps=num_inference_steps,
@@ -208,14 +190,14 @@ class Predictor(BasePredictor):
                 hf=hf_api_token.get_secret_value() if hf_api_token else None,
                 civitai=civitai_api_token.get_secret_value() if civitai_api_token else None,
             ),
-            control_image=load_image(control_image, "control_image") if control_image is not None else None,
+            control_image=_image(control_image, "control_image"),
             control_type=control_type,
             control_strength=control_strength,
             control_start=control_start,
             control_end=control_end,
             control_preprocess=control_preprocess,
             return_control_map=return_control_map,
-            ip_adapter_images=tuple(load_image(path, "ip_adapter_image") for path in ip_adapter_image or ()),
+            ip_adapter_images=tuple(_image(path, "ip_adapter_image") for path in ip_adapter_image or ()),
             ip_adapter_scale=ip_adapter_scale,
             upscale=upscale,
         )

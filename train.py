@@ -14,18 +14,6 @@ from typing import Optional
 from cog import BaseModel, Input, Path
 
 from engine.config import (
-    CUSTOM_MODEL_ID,
-    DEFAULT_MODEL,
-    MODEL_IDS,
-    TRAIN_DEFAULT_LEARNING_RATE,
-    TRAIN_DEFAULT_RANK,
-    TRAIN_DEFAULT_RESOLUTION,
-    TRAIN_DEFAULT_STEPS,
-    TRAIN_MAX_BATCH_SIZE,
-    TRAIN_MAX_LEARNING_RATE,
-    TRAIN_MAX_RANK,
-    TRAIN_MAX_STEPS,
-    TRAIN_MIN_IMAGES,
     weights_root,
 )
 from training.request import TrainingRequest
@@ -42,8 +30,7 @@ class TrainingOutput(BaseModel):
 
 def train(
     input_images: Path = Input(
-        description=f"A .zip or .tar of at least {TRAIN_MIN_IMAGES} .jpg, .jpeg, .png or .webp images "
-        "(10-20 work well). A .txt file with an image's name is its caption"
+        description="A .zip or .tar of at least 4 .jpg, .jpeg, .png or .webp images (10-20 work well). A .txt file with an image's name is its caption"
     ),
     trigger_word: str = Input(
         default="TOK", description="A rare word that stands for the subject or style; write it in your prompts"
@@ -57,28 +44,25 @@ def train(
     autocaption_suffix: Optional[str] = Input(
         default=None, description="Text put after every automatic caption, e.g. 'in the style of TOK'"
     ),
-    steps: int = Input(default=TRAIN_DEFAULT_STEPS, ge=1, le=TRAIN_MAX_STEPS, description="Training steps"),
-    lora_rank: int = Input(
-        default=TRAIN_DEFAULT_RANK, ge=1, le=TRAIN_MAX_RANK, description="LoRA rank: higher holds more detail"
-    ),
+    steps: int = Input(default=1000, ge=1, le=6000, description="Training steps"),
+    lora_rank: int = Input(default=16, ge=1, le=128, description="LoRA rank: higher holds more detail"),
     learning_rate: float = Input(
-        default=TRAIN_DEFAULT_LEARNING_RATE,
+        default=1e-4,
         ge=0,
-        le=TRAIN_MAX_LEARNING_RATE,
+        le=1e-2,
         description="LoRA learning rate (SDXL LoRAs usually train at 1e-4)",
     ),
-    batch_size: int = Input(default=1, ge=1, le=TRAIN_MAX_BATCH_SIZE, description="Images per step"),
+    batch_size: int = Input(default=1, ge=1, le=8, description="Images per step"),
     resolution: str = Input(
-        default=TRAIN_DEFAULT_RESOLUTION,
-        description="Comma-separated training resolutions, e.g. '768,1024'. Images keep their proportions "
-        "(bucketed, never squashed)",
+        default="1024",
+        description="Comma-separated training resolutions, e.g. '768,1024'. Images keep their proportions (bucketed, never squashed)",
     ),
     caption_dropout_rate: float = Input(
         default=0.05, ge=0, le=1, description="Share of steps trained with an empty caption"
     ),
     model: str = Input(
-        default=DEFAULT_MODEL,
-        choices=[*MODEL_IDS, CUSTOM_MODEL_ID],
+        default="illustrious-xl",
+        choices=["illustrious-xl", "sdxl", "custom"],
         description="Base model to train on; use the same one when predicting",
     ),
     train_text_encoder: bool = Input(
