@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 WEIGHTS_DIR ?= weights
 export WEIGHTS_DIR
 
-.PHONY: install weights schema demo test serve serve-train lint
+.PHONY: install weights schema demo test serve serve-train lint image
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ serve: weights
 serve-train: weights
 	PATH="$(CURDIR)/$(BIN):$$PATH" COG_TRAIN_TYPE_STUB=train.py:train PORT=$(PORT) \
 		$(BIN)/python -m cog.server.http --host $(HOST) --x-mode train
+
+# A Replicate image (docs/deploy.md): bake the real weights (idempotent), assemble a clean build
+# context outside this tree, check it, and run `cog build --separate-weights` there (or print the
+# command when no cog CLI is installed). IMAGE=r8.im/<owner>/<model> names the image.
+image: install
+	$(BIN)/python scripts/build_context.py $(if $(IMAGE),--tag $(IMAGE))
 
 lint: install
 	$(BIN)/ruff check .
