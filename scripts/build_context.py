@@ -11,8 +11,9 @@ present, nothing .dockerignore excludes.
 
 Steps: bake (scripts/bake.py, idempotent) unless --no-bake; refuse weights that were not baked
 (the tiny test weights) unless --allow-unbaked; assemble into --out; check; then
-`cog build --separate-weights -t TAG` there, or, without a `cog` CLI on PATH (or with
---no-build), print that command and stop.
+`COGLET_WHEEL=pypi:<the tested coglet> cog build --separate-weights -t TAG` there (cog strips
+cog and coglet from requirements and would otherwise take the newest coglet its SDK allows),
+or, without a `cog` CLI on PATH (or with --no-build), print that command and stop.
 
 Usage: python scripts/build_context.py [--out DIR] [--tag IMAGE] [--no-bake] [--no-build]
 """
@@ -229,6 +230,19 @@ def check(context: Path) -> list[str]:
     return problems
 
 
+def pinned(name: str, requirements: Path = REPO_ROOT / "requirements-dev.txt") -> str:
+    """The `name==VERSION` pin in a requirements file."""
+    for line in requirements.read_text().splitlines():
+        if line.split("==")[0].strip().lower() == name:
+            return line.split("==", 1)[1].strip()
+    raise ContextError(f"{requirements.name} does not pin {name}")
+
+
+def cog_env() -> dict[str, str]:
+    """cog installs coglet by cog's version range unless told: pin it to what the tests run."""
+    return {"COGLET_WHEEL": f"pypi:{pinned('coglet')}"}
+
+
 def cog_command(tag: str) -> list[str]:
     return ["cog", "build", "--separate-weights", "-t", tag]
 
@@ -244,9 +258,10 @@ def main() -> None:
     args = parser.parse_args()
     weights = args.weights or Path(os.environ.get("WEIGHTS_DIR") or REPO_ROOT / WEIGHTS)
     try:
+        env = cog_env()
         if not args.no_bake:
-            env = {**os.environ, "WEIGHTS_DIR": str(weights)}
-            subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bake.py")], check=True, env=env)
+            bake_env = {**os.environ, "WEIGHTS_DIR": str(weights)}
+            subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bake.py")], check=True, env=bake_env)
         unbaked = unbaked_models(weights)
         if unbaked and not args.allow_unbaked:
             raise ContextError(
@@ -263,9 +278,10 @@ def main() -> None:
     print(f"build context ready: {context}")
     if args.no_build or shutil.which("cog") is None:
         reason = "--no-build" if args.no_build else "no `cog` CLI on PATH"
-        print(f"{reason}; build with:\n  cd {shlex.quote(str(context))} && {shlex.join(command)}")
+        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        print(f"{reason}; build with:\n  cd {shlex.quote(str(context))} && {assignments} {shlex.join(command)}")
         return
-    subprocess.run(command, cwd=context, check=True)
+    subprocess.run(command, cwd=context, check=True, env={**os.environ, **env})
 
 
 if __name__ == "__main__":

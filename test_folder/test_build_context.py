@@ -25,6 +25,7 @@ from build_context import (  # noqa: E402
     dockerignore_patterns,
     find_weights,
     local_imports,
+    pinned,
     tracked_files,
 )
 
@@ -114,7 +115,8 @@ def test_without_a_cog_cli_it_stops_after_assembling_and_prints_the_command(tmp_
         "--weights", str(baked), "--out", str(out), "--tag", "r8.im/me/model", "--allow-unbaked", tmp_path=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    assert f"cd {out} && cog build --separate-weights -t r8.im/me/model" in result.stdout
+    coglet = pinned("coglet")
+    assert f"cd {out} && COGLET_WHEEL=pypi:{coglet} cog build --separate-weights -t r8.im/me/model" in result.stdout
     assert (out / "weights" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
