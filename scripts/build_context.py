@@ -275,13 +275,15 @@ def main() -> None:
     except (ContextError, subprocess.CalledProcessError) as error:
         sys.exit(f"build_context: {error}")
     command = cog_command(args.tag)
+    prefix = f"cd {shlex.quote(str(context))} && " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    push = f"{prefix} cog push {shlex.quote(args.tag)} --separate-weights"
     print(f"build context ready: {context}")
     if args.no_build or shutil.which("cog") is None:
         reason = "--no-build" if args.no_build else "no `cog` CLI on PATH"
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        print(f"{reason}; build with:\n  cd {shlex.quote(str(context))} && {assignments} {shlex.join(command)}")
+        print(f"{reason}; build with:\n  {prefix} {shlex.join(command)}\nthen push with:\n  {push}")
         return
     subprocess.run(command, cwd=context, check=True, env={**os.environ, **env})
+    print(f"built {args.tag}; push with:\n  {push}")
 
 
 if __name__ == "__main__":
