@@ -6,10 +6,11 @@ Cog CLI and Replicate's hosted runtime accept them, at the cost of a Deprecation
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cog import BasePredictor, Input, Path, Secret
 
@@ -17,6 +18,7 @@ from engine.config import (
     weights_root,
 )
 from engine.generator import Engine
+from engine.infotext import apply_generation_data
 from engine.request import Credentials, GenerationRequest, cfg_from_flux, loras_from_flux
 from engine.server_files import server_file
 from utils import load_image, save_image
@@ -165,7 +167,12 @@ class Predictor(BasePredictor):
             choices=["none", "2x", "4x"],
             description="Enlarge each image 2x or 4x with a built-in Swin2SR upscaler, after the safety checker (2x is its 4x result reduced). Refused past 16.8 megapixels, e.g. 4x of a size above 1 megapixel",
         ),
+        generation_data: Optional[str] = Input(
+            default=None,
+            description="Generation data (parameters) as A1111, Forge or CivitAI show it: the prompt, a 'Negative prompt: ...' line and the 'Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ...' line. It sets every input left at its default; an input sent with another value wins (send an empty prompt to take the text's). <lora:NAME:weight> tags become LoRAs through CivitAI (Civitai resources or Lora hashes), up to 4. go_fast is off unless the text holds this model's go_fast fields. See docs/generation-data.md",
+        ),
     ) -> list[Path]:
+        defaulted = _at_default(locals())
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -201,6 +208,8 @@ class Predictor(BasePredictor):
             ip_adapter_scale=ip_adapter_scale,
             upscale=upscale,
         )
+        if generation_data:
+            request = apply_generation_data(request, generation_data, defaulted, self.engine.models)
         results = self.engine.generate(request)
         # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.
         shutil.rmtree(self.output_dir, ignore_errors=True)
@@ -222,3 +231,14 @@ class Predictor(BasePredictor):
             results[0].control_map.save(path, "PNG")
             outputs.append(Path(path))
         return outputs
+
+
+def _at_default(values: dict[str, Any]) -> frozenset[str]:
+    """The inputs that arrived at their declared default. Cog fills defaults before predict runs,
+    so these are the ones generation_data may set."""
+    declared = inspect.signature(Predictor.predict).parameters
+    return frozenset(
+        name
+        for name, param in declared.items()
+        if name in values and values[name] == getattr(param.default, "default", inspect.Parameter.empty)
+    )

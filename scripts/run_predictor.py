@@ -1,8 +1,11 @@
 """Run predict.py's Predictor in-process, like `cog predict -i key=value`, without Docker.
 
 Inputs left out take their schema defaults (calling predict() directly would pass cog's
-FieldInfo objects instead). `-i image=@photo.png` passes a file, as `cog predict` does; a list
-input takes one `-i` per item (`-i ip_adapter_image=@a.png -i ip_adapter_image=@b.png`).
+FieldInfo objects instead). `-i image=@photo.png` passes a file as coglet hands an upload to
+predict() (a cog Path); without `@` the value stays the string it is, as coglet leaves a
+server path, which predict refuses. A list input takes one `-i` per item
+(`-i ip_adapter_image=@a.png -i ip_adapter_image=@b.png`). Whoever runs this owns the machine:
+LOCAL_FILES_DIR defaults to the current folder, so `-i lora_weights=./mine.safetensors` is read.
 Outputs are copied into the output folder and their paths printed.
 
 Usage: python scripts/run_predictor.py -i prompt="a cat" [-i seed=1 ...] [-o outputs]
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import shutil
 import sys
 import typing
@@ -24,6 +28,7 @@ from cog import Path as CogPath
 from cog import Secret
 from cog.input import FieldInfo
 
+from engine.server_files import LOCAL_FILES_ENV
 from predict import Predictor
 
 
@@ -44,7 +49,7 @@ def _coerce(values: list[str], annotation: Any) -> Any:
     if target in (int, float):
         return target(raw)
     if target is CogPath:
-        return CogPath(raw.removeprefix("@"))
+        return CogPath(raw.removeprefix("@")) if raw.startswith("@") else raw
     if target is Secret:
         return Secret(raw)
     return raw
@@ -73,6 +78,7 @@ def main() -> None:
     parser.add_argument("-i", dest="inputs", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("-o", dest="out", type=Path, default=Path("outputs"), help="folder for the outputs")
     args = parser.parse_args()
+    os.environ.setdefault(LOCAL_FILES_ENV, os.getcwd())
     inputs: dict[str, list[str]] = {}
     for item in args.inputs:
         name, value = item.split("=", 1)

@@ -38,12 +38,15 @@ from test_folder.lora_factory import (  # noqa: E402
 def lora_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every engine and server of the session caches LoRAs here, never in the machine's cache,
     retries downloads without waiting, and moves bytes with the Python downloader unless a test
-    names another (the image has pget; this machine does not)."""
+    names another (the image has pget; this machine does not). Engines in this process may read
+    LoRA paths under the session's temp folder (LOCAL_FILES_DIR); Cog servers start without it,
+    as the image does."""
     root = tmp_path_factory.mktemp("lora-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LORA_CACHE_DIR", str(root))
         mp.setenv("LORA_RETRY_BACKOFF_SECONDS", "0")
         mp.setenv("LORA_DOWNLOADER", "python")
+        mp.setenv("LOCAL_FILES_DIR", str(tmp_path_factory.getbasetemp()))
         yield root
 
 
@@ -99,6 +102,7 @@ class CogServer:
             # coglet starts its worker with `python` from PATH: the venv's must come first.
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         )
+        env.pop("LOCAL_FILES_DIR", None)  # no server path is readable, as in the image
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *(["--x-mode", "train"] if train else [])],

@@ -156,9 +156,9 @@ def test_a_presigned_signature_never_shows(lora_server: tuple[CogServer, dict], 
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("/etc/passwd", "is not a .safetensors file"),
-        ("./nowhere.safetensors", "local LoRA file ./nowhere.safetensors not found"),
-        ("file:///etc/x.safetensors", "file:// LoRA locations are not read"),
+        ("/etc/passwd", "the LoRA is a path on the server"),
+        ("./nowhere.safetensors", "the LoRA is a path on the server"),
+        ("file:///etc/x.safetensors", "the LoRA is a path on the server"),
         ("s3://bucket/x.safetensors", "pass a presigned https URL"),
         ("http://127.0.0.1:9/x.safetensors?token=hf_unreachable_secret", "the host could not be reached"),
         ("https://exa mple.com/x.safetensors", "has no valid host name"),

@@ -29,6 +29,7 @@ from weights import Credentials, Downloader, LoraStore, WeightsError, parse_lora
 URL_TOKEN = "url-query-secret-5150"
 SIGNATURE = "presigned-signature-8d3f"
 HF_TOKEN = "hf_weights_secret_7781"
+SERVER_PATH = "the LoRA is a path on the server, and requests do not read the server's files"
 
 
 def python_downloader() -> Downloader:
@@ -155,14 +156,15 @@ def test_errors_from_the_http_stack_never_echo_the_query(store: LoraStore, caplo
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("/nonexistent/dir/y.safetensors", "local LoRA file /nonexistent/dir/y.safetensors not found"),
-        ("./missing-a.safetensors", "local LoRA file ./missing-a.safetensors not found"),
-        ("../missing-b.safetensors", "local LoRA file ../missing-b.safetensors not found"),
-        ("~/missing-c.safetensors", "local LoRA file ~/missing-c.safetensors not found"),
-        ("/etc/passwd", "is not a .safetensors file"),
-        ("/tmp", "is a directory"),
-        ("loras/x.safetensors", "local LoRA file loras/x.safetensors not found"),
-        ("file:///tmp/x.safetensors", "file:// LoRA locations are not read: pass the file's local path"),
+        # With no LOCAL_FILES_DIR (the image's default), a server path gets one answer, whatever it names.
+        ("/nonexistent/dir/y.safetensors", SERVER_PATH),
+        ("./missing-a.safetensors", SERVER_PATH),
+        ("../missing-b.safetensors", SERVER_PATH),
+        ("~/missing-c.safetensors", SERVER_PATH),
+        ("/etc/passwd", SERVER_PATH),
+        ("/tmp", SERVER_PATH),
+        ("loras/x.safetensors", SERVER_PATH),
+        ("file:///tmp/x.safetensors", SERVER_PATH),
         ("ftp://host/x.safetensors", "ftp:// LoRA locations are not read: serve the file over https"),
         ("s3://bucket/x.safetensors", "s3:// LoRA locations are not read: pass a presigned https URL"),
         ("gs://bucket/x.safetensors", "gs:// LoRA locations are not read: pass a signed https URL"),
@@ -170,7 +172,10 @@ def test_errors_from_the_http_stack_never_echo_the_query(store: LoraStore, caplo
         ("just-a-word", "cannot tell where LoRA 'just-a-word' lives"),
     ],
 )
-def test_lora_strings_that_cannot_be_read_say_why_without_any_request(source: str, message: str) -> None:
+def test_lora_strings_that_cannot_be_read_say_why_without_any_request(
+    source: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LOCAL_FILES_DIR", raising=False)
     with pytest.raises(WeightsError) as err:
         parse_lora(source)
     assert message in str(err.value)

@@ -2,10 +2,13 @@
 it was pinned to (`Resolved`: an immutable key and the way to fetch its bytes).
 
 Forms: Hugging Face (`huggingface.co/owner/repo[/blob|resolve/<rev>/<file>]`, `owner/repo/x.safetensors`,
-`hf://owner/repo`), CivitAI (model page, `?modelVersionId=`, download URL, AIR URN), Replicate
+`hf://owner/repo`), CivitAI (model page, `?modelVersionId=`, download URL, AIR URN,
+`api/v1/model-versions/by-hash/<hash>`), Replicate
 (`owner/model[/<version>]`, a `.tar` URL), any http(s) URL, a `data:` URI, and a local
 `.safetensors` path. A string that looks like a local path is always read as one, so it is never
-sent to the network as a repo or a model name.
+sent to the network as a repo or a model name; it is read only inside LOCAL_FILES_DIR
+(`engine.server_files`, the rule every input follows), and refused the same way otherwise,
+without a look at the file.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from engine.server_files import server_file
 from weightstore.endpoints import civitai_endpoint, hf_endpoint, host_of, replicate_endpoint
 from weightstore.errors import WeightsError
 from weightstore.redact import display_url, split_credentials
@@ -24,10 +28,11 @@ from weightstore.redact import display_url, split_credentials
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _AIR = re.compile(r"^urn:air:[^:]+:[^:]+:civitai:(\d+)@(\d+)$")
+# A file hash CivitAI's by-hash API takes: AutoV2 (10 hex), AutoV3 (12), CRC32 (8), SHA256 (64) ...
+_CIVITAI_HASH = re.compile(r"^[0-9a-f]{8,64}$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
 _UNSUPPORTED_SCHEMES = {
-    "file": "pass the file's local path instead (e.g. /src/loras/x.safetensors)",
     "ftp": "serve the file over https instead",
     "s3": "pass a presigned https URL of the object instead",
     "gs": "pass a signed https URL of the object instead",
@@ -38,7 +43,8 @@ _UNSUPPORTED_SCHEMES = {
 class LoraRef:
     """Where a user's string points. `display` and `ident` never hold a credential."""
 
-    kind: str  # hf | civitai-model | civitai-version | url | replicate-tar | replicate-model | data | local
+    # hf | civitai-model | civitai-version | civitai-hash | url | replicate-tar | replicate-model | data | local
+    kind: str
     display: str  # for logs and messages
     ident: str  # a stable name for the cache's aliases
     repo_id: str | None = None
@@ -46,6 +52,7 @@ class LoraRef:
     revision: str = "main"
     model_id: int | None = None
     version_id: int | None = None
+    file_hash: str | None = None  # civitai-hash: the file's hash as CivitAI's by-hash API takes it
     url: str | None = field(default=None, repr=False)  # as given: may carry credentials
     path: Path | None = None
 
@@ -85,12 +92,14 @@ def parse_lora(source: str) -> LoraRef:
     scheme = _SCHEME.match(s)
     if scheme:
         name = scheme[1].lower()
+        if name == "file":  # a server file like any local path: the same rule, the same refusal
+            return _local_ref(unquote(urlsplit(s).path))
         if name in _UNSUPPORTED_SCHEMES:
             raise WeightsError(f"{name}:// LoRA locations are not read: {_UNSUPPORTED_SCHEMES[name]}")
         if name not in ("http", "https"):
             raise WeightsError(f"unsupported LoRA URL scheme {name}://: use an https URL")
         return _url_ref(s)
-    if s.startswith(_LOCAL_PREFIXES) or (s.endswith(".safetensors") and Path(s).exists()):
+    if s.startswith(_LOCAL_PREFIXES):
         return _local_ref(s)
     first = s.split("/", 1)[0]
     if "." in first and "/" in s:
@@ -99,7 +108,7 @@ def parse_lora(source: str) -> LoraRef:
 
 
 def _local_ref(s: str) -> LoraRef:
-    path = Path(s).expanduser()
+    path = server_file(s, "the LoRA", "a URL or a data: URI of the file", error=WeightsError)
     if path.is_dir():
         raise WeightsError(f"the LoRA path {s} is a directory: name the .safetensors file inside it")
     if path.suffix != ".safetensors":
@@ -108,7 +117,6 @@ def _local_ref(s: str) -> LoraRef:
         raise WeightsError(
             f"local LoRA file {s} not found: check the path (it is read on the machine running the model)"
         )
-    path = path.resolve()
     return LoraRef("local", path.name, f"local:{path}", path=path)
 
 
@@ -183,14 +191,21 @@ def _civitai_version(version_id: int, model_id: int | None, display: str) -> Lor
 
 
 def _civitai_ref(url: str, segments: list[str]) -> LoraRef | None:
-    """A CivitAI page or download URL, or None when the path is none of its LoRA forms."""
+    """A CivitAI page, download or by-hash URL, or None when the path is none of its LoRA forms.
+    Each is shown as a CivitAI URL that names the same file again (output metadata records it)."""
     query = parse_qs(urlsplit(url).query)
     if segments[:3] == ["api", "download", "models"] and len(segments) >= 4 and segments[3].isdigit():
-        return _civitai_version(int(segments[3]), None, f"civitai version {segments[3]}")
+        return _civitai_version(int(segments[3]), None, f"civitai.com/api/download/models/{segments[3]}")
+    if segments[:4] == ["api", "v1", "model-versions", "by-hash"] and len(segments) == 5:
+        digest = segments[4].lower()
+        if not _CIVITAI_HASH.match(digest):
+            return None
+        display = f"civitai.com/api/v1/model-versions/by-hash/{digest}"
+        return LoraRef("civitai-hash", display, f"civitai-hash:{digest}", file_hash=digest)
     if segments[:1] == ["models"] and len(segments) >= 2 and segments[1].isdigit():
         version = query.get("modelVersionId", [""])[0]
         if version.isdigit():
-            return _civitai_version(int(version), int(segments[1]), f"civitai version {version}")
-        model_id = int(segments[1])
-        return LoraRef("civitai-model", f"civitai model {model_id}", f"civitai-model:{model_id}", model_id=model_id)
+            return _civitai_version(int(version), int(segments[1]), f"civitai.com/api/download/models/{version}")
+        mid = int(segments[1])
+        return LoraRef("civitai-model", f"civitai.com/models/{mid}", f"civitai-model:{mid}", model_id=mid)
     return None
