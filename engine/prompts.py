@@ -1,9 +1,12 @@
 """Prompts longer than 77 tokens and weighted prompts, in A1111's syntax or Compel's.
 
 Plain SDXL pipelines cut a prompt at 77 tokens. Here a prompt that is long, weighted or has
-BREAK is encoded through Compel's embeddings providers (chunks of 75 tokens, both text encoders,
-pooled embedding from the second), and a prompt that means one short unweighted text still goes
-to the pipeline as text, so its image is bit-identical to what it always was.
+BREAK is encoded by the rules of the syntax it is written in: an A1111 prompt as A1111 encodes it
+(`engine.emphasis`: 75-token chunks with its comma back-off, hidden states times the token
+weights with the mean restored, per encoder), a Compel prompt by Compel's embeddings providers
+(weights interpolated from the empty prompt's embedding). A prompt that means one short
+unweighted text still goes to the pipeline as text, so its image is bit-identical to what it
+always was.
 
 A prompt never fails on syntax; it is read once, by one of two readers:
 
@@ -45,6 +48,7 @@ from diffusers import StableDiffusionXLPipeline
 from transformers import PreTrainedTokenizerBase
 
 from engine.config import MAX_PROMPT_TOKENS
+from engine.emphasis import CHUNK, Chunk, encode_chunk, make_chunks, shares_vocabulary
 from engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,6 @@ _COMPEL_MARKERS = (
 _A1111_ONLY = re.compile(r"[\[\]]|:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*\)")
 # What Compel's parser raises on prompts it cannot read; deep nesting exhausts its recursion.
 _COMPEL_ERRORS = (ValueError, PromptParser.ParsingException, pyparsing.ParseBaseException, RecursionError)
-_CHUNK = 75  # tokens per chunk between the begin and end markers
 ATTENTION = 1.1
 _LOGGED_WEIGHTS = 8  # weighted pieces named in the log line; the rest are counted
 _LOGGED_NOTES = 3  # notes on lenient reading in the log line; the rest are counted
@@ -243,29 +246,27 @@ class PromptEncoder:
             # transformers warns once that long token lists "will result in indexing errors": not
             # here, where long prompts are chunked on purpose. Mark that warning as already given.
             tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-        self._compels: dict[tuple[int, torch.device], tuple[Compel, Compel]] = {}
+        self._shared: dict[tuple[int, int], bool] = {}  # one BPE for both encoders, by vocabulary sizes
 
-    def compels(self, clip_skip: int) -> tuple[Compel, Compel]:
-        """Compel for each text encoder, one pair per clip_skip and device.
+    def compels(self) -> tuple[Compel, Compel]:
+        """A new Compel for each text encoder, for one call of `kwargs` or `encode`.
 
-        Compel caches the empty prompt's embedding it weights against, on the device it was built
-        for and with the layers in use then; a pair shared across clip_skip values or devices would
-        weight a prompt differently depending on the requests before it.
+        Compel caches the empty prompt's embedding it weights against on first use, on the device
+        and with the layers and weights in use then. Text-encoder weights change between requests
+        (LoRAs, pivotal tokens, embeddings) and so do clip_skip and the device: a pair kept longer
+        would weight a prompt differently depending on the requests before it.
         """
-        key = (clip_skip, self.pipe.text_encoder.device)
-        if key not in self._compels:
-            kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
-            self._compels[key] = (
-                Compel(
-                    tokenizer=self.pipe.tokenizer, text_encoder=self.pipe.text_encoder,
-                    returned_embeddings_type=kind, truncate_long_prompts=False,
-                ),
-                Compel(
-                    tokenizer=self.pipe.tokenizer_2, text_encoder=self.pipe.text_encoder_2,
-                    returned_embeddings_type=kind, truncate_long_prompts=False, requires_pooled=True,
-                ),
-            )  # fmt: skip
-        return self._compels[key]
+        kind = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+        return (
+            Compel(
+                tokenizer=self.pipe.tokenizer, text_encoder=self.pipe.text_encoder,
+                returned_embeddings_type=kind, truncate_long_prompts=False,
+            ),
+            Compel(
+                tokenizer=self.pipe.tokenizer_2, text_encoder=self.pipe.text_encoder_2,
+                returned_embeddings_type=kind, truncate_long_prompts=False, requires_pooled=True,
+            ),
+        )  # fmt: skip
 
     def check_length(self, text: str, field: str) -> None:
         """Refuse a prompt past MAX_PROMPT_TOKENS, by a tokenizer count before any work is done for it."""
@@ -283,8 +284,9 @@ class PromptEncoder:
         positive_text, negative_text = (self._short_text(r) for r in readings)
         if positive_text is not None and negative_text is not None:
             return {"prompt": positive_text, "negative_prompt": negative_text or None}
-        positive, pooled = self._encode(readings[0], clip_skip)
-        negative_embeds, negative_pooled = self._encode(readings[1], clip_skip)
+        compels = self.compels() if any(r.syntax == "Compel" for r in readings) else None
+        positive, pooled = self._encode(readings[0], clip_skip, compels)
+        negative_embeds, negative_pooled = self._encode(readings[1], clip_skip, compels)
         zero_negative = not negative and self.pipe.config.force_zeros_for_empty_prompt
         if zero_negative:
             # As the pipeline does: SDXL zeroes the unconditional embeddings of an empty negative prompt.
@@ -299,33 +301,73 @@ class PromptEncoder:
 
     def encode(self, text: str, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and pooled embedding of a prompt, however long or weighted."""
-        return self._encode(read_prompt(text), clip_skip)
+        reading = read_prompt(text)
+        return self._encode(reading, clip_skip, self.compels() if reading.syntax == "Compel" else None)
 
     def _short_text(self, reading: Reading) -> str | None:
         """The text to give the pipeline, when its own encoding is exact for this reading."""
         text = reading.text
-        if text is None or count_tokens(self.pipe.tokenizer, text) > _CHUNK:
+        if text is None or count_tokens(self.pipe.tokenizer, text) > CHUNK:
             return None
         return text
 
     @torch.no_grad()
-    def _encode(self, reading: Reading, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every BREAK segment in its own chunks, concatenated; pooled from the first segment."""
-        embeds = [self._embed_segment(segment, clip_skip) for segment in reading.segments]
-        # From the full model, whatever clip_skip says. Compel's text as Compel pools it; the pieces
-        # without their syntax, as A1111 does.
-        first = reading.segments[0]
-        text = first.text if isinstance(first, CompelSegment) else "".join(p.text for p in first)
-        provider = self.compels(0)[1].conditioning_provider
-        return torch.cat(embeds, dim=1), provider.get_pooled_embeddings([text], device=provider.device)
+    def _encode(
+        self, reading: Reading, clip_skip: int, compels: tuple[Compel, Compel] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if compels is None or reading.syntax != "Compel":
+            return self._encode_a1111(reading, clip_skip)
+        return self._encode_compel(reading, clip_skip, compels)
 
-    def _embed_segment(self, segment: Segment, clip_skip: int) -> torch.Tensor:
+    def _encode_a1111(self, reading: Reading, clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A1111's chunks and emphasis (`engine.emphasis`); pooled from the second encoder's first chunk."""
+        pipe = self.pipe
+        segments = [segment for segment in reading.segments if isinstance(segment, list)]
+        texts = [piece.text for segment in segments for piece in segment]
+        per_encoder = []
+        for tokenizer in (pipe.tokenizer, pipe.tokenizer if self._shares_vocabulary() else pipe.tokenizer_2):
+            ids = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
+            comma = tokenizer.convert_tokens_to_ids(",</w>")
+            weighted = [[(next(ids), piece.weight) for piece in segment] for segment in segments]
+            per_encoder.append(make_chunks(weighted, comma if comma != tokenizer.unk_token_id else None))
+        # Only tokenizers with different vocabularies chunk differently; A1111 pads a shorter list
+        # of chunks with empty ones.
+        count = max(len(chunks) for chunks in per_encoder)
+        per_encoder = [chunks + [Chunk() for _ in range(count - len(chunks))] for chunks in per_encoder]
+        halves, pooled = [], None
+        pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+        for chunks, (encoder, tokenizer) in zip(per_encoder, pairs, strict=True):
+            encoded = [encode_chunk(encoder, tokenizer, chunk, clip_skip) for chunk in chunks]
+            halves.append(torch.cat([hidden for hidden, _ in encoded], dim=1))
+            pooled = encoded[0][1]
+        assert pooled is not None, "the second text encoder has a projection"
+        return torch.cat(halves, dim=-1), pooled
+
+    def _shares_vocabulary(self) -> bool:
+        """Whether the first tokenizer's ids serve both encoders (`engine.emphasis`); checked again
+        when tokens are added, which adds them to both tokenizers in the same order."""
+        key = (len(self.pipe.tokenizer), len(self.pipe.tokenizer_2))
+        if key not in self._shared:
+            self._shared[key] = shares_vocabulary(self.pipe.tokenizer, self.pipe.tokenizer_2)
+        return self._shared[key]
+
+    def _encode_compel(
+        self, reading: Reading, clip_skip: int, compels: tuple[Compel, Compel]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every BREAK segment in its own chunks, concatenated; pooled from the first segment."""
+        segments = [segment for segment in reading.segments if isinstance(segment, CompelSegment)]
+        embeds = [self._embed_segment(segment, clip_skip, compels) for segment in segments]
+        # From the full model, whatever clip_skip says, of Compel's text as Compel pools it.
+        provider = compels[1].conditioning_provider
+        return torch.cat(embeds, dim=1), provider.get_pooled_embeddings([segments[0].text], device=provider.device)
+
+    def _embed_segment(self, segment: CompelSegment, clip_skip: int, compels: tuple[Compel, Compel]) -> torch.Tensor:
         """Both encoders' embeddings of one segment, side by side."""
         halves, empties = [], []
         encoders = (self.pipe.text_encoder, self.pipe.text_encoder_2)
-        for compel, encoder in zip(self.compels(clip_skip), encoders, strict=True):
+        for compel, encoder in zip(compels, encoders, strict=True):
             with _skip_layers(encoder, clip_skip):
-                halves.append(_embed(compel, segment))
+                halves.append(compel.build_conditioning_tensor_for_conjunction(segment.conjunction)[0])
                 empties.append(compel.conditioning_provider.empty_z)
         # The second tokenizer pads with "!", so it never merges "!" into a longer token as the first
         # does ("!." is one token there, two here): the two can make different numbers of chunks.
@@ -337,6 +379,7 @@ class PromptEncoder:
         return torch.cat(padded, dim=-1)
 
     def _pad(self, embeds: torch.Tensor, length: int, clip_skip: int, zero: bool = False) -> torch.Tensor:
+        """Repeat the empty prompt's embeddings to `length` tokens, as A1111's `pad_cond_uncond` does."""
         if embeds.shape[1] == length:
             return embeds
         if zero:
@@ -344,16 +387,3 @@ class PromptEncoder:
         empty, _ = self.encode("", clip_skip)
         repeats = (length - embeds.shape[1]) // empty.shape[1]
         return torch.cat([embeds, empty.repeat(1, repeats, 1)], dim=1)
-
-
-def _embed(compel: Compel, segment: Segment) -> torch.Tensor:
-    """One encoder's embeddings of one segment: Compel's parse as Compel encodes it, or the pieces."""
-    if isinstance(segment, CompelSegment):
-        return compel.build_conditioning_tensor_for_conjunction(segment.conjunction)[0]
-    provider = compel.conditioning_provider
-    # Pieces without tokens (whitespace) change nothing, and Compel cannot place a down-weighted one.
-    pieces = [p for p in segment if provider.get_token_ids([p.text], include_start_and_end_markers=False)[0]]
-    pieces = pieces or [Piece("", 1.0)]  # Compel's providers need one fragment, even an empty one
-    return provider.get_embeddings_for_weighted_prompt_fragments(
-        [[p.text for p in pieces]], [[p.weight for p in pieces]], device=provider.device
-    )

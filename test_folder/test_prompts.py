@@ -25,6 +25,7 @@ from engine.prompts import (
 )
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import make_scheduler
+from test_folder.a1111_reference import a1111_encode
 from test_folder.conftest import CogServer
 from test_folder.test_local_generation import unet_batches
 from test_folder.test_server import FLUX_JSON
@@ -184,17 +185,76 @@ def test_what_compel_rejects_is_read_as_a1111() -> None:
     assert reading.syntax == "A1111" and "Compel's parser rejected it" in reading.notes[0]
 
 
+def a1111_parsed(text: str) -> list[list]:
+    """What A1111's parse_prompt_attention returns for a prompt: [text, weight], ["BREAK", -1] between segments."""
+    segments, _ = parse_a1111(text)
+    parsed: list[list] = []
+    for i, segment in enumerate(segments):
+        parsed += [["BREAK", -1]] if i else []
+        parsed += [[piece.text, piece.weight] for piece in segment]
+    return parsed
+
+
+# Weights above and below 1, nesting, long prompts with A1111's comma back-off, BREAK, "!".
+A1111_CASES = [
+    "a (lighthouse:1.3) at dusk",
+    "a [lighthouse] at dusk, (fog:0.6)",
+    "((a (lighthouse:1.2)) at [[dusk]]) (cat:0)",
+    "(masterpiece:1.2), [lowres], " + LONG + ", (red umbrella:1.4)",
+    "(cat " * 100 + ")",  # no comma: a hard cut at 75 tokens
+    ", ".join(f"(tag{i}:{1 + i / 100})" for i in range(70)),
+    "a (lighthouse:1.3) BREAK at dusk, [fog]",
+    "BREAK (a cat:1.2)",
+    "(a cat:1.2) BREAK",
+    "(wow!. :1.1)" * 30,
+]
+
+
+@pytest.mark.parametrize("text", A1111_CASES)
+def test_a1111_prompts_are_encoded_as_a1111_encodes_them(engine: Engine, text: str) -> None:
+    pipe = engine.models[BASE.model].txt2img
+    embeds, pooled = engine.models[BASE.model].prompts.encode(text, 0)
+    reference, reference_pooled = a1111_encode(pipe, a1111_parsed(text))
+    assert embeds.shape == reference.shape and torch.equal(embeds, reference)
+    assert torch.equal(pooled, reference_pooled)
+
+
+def test_a1111_emphasis_with_clip_skip(engine: Engine) -> None:
+    pipe = engine.models[BASE.model].txt2img
+    text = "(masterpiece:1.2), [lowres], " + LONG
+    embeds, pooled = engine.models[BASE.model].prompts.encode(text, 2)
+    reference, reference_pooled = a1111_encode(pipe, a1111_parsed(text), clip_skip=2)
+    assert torch.equal(embeds, reference) and torch.equal(pooled, reference_pooled)
+    assert not torch.equal(embeds, engine.models[BASE.model].prompts.encode(text, 0)[0])
+
+
+def test_a1111_weights_scale_hidden_states_by_one_constant_per_encoder(engine: Engine) -> None:
+    """The issue's bar: weighted = unweighted hidden states x token weights x one constant per encoder."""
+    prompts = engine.models[BASE.model].prompts
+    plain, plain_pooled = prompts.encode("a lighthouse at dusk, fog", 0)
+    weighted, pooled = prompts.encode("a (lighthouse:1.3) at [dusk], fog", 0)
+    assert torch.equal(pooled, plain_pooled), "the pooled embedding is the unweighted one"
+    tokenizer = engine.models[BASE.model].txt2img.tokenizer
+    ids = tokenizer("a lighthouse at dusk, fog").input_ids
+    weights = torch.ones(77)
+    weights[ids.index(tokenizer.convert_tokens_to_ids("lighthouse</w>"))] = 1.3
+    weights[ids.index(tokenizer.convert_tokens_to_ids("dusk</w>"))] = 1 / 1.1
+    for half in (slice(0, 32), slice(32, 96)):  # CLIP-L's width, then CLIP-G's, in the tiny model
+        scaled = plain[..., half] * weights[None, :, None]
+        ratio = weighted[..., half] / scaled
+        constant = ratio[0, 0, 0]
+        assert constant != 1 and torch.allclose(ratio, constant.expand_as(ratio), rtol=1e-5)
+        assert torch.allclose(weighted[..., half].mean(), plain[..., half].mean(), rtol=1e-5)
+
+
 def test_plain_prompt_of_any_length_reaches_the_encoder_as_written(engine: Engine) -> None:
     prompts = engine.models[BASE.model].prompts
     text = 'a "C++ programmer" and an A+ student, ' + LONG
     assert read_prompt(text).segments == ([(text, 1.0)],)
     embeds, pooled = prompts.encode(text, 0)
-    direct = [
-        compel.conditioning_provider.get_embeddings_for_weighted_prompt_fragments([[text]], [[1.0]])
-        for compel in prompts.compels(0)
-    ]
-    assert torch.equal(embeds, torch.cat(direct, dim=-1)) and embeds.shape[1] == 154
-    assert torch.equal(pooled, prompts.compels(0)[1].conditioning_provider.get_pooled_embeddings([text]))
+    reference, reference_pooled = a1111_encode(engine.models[BASE.model].txt2img, [[text, 1.0]])
+    assert torch.equal(embeds, reference) and embeds.shape[1] == 154
+    assert torch.equal(pooled, reference_pooled)
     short = 'a sign saying "OPEN" for the C++ programmer'
     assert prompts.kwargs(short, "", 0) == {"prompt": short, "negative_prompt": None}
 
@@ -241,18 +301,21 @@ def test_weights_do_not_depend_on_an_earlier_clip_skip(engine: Engine) -> None:
     """Compel caches the empty prompt it weights against; a clip_skip request must not leave it skipped."""
     pipe = engine.models[BASE.model].txt2img
     fresh, after_skip = PromptEncoder(pipe), PromptEncoder(pipe)
-    after_skip.encode("a (cat:1.5)", 2)
-    assert torch.equal(fresh.encode("a (cat:1.5)", 0)[0], after_skip.encode("a (cat:1.5)", 0)[0])
+    after_skip.encode("a cat++", 2)
+    assert torch.equal(fresh.encode("a cat++", 0)[0], after_skip.encode("a cat++", 0)[0])
 
 
 def test_encoders_that_chunk_differently_line_up(engine: Engine) -> None:
-    """The second tokenizer never merges "!" (its pad token): "wow!." is 2 tokens for one, 3 for the other."""
+    """The second tokenizer never merges "!" (its pad token): "wow!." is 2 tokens for one, 3 for the
+    other. Compel tokenizes with each, and pads the shorter side; A1111 uses one BPE for both."""
     prompts = engine.models[BASE.model].prompts
     text = "wow!. " * 30
-    first, second = (compel.conditioning_provider.get_token_ids([text])[0] for compel in prompts.compels(0))
+    first, second = (compel.conditioning_provider.get_token_ids([text])[0] for compel in prompts.compels())
     assert len(first) <= 77 < len(second)
-    embeds, _ = prompts.encode(text, 0)
-    assert embeds.shape == (1, 154, 32 + 64)
+    compel_embeds, _ = prompts.encode(f"({text})1.1", 0)
+    assert compel_embeds.shape == (1, 154, 32 + 64)
+    embeds, _ = prompts.encode(f"({text}:1.1)", 0)
+    assert embeds.shape == (1, 77, 32 + 64)
     assert not np.array_equal(pixels(engine, replace(BASE, prompt=text)), pixels(engine, BASE))
 
 
@@ -325,10 +388,11 @@ def test_stray_closer_keeps_the_pipelines_own_encoding(engine: Engine) -> None:
 def test_glued_group_is_weighted_like_a_spaced_one(engine: Engine) -> None:
     """The tokenizer sees each piece apart, as in A1111: glued or spaced, the same embeddings."""
     prompts = engine.models[BASE.model].prompts
-    glued, _ = prompts.encode("photo of a cat(fluffy:1.3)", 0)
-    spaced, _ = prompts.encode("photo of a cat (fluffy:1.3)", 0)
-    unweighted, _ = prompts.encode("photo of a cat fluffy", 0)
+    glued, glued_pooled = prompts.encode("photo of a cat(fluffy:1.3)", 0)
+    spaced, spaced_pooled = prompts.encode("photo of a cat (fluffy:1.3)", 0)
+    unweighted, unweighted_pooled = prompts.encode("photo of a cat fluffy", 0)
     assert torch.equal(glued, spaced) and not torch.equal(glued, unweighted)
+    assert torch.equal(glued_pooled, spaced_pooled) and torch.equal(glued_pooled, unweighted_pooled)
 
 
 def test_extreme_weights_reach_the_encoder(engine: Engine) -> None:
@@ -336,7 +400,9 @@ def test_extreme_weights_reach_the_encoder(engine: Engine) -> None:
     plain, _ = prompts.encode("a cat", 0)
     encoded = {w: prompts.encode(f"a (cat:{w})", 0)[0] for w in ("100000", "-1", "2")}
     assert all(torch.isfinite(e).all() and not torch.equal(e, plain) for e in encoded.values())
-    assert encoded["100000"].abs().max() > 100 * encoded["2"].abs().max()
+    # The mean is restored, so a huge weight leaves the weighted token nearly all of the embedding.
+    share = {w: (e[0].norm(dim=-1)[2] / e[0].norm(dim=-1).sum()).item() for w, e in encoded.items()}
+    assert share["100000"] > 0.99 > 0.1 > share["2"], share
 
 
 def test_prompt_past_the_cap_is_refused_before_any_download(engine: Engine) -> None:
