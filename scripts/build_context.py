@@ -268,6 +268,14 @@ def main() -> None:
                 f"{weights} has no bake record for {', '.join(unbaked)}: run `python scripts/bake.py` "
                 "(tiny test weights must never go into an image)"
             )
+        changed = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
+        if changed:
+            print(f"note: {len(changed)} tracked files differ from HEAD; the image gets them as they are now")
         context = assemble(args.out, weights)
         problems = check(context)
         if problems:
