@@ -48,7 +48,16 @@ def test_choices_resolve_from_literals_scope_lists_dict_keys_and_plus() -> None:
 
 
 @pytest.mark.parametrize(
-    "choices", ["[*BASE, 'c']", "list(BASE)", "IMPORTED", "list(TUPLE)", "('a', 'b')", "[f'{i}' for i in 'ab']"]
+    "choices",
+    [
+        "[*BASE, 'c']",
+        "list(BASE)",
+        "IMPORTED",
+        "list(TUPLE)",
+        "('a', 'b')",
+        "[f'{i}' for i in 'ab']",
+        "['a',  # a comment is a node of the list\n 'b']",
+    ],
 )
 def test_choices_cog_cannot_read_stop_the_build(choices: str) -> None:
     with pytest.raises(StaticSchemaError, match="choices expression"):
