@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from engine.prompts import (
     parse_a1111,
     read_prompt,
 )
-from engine.request import GenerationRequest, LoraSpec
+from engine.request import GenerationRequest, LocalLora, LoraSpec
 from engine.schedulers import make_scheduler
 from test_folder.a1111_reference import a1111_encode
 from test_folder.conftest import CogServer
@@ -432,3 +433,20 @@ def test_prompts_through_cog(cog_server: CogServer) -> None:
     assert body["status"] == "succeeded", body.get("error")
     status, body = cog_server.predict({**FLUX_JSON, "prompt": "a cat " * 5000})
     assert body["status"] == "failed" and f"the most is {MAX_PROMPT_TOKENS}" in body["error"]
+
+
+def test_compel_weights_do_not_depend_on_an_earlier_text_encoder_lora(
+    weights_dir: Path, lora_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Compel weights against the empty prompt's embedding, which it caches on first use: made while a
+    LoRA with text-encoder weights was fused, it would shift every later weighted prompt."""
+    req = replace(BASE, prompt="a lighthouse++ at dusk, (fog)0.8", go_fast=False)
+    expected = pixels(Engine.load(weights_dir), req)
+    engine = Engine.load(weights_dir)  # a fresh one, whose first weighted prompt comes with the LoRA
+    model = engine.models[req.model]
+    (tmp_path / "te.safetensors").write_bytes(lora_files["te"])
+    model.loras.apply([LocalLora("te", tmp_path / "te.safetensors", 1.0, "te")])
+    with_lora = model.prompts.kwargs(req.prompt, "", 0)  # what the TE-LoRA request gives its pipeline
+    model.loras.apply([])
+    assert not torch.equal(with_lora["prompt_embeds"], model.prompts.kwargs(req.prompt, "", 0)["prompt_embeds"])
+    assert np.array_equal(pixels(engine, req), expected)
