@@ -89,12 +89,14 @@ def test_descriptions_are_the_raw_text_between_the_quotes() -> None:
         "HELP = 'from scope'\nN = 3\n"
         "def predict(a: str = Input(description='one ' 'two'), b: str = Input(description=f'{N} steps'),"
         " c: str = Input(description=('paren')), d: str = Input(description='it\\'s'),"
-        " e: str = Input(description=HELP), f: str = Input(description='''triple''')) -> str: ...\n"
+        " e: str = Input(description=HELP), f: str = Input(description='''triple'''),"
+        " g: str = Input(description=r'a\\.b')) -> str: ...\n"
     )
     assert inputs["a"].description == "one ' 'two"
     assert inputs["b"].description is None and inputs["c"].description is None
     assert inputs["d"].description == "it\\'s"
     assert (inputs["e"].description, inputs["f"].description) == ("from scope", "triple")
+    assert inputs["g"].description == "a\\.b"  # a raw string reads as Python reads it
 
 
 # The project's own files.
