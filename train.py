@@ -11,11 +11,9 @@ import shutil
 import tempfile
 from typing import Optional
 
-from cog import BaseModel, Input, Path
+from cog import BaseModel, Input, Path, Secret
 
-from engine.config import (
-    weights_root,
-)
+from engine.config import weights_root
 from training.request import TrainingRequest
 from training.trainer import train as run_training
 
@@ -26,14 +24,26 @@ OUTPUT_DIR = Path(tempfile.gettempdir()) / "cog-training-output"
 
 class TrainingOutput(BaseModel):
     weights: Path
+    hf_repo_url: Optional[str] = None  # set when the upload to hf_repo_id succeeded
+    hf_upload_error: Optional[str] = None  # why the upload failed; the tar is returned all the same
+
+
+def _secret(value: Optional[Secret]) -> Optional[str]:
+    return value.get_secret_value() if value is not None else None
 
 
 def train(
-    input_images: Path = Input(
-        description="A .zip or .tar of at least 4 .jpg, .jpeg, .png or .webp images (10-20 work well). A .txt file with an image's name is its caption"
+    input_images: Optional[Path] = Input(
+        default=None,
+        description="A .zip or .tar of at least 4 .jpg, .jpeg, .png or .webp images (10-20 work well). A .txt "
+        "file with an image's name is its caption. Required unless skip_training_and_use_pretrained_hf_lora_url "
+        "is set",
     ),
     trigger_word: str = Input(
-        default="TOK", description="A rare word that stands for the subject or style; write it in your prompts"
+        default="TOK",
+        description="The word or phrase that stands for the subject or style (e.g. TOK, CYBRPNK); write it in "
+        "your prompts. Matched in captions in any letter case; [trigger] in a caption is replaced by it. Empty: "
+        "no trigger word",
     ),
     autocaption: bool = Input(
         default=True, description="Caption images that have no .txt file with the baked captioning model"
@@ -45,20 +55,70 @@ def train(
         default=None, description="Text put after every automatic caption, e.g. 'in the style of TOK'"
     ),
     steps: int = Input(default=1000, ge=1, le=6000, description="Training steps"),
-    lora_rank: int = Input(default=16, ge=1, le=128, description="LoRA rank: higher holds more detail"),
     learning_rate: float = Input(
         default=1e-4,
         ge=0,
         le=1e-2,
-        description="LoRA learning rate (SDXL LoRAs usually train at 1e-4)",
+        description="LoRA learning rate (SDXL LoRAs usually train at 1e-4; Flux's 4e-4 is tuned for Flux)",
     ),
     batch_size: int = Input(default=1, ge=1, le=8, description="Images per step"),
     resolution: str = Input(
-        default="1024",
-        description="Comma-separated training resolutions, e.g. '768,1024'. Images keep their proportions (bucketed, never squashed)",
+        default="512,768,1024",
+        description="Comma-separated training resolutions, e.g. '768,1024': every image trains at each. Images "
+        "keep their proportions (bucketed, never squashed)",
     ),
+    lora_rank: int = Input(default=16, ge=1, le=128, description="LoRA rank: higher holds more detail"),
     caption_dropout_rate: float = Input(
         default=0.05, ge=0, le=1, description="Share of steps trained with an empty caption"
+    ),
+    optimizer: str = Input(
+        default="adamw8bit",
+        description="Optimizer: prodigy, adam8bit, adamw8bit, lion8bit, adam, adamw, lion, adagrad, adafactor. "
+        "8-bit ones run on CUDA GPUs; elsewhere the 32-bit one of the same name runs (logged)",
+    ),
+    cache_latents_to_disk: bool = Input(
+        default=False, description="Keep the encoded images on disk instead of in memory (for many images)"
+    ),
+    layers_to_optimize_regex: Optional[str] = Input(
+        default=None,
+        description="Regular expression over this SDXL UNet's attention layer names (e.g. 'attn2\\.to_(k|v)$'); "
+        "the LoRA trains only the layers it matches. Unset: every attention projection",
+    ),
+    gradient_checkpointing: bool = Input(
+        default=False,
+        description="Save GPU memory at the cost of speed; turned on by itself on GPUs with under 40 GB",
+    ),
+    hf_repo_id: Optional[str] = Input(
+        default=None,
+        description="Hugging Face repository to upload the result to, e.g. alice/my-lora (created public if "
+        "missing). Needs hf_token",
+    ),
+    hf_token: Optional[Secret] = Input(
+        default=None,
+        description="Hugging Face token with write access, for hf_repo_id (also read access for a private "
+        "skip_training_and_use_pretrained_hf_lora_url)",
+    ),
+    wandb_api_key: Optional[Secret] = Input(
+        default=None, description="Weights & Biases API key: log loss, sample images and weights to W&B"
+    ),
+    wandb_project: str = Input(
+        default="flux_train_replicate", description="Weights & Biases project (only with wandb_api_key)"
+    ),
+    wandb_run: Optional[str] = Input(default=None, description="Weights & Biases run name (only with wandb_api_key)"),
+    wandb_entity: Optional[str] = Input(default=None, description="Weights & Biases entity (only with wandb_api_key)"),
+    wandb_sample_interval: int = Input(
+        default=100, ge=1, description="Steps between sample images logged to W&B (only with wandb_api_key)"
+    ),
+    wandb_sample_prompts: Optional[str] = Input(
+        default=None, description="Prompts for the W&B sample images, one per line (only with wandb_api_key)"
+    ),
+    wandb_save_interval: int = Input(
+        default=100, ge=1, description="Steps between LoRA files saved to W&B (only with wandb_api_key)"
+    ),
+    skip_training_and_use_pretrained_hf_lora_url: Optional[str] = Input(
+        default=None,
+        description="Skip training: package this SDXL LoRA from Hugging Face as the output, e.g. "
+        "https://huggingface.co/owner/repo/resolve/main/lora.safetensors",
     ),
     model: str = Input(
         default="illustrious-xl",
@@ -79,15 +139,31 @@ def train(
         autocaption_prefix=autocaption_prefix or "",
         autocaption_suffix=autocaption_suffix or "",
         steps=steps,
-        lora_rank=lora_rank,
         learning_rate=learning_rate,
         batch_size=batch_size,
         resolution=resolution,
+        lora_rank=lora_rank,
         caption_dropout_rate=caption_dropout_rate,
+        optimizer=optimizer,
+        cache_latents_to_disk=cache_latents_to_disk,
+        layers_to_optimize_regex=layers_to_optimize_regex or None,
+        gradient_checkpointing=gradient_checkpointing,
+        hf_repo_id=hf_repo_id or None,
+        hf_token=_secret(hf_token),
+        wandb_api_key=_secret(wandb_api_key),
+        wandb_project=wandb_project,
+        wandb_run=wandb_run,
+        wandb_entity=wandb_entity,
+        wandb_sample_interval=wandb_sample_interval,
+        wandb_sample_prompts=wandb_sample_prompts,
+        wandb_save_interval=wandb_save_interval,
+        skip_training_and_use_pretrained_hf_lora_url=skip_training_and_use_pretrained_hf_lora_url or None,
         model=model,
         train_text_encoder=train_text_encoder,
         seed=seed,
     )
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     result = run_training(request, weights_root(), OUTPUT_DIR)
-    return TrainingOutput(weights=Path(result.tar))
+    return TrainingOutput(
+        weights=Path(result.tar), hf_repo_url=result.hf_repo_url, hf_upload_error=result.hf_upload_error
+    )

@@ -190,7 +190,7 @@ TRAIN_MAX_LEARNING_RATE = 1e-2
 # The pivotal-tuning embeddings learn at their own rate, as in cog-sdxl (ti_lr).
 TRAIN_EMBEDDING_LEARNING_RATE = 3e-4
 TRAIN_MAX_BATCH_SIZE = 8
-TRAIN_DEFAULT_RESOLUTION = "1024"
+TRAIN_DEFAULT_RESOLUTION = "512,768,1024"  # Flux's: SDXL's size conditioning tells the scales apart
 # Bucket sides (at reference scale): multiples of 64 between these, aspect ratios 1:2 to 2:1.
 TRAIN_RESOLUTION_MIN = 256
 TRAIN_RESOLUTION_MAX = 1536
@@ -203,6 +203,17 @@ TRAIN_WARMUP_FRACTION = 0.1  # linear LR warm-up over this share of the steps, a
 TRAIN_WARMUP_MAX_STEPS = 100
 TRAIN_LOG_SECONDS = 10.0  # one progress line at most this often (first and last step always)
 TRAIN_TRIGGER_MAX_TOKENS = 4  # a trigger word the tokenizer splits into more pieces is refused
+TRAIN_TRIGGER_MAX_CHARS = 64
+# Pivotal tuning's safeguards (diffusers' advanced SDXL script, cog-sdxl): the new tokens learn for
+# this share of the steps only, and after each step their rows are pulled this share of the way
+# (in log scale) back to the vocabulary's mean row norm, so a trigger cannot outshout every word.
+TRAIN_EMBEDDING_TRAIN_FRACTION = 0.5
+TRAIN_EMBEDDING_NORM_PULL = 0.1
+# Below this much GPU memory, gradient checkpointing is turned on even when not asked for.
+TRAIN_CHECKPOINTING_BELOW_GIB = 40
+# wandb sample images: steps and guidance of each (at the model's native size).
+TRAIN_SAMPLE_STEPS = 28
+TRAIN_SAMPLE_GUIDANCE = 5.0
 # The training archive: fewer images than this cannot teach a subject; 10-20 work well.
 TRAIN_MIN_IMAGES = 4
 TRAIN_MAX_IMAGES = 1000

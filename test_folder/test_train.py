@@ -34,6 +34,34 @@ from weightstore.cache import LoraStore
 from weightstore.transfer import Downloader
 
 STEPS = 40
+# replicate/flux-fine-tuner train.py (commit 3dd14e3), in its order.
+FLUX_TRAINER_INPUTS = [
+    "input_images",
+    "trigger_word",
+    "autocaption",
+    "autocaption_prefix",
+    "autocaption_suffix",
+    "steps",
+    "learning_rate",
+    "batch_size",
+    "resolution",
+    "lora_rank",
+    "caption_dropout_rate",
+    "optimizer",
+    "cache_latents_to_disk",
+    "layers_to_optimize_regex",
+    "gradient_checkpointing",
+    "hf_repo_id",
+    "hf_token",
+    "wandb_api_key",
+    "wandb_project",
+    "wandb_run",
+    "wandb_entity",
+    "wandb_sample_interval",
+    "wandb_sample_prompts",
+    "wandb_save_interval",
+    "skip_training_and_use_pretrained_hf_lora_url",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +127,18 @@ def test_loss_falls_and_the_tar_has_replicates_layout(trained: TrainingResult) -
     with tarfile.open(trained.tar) as tar:
         names = sorted(tar.getnames())
         read = {name: tar.extractfile(name).read() for name in names}  # type: ignore[union-attr]
-    assert names == ["embeddings.pti", "lora.safetensors", "special_params.json", "training_params.json"]
+    captions = [f"captions/set/img{i}.txt" for i in range(4)]
+    assert names == [
+        *captions,
+        "embeddings.pti",
+        "embeddings/TOK.safetensors",
+        "lora.safetensors",
+        "lora_kohya.safetensors",
+        "special_params.json",
+        "training_params.json",
+    ]
+    assert read["captions/set/img0.txt"] == b"a grid drawing of TOK\n", "the captions used, trigger as written"
+    assert read["captions/set/img1.txt"] == b"TOK\n"
     assert json.loads(read["special_params.json"]) == {"TOK": "<s0><s1>"}
     params = json.loads(read["training_params.json"])
     assert params["steps"] == STEPS and params["images"] == 4 and params["trigger_word"] == "TOK"
@@ -149,17 +188,32 @@ def test_without_pivotal_tuning_the_tar_holds_the_lora_alone(engine: Engine, wei
     )
     result = train(request, weights_dir, tmp_path / "out")
     with tarfile.open(result.tar) as tar:
-        assert sorted(tar.getnames()) == ["lora.safetensors", "training_params.json"]
-        (tmp_path / "lora.safetensors").write_bytes(tar.extractfile("lora.safetensors").read())  # type: ignore[union-attr]
+        captions = [f"captions/set/img{i}.txt" for i in range(4)]
+        assert sorted(tar.getnames()) == [
+            *captions,
+            "lora.safetensors",
+            "lora_kohya.safetensors",
+            "training_params.json",
+        ]
+        for name in ("lora.safetensors", "lora_kohya.safetensors"):
+            (tmp_path / name).write_bytes(tar.extractfile(name).read())  # type: ignore[union-attr]
+    kohya = load_file(tmp_path / "lora_kohya.safetensors")
+    assert all(
+        k.startswith("lora_unet_") and k.endswith(("lora_down.weight", "lora_up.weight", "alpha")) for k in kohya
+    )
+    assert any("_input_blocks_" in k for k in kohya) and any("_output_blocks_" in k for k in kohya), "SGM block names"
     with_store = Engine(engine.models, engine.safety, LoraStore(tmp_path / "cache", Downloader("python")), engine.swap)
     request = GenerationRequest(prompt="a photo of TOK", num_inference_steps=2, seed=1)
     lora = (LoraSpec(str(tmp_path / "lora.safetensors"), 1.0),)
-    plain, tuned, again = (
+    kohya_lora = (LoraSpec(str(tmp_path / "lora_kohya.safetensors"), 1.0),)
+    plain, tuned, again, by_kohya = (
         np.asarray(with_store.generate(r)[0].image, dtype=np.int16)
-        for r in (request, replace(request, loras=lora), request)
+        for r in (request, replace(request, loras=lora), request, replace(request, loras=kohya_lora))
     )
     assert not np.array_equal(tuned, plain), "the LoRA changes the image"
     assert np.array_equal(again, plain), "and nothing of it stays"
+    # The engine reads a kohya file through diffusers' kohya conversion: the same LoRA, the same image.
+    assert np.array_equal(by_kohya, tuned), "the kohya layout holds the same LoRA"
 
 
 def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:
@@ -223,15 +277,13 @@ def test_cog_predict_uses_the_tar_with_its_trigger_word(cog_trained: dict, cog_s
     assert decode_data_uri(base["output"][0])[1] != decode_data_uri(tuned["output"][0])[1]
 
 
-def test_the_training_schema_leads_with_the_flux_trainers_inputs() -> None:
+def test_the_training_schema_has_the_flux_trainers_inputs_in_its_order() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     props = schema["components"]["schemas"]["TrainingInput"]["properties"]
-    flux = ["input_images", "trigger_word", "autocaption", "autocaption_prefix", "autocaption_suffix", "steps"]
-    flux += ["lora_rank", "learning_rate", "batch_size", "resolution", "caption_dropout_rate"]
-    assert list(props)[: len(flux)] == flux
-    assert list(props)[len(flux) :] == ["model", "train_text_encoder", "seed"]
-    assert schema["components"]["schemas"]["TrainingInput"]["required"] == ["input_images"]
+    assert list(props) == [*FLUX_TRAINER_INPUTS, "model", "train_text_encoder", "seed"]
+    assert "required" not in schema["components"]["schemas"]["TrainingInput"], "input_images is optional, as Flux's"
     assert (props["steps"]["minimum"], props["steps"]["maximum"], props["trigger_word"]["default"]) == (1, 6000, "TOK")
+    assert props["hf_token"]["format"] == props["wandb_api_key"]["format"] == "password"
     assert "/trainings" in schema["paths"] and "/predictions" in schema["paths"]
 
 
@@ -321,10 +373,18 @@ def test_tar_links_and_non_archives_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"trigger_word": " "}, "trigger_word is empty"),
-        ({"trigger_word": "two words"}, "must be one word of letters"),
-        ({"trigger_word": "<s0>"}, "must be one word of letters"),
-        ({"trigger_word": "zqxjvkwpfhgb", "train_text_encoder": False}, "is split by the tokenizer into"),
+        ({"trigger_word": "two\nlines"}, "trigger_word must be one line"),
+        ({"trigger_word": "<s0>"}, "holds <s0>-style tokens"),
+        ({"trigger_word": "a zqxjvkwpfhgb", "train_text_encoder": False}, "'zqxjvkwpfhgb' is split by the tokenizer"),
+        ({"input_images": None}, "input_images is required"),
+        ({"optimizer": "sgd"}, "optimizer 'sgd' is not known: use one of prodigy"),
+        ({"layers_to_optimize_regex": "(7|12"}, "layers_to_optimize_regex '\\(7\\|12' is not a valid regular"),
+        (
+            {"layers_to_optimize_regex": "transformer.single_transformer_blocks.(7|12|16|20).proj_out"},
+            "matches none of this UNet's 88 attention layers \\(SDXL's, not Flux's",
+        ),
+        ({"hf_repo_id": "alice/lora"}, "hf_repo_id is set but hf_token is not"),
+        ({"hf_repo_id": "not a repo", "hf_token": "hf_x"}, "is not a Hugging Face repository id"),
         ({"steps": 0}, "steps must be between 1 and 6000"),
         ({"steps": 6001}, "steps must be between 1 and 6000"),
         ({"lora_rank": 0}, "lora_rank must be between 1 and 128"),

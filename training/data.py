@@ -230,13 +230,18 @@ def read_archive(
 
 
 def trigger_pattern(trigger: str) -> re.Pattern[str]:
-    """Where a prompt names the trigger word, found as engine/loras.py finds it at inference."""
-    return re.compile(rf"\b{re.escape(trigger)}\b" if trigger.isalnum() else re.escape(trigger))
+    """Where a caption names the trigger word: in any letter case, as a whole word when it is one."""
+    return re.compile(rf"\b{re.escape(trigger)}\b" if trigger.isalnum() else re.escape(trigger), re.IGNORECASE)
+
+
+_PLACEHOLDER = re.compile(r"\[trigger\]", re.IGNORECASE)
 
 
 def with_trigger(caption: str, trigger: str) -> str:
-    """Every caption names the trigger word; one that lacks it gets it in front."""
-    if trigger_pattern(trigger).search(caption):
+    """`[trigger]` written as the trigger word (ai-toolkit's placeholder); a caption that does not
+    name the trigger gets it in front. No trigger word: placeholders are dropped, nothing added."""
+    caption = " ".join(_PLACEHOLDER.sub(trigger, caption).split())
+    if not trigger or trigger_pattern(trigger).search(caption):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,41 +22,85 @@ from engine.config import (
     TRAIN_MAX_STEPS,
     TRAIN_RESOLUTION_MAX,
     TRAIN_RESOLUTION_MIN,
+    TRAIN_TRIGGER_MAX_CHARS,
 )
 from engine.errors import InputError
 
-# A trigger word is one word the prompt rewriter can find again (engine/loras.py): letters,
-# digits, `_` and `-`, no spaces or brackets.
-_TRIGGER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+# Flux's optimizer names (ai-toolkit's), in the order its description lists them.
+OPTIMIZERS = ("prodigy", "adam8bit", "adamw8bit", "lion8bit", "adam", "adamw", "lion", "adagrad", "adafactor")
+# What a trigger may not hold: pivotal tuning writes its own tokens as <s0><s1>.
+_PIVOT_TOKEN = re.compile(r"<s\d+>")
+# A Hugging Face repository id: `name` (the token's own namespace) or `owner/name`.
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+SECRET_FIELDS = ("hf_token", "wandb_api_key")
 
 
 @dataclass(frozen=True)
 class TrainingRequest:
-    """Everything one training needs, independent of how it arrived (Cog, a test, a script)."""
+    """Everything one training needs, independent of how it arrived (Cog, a test, a script).
 
-    input_images: Path
+    Field names are the Flux trainer's (replicate/flux-fine-tuner), plus model, train_text_encoder
+    and seed. Secrets never appear in repr() or in record().
+    """
+
+    input_images: Path | None = None
     trigger_word: str = "TOK"
     autocaption: bool = True
     autocaption_prefix: str = ""
     autocaption_suffix: str = ""
     steps: int = TRAIN_DEFAULT_STEPS
-    lora_rank: int = TRAIN_DEFAULT_RANK
     learning_rate: float = TRAIN_DEFAULT_LEARNING_RATE
     batch_size: int = 1
     resolution: str = TRAIN_DEFAULT_RESOLUTION
+    lora_rank: int = TRAIN_DEFAULT_RANK
     caption_dropout_rate: float = 0.05
+    optimizer: str = "adamw8bit"
+    cache_latents_to_disk: bool = False
+    layers_to_optimize_regex: str | None = None
+    gradient_checkpointing: bool = False
+    hf_repo_id: str | None = None
+    hf_token: str | None = field(default=None, repr=False)
+    wandb_api_key: str | None = field(default=None, repr=False)
+    wandb_project: str = "flux_train_replicate"
+    wandb_run: str | None = None
+    wandb_entity: str | None = None
+    wandb_sample_interval: int = 100
+    wandb_sample_prompts: str | None = None
+    wandb_save_interval: int = 100
+    skip_training_and_use_pretrained_hf_lora_url: str | None = None
     model: str = DEFAULT_MODEL
     train_text_encoder: bool = True
     seed: int | None = None
 
+    @property
+    def trigger(self) -> str:
+        """The trigger word as used: surrounding spaces dropped; "" means no trigger word."""
+        return self.trigger_word.strip()
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer.strip().lower()
+
+    def sample_prompts(self) -> list[str]:
+        """wandb_sample_prompts, one prompt a line, blank lines dropped."""
+        return [p.strip() for p in (self.wandb_sample_prompts or "").splitlines() if p.strip()]
+
     def validate(self) -> None:
         """Refuse what the schema cannot say (or what a caller outside Cog sent), naming the fix."""
-        if not self.trigger_word.strip():
-            raise InputError("trigger_word is empty: pass a short rare word such as TOK")
-        if not _TRIGGER.match(self.trigger_word):
+        if self.skip_training_and_use_pretrained_hf_lora_url is None and self.input_images is None:
             raise InputError(
-                f"trigger_word {self.trigger_word!r} must be one word of letters, digits, '_' or '-' "
-                "(at most 32 characters, no spaces or brackets), such as TOK"
+                "input_images is required: send a .zip of the training images, or set "
+                "skip_training_and_use_pretrained_hf_lora_url to package an existing LoRA"
+            )
+        if "\n" in self.trigger or len(self.trigger) > TRAIN_TRIGGER_MAX_CHARS:
+            raise InputError(
+                f"trigger_word must be one line of at most {TRAIN_TRIGGER_MAX_CHARS} characters, such as TOK "
+                "(or empty for no trigger word)"
+            )
+        if _PIVOT_TOKEN.search(self.trigger):
+            raise InputError(
+                f"trigger_word {self.trigger!r} holds <s0>-style tokens, which pivotal tuning writes itself: "
+                "use a plain word such as TOK"
             )
         if not 1 <= self.steps <= TRAIN_MAX_STEPS:
             raise InputError(f"steps must be between 1 and {TRAIN_MAX_STEPS}, got {self.steps}")
@@ -68,6 +112,28 @@ class TrainingRequest:
             raise InputError(f"batch_size must be between 1 and {TRAIN_MAX_BATCH_SIZE}, got {self.batch_size}")
         if not 0 <= self.caption_dropout_rate <= 1:
             raise InputError(f"caption_dropout_rate must be between 0 and 1, got {self.caption_dropout_rate}")
+        if self.optimizer_name not in OPTIMIZERS:
+            raise InputError(f"optimizer {self.optimizer!r} is not known: use one of {', '.join(OPTIMIZERS)}")
+        if self.layers_to_optimize_regex:
+            try:
+                re.compile(self.layers_to_optimize_regex)
+            except re.error as exc:
+                raise InputError(
+                    f"layers_to_optimize_regex {self.layers_to_optimize_regex!r} is not a valid regular "
+                    f"expression: {exc}"
+                ) from None
+        if self.hf_repo_id is not None and not _REPO_ID.match(self.hf_repo_id):
+            raise InputError(
+                f"hf_repo_id {self.hf_repo_id!r} is not a Hugging Face repository id: write owner/name, "
+                "e.g. alice/my-sdxl-lora"
+            )
+        if self.hf_repo_id and not self.hf_token:
+            raise InputError(
+                "hf_repo_id is set but hf_token is not: pass a Hugging Face token with write access "
+                "(huggingface.co/settings/tokens) to upload, or leave hf_repo_id out"
+            )
+        if self.wandb_api_key and (self.wandb_sample_interval < 1 or self.wandb_save_interval < 1):
+            raise InputError("wandb_sample_interval and wandb_save_interval must be at least 1")
         self.resolutions()
 
     def resolutions(self) -> list[int]:
@@ -84,8 +150,11 @@ class TrainingRequest:
         return sorted(set(values))
 
     def record(self) -> dict[str, Any]:
-        """The inputs as written into the trained tar (no server path)."""
-        return {k: v for k, v in asdict(self).items() if k != "input_images"}
+        """The inputs as written into the trained tar: no server path, no secret (only whether one was set)."""
+        values = {k: v for k, v in asdict(self).items() if k != "input_images"}
+        for name in SECRET_FIELDS:
+            values[name] = "(set)" if values[name] else None
+        return values
 
 
 def buckets(resolution: int) -> list[tuple[int, int]]:
