@@ -5,7 +5,7 @@ build folder and takes every folder holding a file of 10 MiB or more (not .py, i
 as weights, without reading .dockerignore; BuildKit then applies .dockerignore to the COPY of that
 folder, and the build fails. In the working tree, .venv/ (made by `make test`) and
 weights/.staging/ (a bake in progress) are such folders. So the image is built from a folder
-that holds only the tracked files plus the baked weights/ (hard links where possible), checked
+that holds only copies of the tracked files plus the baked weights/ (hard links), checked
 first: nothing of 10 MiB or more outside weights/, every module predict.py and train.py import
 present, nothing .dockerignore excludes.
 
@@ -64,12 +64,16 @@ def unbaked_models(weights: Path) -> list[str]:
     return [m for m in manifest["models"] if not (weights / m / ".baked").is_file()]
 
 
-def _place(source: Path, target: Path) -> None:
+def _place(source: Path, target: Path, link: bool) -> None:
+    """Copy, or hard-link a weights file (nothing writes those; cog build rewrites .cog/ in place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another file system: copy
-        shutil.copy2(source, target)
+    if link:
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # another file system: copy
+            pass
+    shutil.copy2(source, target)
 
 
 def assemble(out: Path, weights: Path, repo: Path = REPO_ROOT) -> Path:
@@ -83,11 +87,11 @@ def assemble(out: Path, weights: Path, repo: Path = REPO_ROOT) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for rel in tracked_files(repo):
         if rel.split("/", 1)[0] != WEIGHTS:
-            _place(repo / rel, out / rel)
+            _place(repo / rel, out / rel, link=False)
     for source in sorted(weights.rglob("*")):
         rel = source.relative_to(weights)
         if source.is_file() and rel.parts[0] not in WEIGHTS_SKIPPED and "__pycache__" not in rel.parts:
-            _place(source, out / WEIGHTS / rel)
+            _place(source, out / WEIGHTS / rel, link=True)
     return out
 
 
@@ -158,40 +162,39 @@ def local_imports(context: Path, entry_points: tuple[str, ...] = ENTRY_POINTS) -
     """Project modules reachable by imports (also inside functions) from the entry points: (found, missing).
 
     A module is the project's when its top-level name is a file or package in the working tree.
+    `import a.b` and the `a.b` of `from a.b import c` must be modules; `a.b.c` may be a name in it.
     """
     local_roots = {p.stem for p in REPO_ROOT.glob("*.py")} | {
         p.name for p in REPO_ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()
     }
     found: set[str] = set()
     missing: set[str] = set()
-    queue = [Path(e).stem for e in entry_points]
+    queue = [(Path(e).stem, True) for e in entry_points]
     while queue:
-        module = queue.pop()
+        module, required = queue.pop()
         if module in found or module in missing:
             continue
         path = _module_file(context, module)
         if path is None:
-            missing.add(module)
+            if required:
+                missing.add(module)
             continue
         found.add(module)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
+            names: list[tuple[str, bool]] = []
             if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
+                names = [(alias.name, True) for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
                     base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
-                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-            for name in names:
+                names = [(base, True)] + [(f"{base}.{alias.name}", False) for alias in node.names]
+            for name, needed in names:
                 parts = name.split(".")
-                if parts[0] in local_roots:
-                    # a package's parents are imported too; an `import x.y` of a non-module name is skipped below
-                    queue.extend(".".join(parts[: i + 1]) for i in range(len(parts)))
-    # `from pkg import name` lists names that are attributes, not modules: keep only real misses.
-    real_missing = {m for m in missing if _module_file(REPO_ROOT, m) is not None}
-    return found, real_missing
+                if parts[0] in local_roots:  # importing a.b.c imports a and a.b first
+                    queue.extend((".".join(parts[: i + 1]), needed or i < len(parts) - 1) for i in range(len(parts)))
+    return found, missing
 
 
 def _module_file(root: Path, module: str) -> Path | None:

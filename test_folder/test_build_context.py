@@ -72,11 +72,25 @@ def test_check_names_each_thing_that_would_break_the_build(tmp_path: Path, baked
     (context / "outputs").mkdir()
     (context / "outputs" / "out-0.webp").write_bytes(b"RIFF")
     (context / "engine" / "config.py").unlink()
+    with (context / "predict.py").open("a") as f:
+        f.write("from engine.not_committed import helper\n")
     problems = "\n".join(check(context))
     assert ".venv/lib/libtorch_cuda.so is 10.0 MiB, outside weights/" in problems
     assert "--separate-weights would take .venv/lib as weights" in problems
     assert "outputs/out-0.webp is in the context but .dockerignore excludes it" in problems
     assert "module engine.config is imported by predict.py/train.py but not in the context" in problems
+    assert "module engine.not_committed is imported by predict.py/train.py but not in the context" in problems
+
+
+def test_cog_rewriting_files_in_the_context_leaves_the_working_tree_alone(tmp_path: Path, baked: Path) -> None:
+    """cog build writes .cog/openapi_schema.json in place: the context holds copies, weights are hard links."""
+    schema = REPO_ROOT / ".cog" / "openapi_schema.json"
+    before = schema.read_bytes()
+    context = assemble(tmp_path / "context", baked)
+    (context / ".cog" / "openapi_schema.json").write_text("{}")
+    assert schema.read_bytes() == before
+    weight = Path("sdxl") / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (context / "weights" / weight).stat().st_ino == (baked / weight).stat().st_ino  # no second copy
 
 
 def test_find_weights_follows_cogs_rules() -> None:
