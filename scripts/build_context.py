@@ -38,6 +38,7 @@ WEIGHTS_SKIPPED = (".staging",)  # a bake's partial downloads and builds: never 
 ENTRY_POINTS = ("predict.py", "train.py")
 # pkg/weightslegacy/weights.go: sizeThreshold, prefixesToIgnore, suffixesToIgnore, isCodeFile.
 SIZE_THRESHOLD = 10 * 1024 * 1024
+MIN_COG_CLI = (0, 23, 1)
 IGNORED_PREFIXES = (".cog", ".git", "__pycache__")
 IGNORED_SUFFIXES = (
     *(".py", ".ipynb", ".whl"),
@@ -246,6 +247,22 @@ def cog_env() -> dict[str, str]:
     return {"COGLET_WHEEL": f"pypi:{pinned('coglet')}"}
 
 
+def check_cog_cli() -> None:
+    """Refuse a cog CLI older than MIN_COG_CLI (docs/deploy.md says why); an unreadable version passes."""
+    output = subprocess.run(["cog", "--version"], check=True, capture_output=True, text=True).stdout
+    match = re.search(r"version v?(\d+)\.(\d+)\.(\d+)", output)
+    if match is None:
+        print(f"note: could not read the cog CLI's version from {output.strip()!r}; this build needs 0.23.1 or newer")
+        return
+    found = tuple(int(part) for part in match.groups())
+    if found < MIN_COG_CLI:
+        wanted = ".".join(map(str, MIN_COG_CLI))
+        raise ContextError(
+            f"cog CLI {'.'.join(map(str, found))} is too old: this build needs {wanted} or newer "
+            "(CUDA 13 base images, `run:` in cog.yaml); upgrade it (docs/deploy.md)"
+        )
+
+
 def cog_command(tag: str) -> list[str]:
     return ["cog", "build", "--separate-weights", "-t", tag]
 
@@ -283,17 +300,18 @@ def main() -> None:
         problems = check(context)
         if problems:
             raise ContextError("the build context would not build as tested:\n  " + "\n  ".join(problems))
+        command = cog_command(args.tag)
+        prefix = f"cd {shlex.quote(str(context))} && " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        push = f"{prefix} cog push {shlex.quote(args.tag)} --separate-weights"
+        print(f"build context ready: {context}")
+        if args.no_build or shutil.which("cog") is None:
+            reason = "--no-build" if args.no_build else "no `cog` CLI on PATH"
+            print(f"{reason}; build with:\n  {prefix} {shlex.join(command)}\nthen push with:\n  {push}")
+            return
+        check_cog_cli()
+        subprocess.run(command, cwd=context, check=True, env={**os.environ, **env})
     except (ContextError, subprocess.CalledProcessError) as error:
         sys.exit(f"build_context: {error}")
-    command = cog_command(args.tag)
-    prefix = f"cd {shlex.quote(str(context))} && " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    push = f"{prefix} cog push {shlex.quote(args.tag)} --separate-weights"
-    print(f"build context ready: {context}")
-    if args.no_build or shutil.which("cog") is None:
-        reason = "--no-build" if args.no_build else "no `cog` CLI on PATH"
-        print(f"{reason}; build with:\n  {prefix} {shlex.join(command)}\nthen push with:\n  {push}")
-        return
-    subprocess.run(command, cwd=context, check=True, env={**os.environ, **env})
     print(f"built {args.tag}; push with:\n  {push}")
 
 

@@ -30,6 +30,7 @@ from build_context import (  # noqa: E402
 )
 
 BIG = SIZE_THRESHOLD + 1  # files are sparse: no disk is written
+COG_ARGS = ["build", "--separate-weights", "-t", "r8.im/me/model"]
 
 
 def _sparse(path: Path, size: int = BIG) -> None:
@@ -132,6 +133,41 @@ def test_without_a_cog_cli_it_stops_after_assembling_and_prints_the_command(tmp_
     coglet = pinned("coglet")
     assert f"cd {out} && COGLET_WHEEL=pypi:{coglet} cog build --separate-weights -t r8.im/me/model" in result.stdout
     assert (out / "weights" / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def _stand_in_cog(tmp_path: Path, version: str) -> tuple[dict[str, str], Path]:
+    """A `cog` on PATH that answers --version and records how it was called (cwd, COGLET_WHEEL, args)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "cog-calls.log"
+    bin_dir.mkdir()
+    cog = bin_dir / "cog"
+    cog.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "--version" ]; then echo "cog version {version} (built 2026-10-01)"; exit 0; fi\n'
+        f'printf "%s\\n" "$PWD" "$COGLET_WHEEL" "$@" > {log}\n'
+    )
+    cog.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
+
+
+def test_with_a_cog_cli_it_builds_in_the_context_with_the_tested_coglet(tmp_path: Path, baked: Path) -> None:
+    env, log = _stand_in_cog(tmp_path, "0.23.1")
+    out = tmp_path / "context"
+    script = str(REPO_ROOT / "scripts" / "build_context.py")
+    args = ["--no-bake", "--allow-unbaked", "--weights", str(baked), "--out", str(out), "--tag", "r8.im/me/model"]
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    cwd, coglet, *argv = log.read_text().splitlines()
+    assert (Path(cwd), coglet, argv) == (out, f"pypi:{pinned('coglet')}", COG_ARGS)
+    assert "cog push r8.im/me/model --separate-weights" in result.stdout
+
+
+def test_an_older_cog_cli_is_refused_before_it_builds(tmp_path: Path, baked: Path) -> None:
+    env, log = _stand_in_cog(tmp_path, "0.22.0")
+    script = str(REPO_ROOT / "scripts" / "build_context.py")
+    args = ["--no-bake", "--allow-unbaked", "--weights", str(baked), "--out", str(tmp_path / "context")]
+    result = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and "cog CLI 0.22.0 is too old: this build needs 0.23.1 or newer" in result.stderr
+    assert not log.exists()
 
 
 def test_it_never_assembles_inside_the_working_tree_or_over_a_foreign_folder(tmp_path: Path, baked: Path) -> None:
