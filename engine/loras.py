@@ -2,17 +2,19 @@
 
 A request's LoRAs are merged into the weights they touch (W = W0 + sum of scale * up @ down, one
 matrix product accumulated in fp32 and rounded once), so a LoRA request runs the plain modules at
-base speed. Before a weight is first written, an exact copy of W0 is kept in CPU memory (pinned on
-CUDA); when the set or a scale changes, weights are copied back from it, never restored by
-subtracting, so a request without LoRAs after any sequence of LoRA requests is bit-identical to a
-fresh process. Weights are written in place (`param.data`), so a torch.compile graph stays valid
+base speed. Before a weight is first written, an exact copy of W0 is kept in CPU memory for as
+long as the weight is merged; when the set or a scale changes, weights are copied back from it,
+never restored by subtracting, so a request without LoRAs after any sequence of LoRA requests is
+bit-identical to a fresh process. Weights are written in place (`param.data`), so a torch.compile graph stays valid
 across switches.
 
 Files are parsed through diffusers' own conversions (kohya/SGM names, text encoders, alphas and
-metadata) into per-weight factors, without injecting PEFT layers. The last few parsed LoRAs stay
-in memory within LORA_WARM_MAX_BYTES, so switching back and forth or changing a scale reads no
-file. A parse that fails touches no weight; a merge that fails or is cancelled (Cog's cancel is a
-BaseException) copies every written weight back, and no trained token is left behind.
+metadata) into per-weight factors, without injecting PEFT layers. The last few parsed LoRAs of
+every model stay in memory within one LORA_WARM_MAX_BYTES for the process (engine/warm.py), so
+switching back and forth or changing a scale reads no file. A parse that fails touches no weight;
+a merge that fails or is cancelled (Cog's cancel is a BaseException) copies every written weight
+back, and no trained token is left behind; a cancel during that restore leaves the set claiming
+nothing, so the next request restores the rest.
 """
 
 from __future__ import annotations
@@ -20,30 +22,31 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from diffusers.utils.peft_utils import _create_lora_config
+from diffusers.utils.state_dict_utils import StateDictType
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from engine.config import LORA_WARM_MAX_BYTES
+from engine import adapters
+from engine.adapters import Adapter, FormatError, LoRA
 from engine.errors import InputError, LoraLoadError
 from engine.request import LocalLora
+from engine.warm import PROCESS_WARM, ModelWarm, WarmCache
 
 log = logging.getLogger(__name__)
 
-# Key fragments of LyCORIS formats diffusers cannot load.
-_UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", ".oft_": "OFT", "glora_": "GLoRA"}
+# Key fragments that mark weights of some LoRA-family type (plain, LyCORIS, or one refused by name).
+_LORA_KEYS = ("lora", "hada_", "lokr_", ".diff", "_norm", "oft_", "on_input")
 # The pipeline's modules a LoRA file can hold weights for, named as its keys' prefixes.
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Text-encoder modules diffusers reads ranks for (_load_lora_into_text_encoder).
@@ -51,17 +54,29 @@ _TEXT_TARGETS = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
 
 
 def check_format(path: Path, name: str) -> None:
-    """Refuse formats diffusers cannot load, naming them, before touching the model."""
+    """Refuse, before touching the model, every file this predictor cannot apply, named for what
+    it is (a refused LyCORIS type, another model's LoRA, a checkpoint, an embedding, a VAE...)
+    from its keys and shapes alone: the header is read, no tensor."""
     try:
         with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - a safe_open handle is no dict
+    except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"LoRA {name} is not a readable .safetensors file: {exc}") from exc
-    for fragment, fmt in _UNSUPPORTED.items():
-        if any(fragment in k for k in keys):
-            raise InputError(f"LoRA {name} is in {fmt} format, which this predictor cannot load: use a plain LoRA")
-    if not any("lora" in k for k in keys):
-        raise InputError(f"LoRA {name} holds no LoRA weights (keys like 'lora_up'/'lora_A'): is it a full checkpoint?")
+    if refused := adapters.refusal(list(shapes)):
+        raise InputError(
+            f"LoRA {name} is a LyCORIS {refused} file, a type this predictor does not apply: use a LoRA, "
+            "LoCon, LoHa, LoKr, DoRA or full-difference file (docs/loras.md)"
+        )
+    if what := adapters.identify(shapes):
+        raise InputError(
+            f"LoRA {name} is {what}. The models here are SDXL-family: use an SDXL, Pony or Illustrious LoRA."
+        )
+    if not any(fragment in key for key in shapes for fragment in _LORA_KEYS):
+        shown = ", ".join(list(shapes)[:3]) or "none"
+        raise InputError(
+            f"LoRA {name} holds no LoRA weights (no lora_up / lora_A / hada_ / lokr_ / diff keys; its first "
+            f"keys are: {shown}): check that the link points at the LoRA file"
+        )
 
 
 def adapter_name(key: str) -> str:
@@ -70,10 +85,9 @@ def adapter_name(key: str) -> str:
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """An exact copy in CPU memory, pinned on CUDA machines so copies to the GPU run at full speed."""
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
-    out.copy_(tensor)
-    return out
+    """An exact copy in CPU memory, not pinned: page-locked memory is taken from the whole machine
+    and these copies can add up to the UNet's size, while a restore is rare and short."""
+    return tensor.to("cpu", copy=True)
 
 
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,13 +104,62 @@ class Layer:
     scaling: float  # alpha / rank (alpha / sqrt(rank) for rsLoRA)
 
 
+# A weight's update: plain LoRA factors (fused by one matrix product) or any adapter's recipe.
+Update = Layer | Adapter
+
+
 @dataclass(frozen=True)
 class ParsedLora:
-    """A LoRA file read once: its updates by (component, module), and pivotal embeddings if any."""
+    """A LoRA file read once: its updates by (component, module or module.bias), and pivotal
+    embeddings if any."""
 
-    layers: dict[tuple[str, str], Layer]
+    layers: dict[tuple[str, str], Update]
     embeddings: dict[str, torch.Tensor] | None
     nbytes: int
+
+
+def _peft_names(model: torch.nn.Module, component: str, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One component's LoRA keys renamed by diffusers' own conversions to PEFT names (module
+    paths of the model, then .lora_A / .lora_B), as diffusers does before injecting them."""
+    if component == "unet":
+        return part if "lora_A" in next(iter(part)) else convert_unet_state_dict_to_peft(part)
+    # kohya's text-encoder names convert to diffusers' old attention names (to_q_lora) for q/k/v/out
+    # and lora_linear_layer for the MLP: diffusers infers that layout only when an out_proj is among
+    # them, so a file without one would stay unconverted. Named here, it converts either way.
+    old = StateDictType.DIFFUSERS_OLD if any("_lora." in k for k in part) else None
+    part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part, original_type=old))
+    if not hasattr(model, "text_model"):  # flattened CLIP in recent transformers
+        part = {k.removeprefix("text_model."): v for k, v in part.items()}
+    return part
+
+
+def _attn_processor_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replicate's cog-sdxl trainer saves the UNet's attention processors' own state dict
+    (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight`, see
+    its dataset_and_utils.py::unet_attn_processors_state_dict): UNet keys without the `unet.`
+    prefix, which diffusers' UNet conversion reads once the prefix is there."""
+    if not any(".processor." in k and not k.startswith(_COMPONENTS) for k in state_dict):
+        return state_dict
+    return {k if k.startswith(_COMPONENTS) else f"unet.{k}": v for k, v in state_dict.items()}
+
+
+def _tensors(update: Update) -> list[torch.Tensor]:
+    return [update.down, update.up] if isinstance(update, Layer) else update.tensors()
+
+
+def _warm_form(adapter: Adapter) -> Update:
+    """What the warm cache keeps of one adapter: a plain LoRA (a LoCon's Tucker middle already
+    folded into its down) as the factors the fast path multiplies; any other as its own small
+    factors, pinned like them. Never a dense ΔW, unless the file stores one (`diff`)."""
+    if isinstance(adapter, LoRA) and adapter.dora_scale is None:
+        return Layer(_pinned(adapter.down), _pinned(adapter.up), adapter.scaling)
+    pinned = {f.name: _pinned(v) for f in fields(adapter) if isinstance(v := getattr(adapter, f.name), torch.Tensor)}
+    return replace(adapter, **pinned)
+
+
+# What loading a file can raise when its keys or shapes are not what a loader expects (diffusers'
+# conversions index and unpack them); each reaches the user as the project's own error type.
+_LOADER_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, SafetensorError, RuntimeError, OSError)
 
 
 def _component_state(
@@ -117,14 +180,10 @@ def _component_state(
     if alphas:
         alphas = {k.removeprefix(prefix): v for k, v in alphas.items() if k.startswith(prefix)}
     model = getattr(pipe, component)
+    part = _peft_names(model, component, part)
     if component == "unet":
-        if "lora_A" not in next(iter(part)):
-            part = convert_unet_state_dict_to_peft(part)
         rank = {f"^{k}": v.shape[1] for k, v in part.items() if "lora_B" in k and v.ndim > 1}
     else:
-        part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-        if not hasattr(model, "text_model"):  # flattened CLIP in recent transformers
-            part = {k.removeprefix("text_model."): v for k, v in part.items()}
         rank = {
             f"{name}.lora_B.weight": part[f"{name}.lora_B.weight"].shape[1]
             for name, _ in model.named_modules()
@@ -175,13 +234,15 @@ def _layers(
 class LoraSet:
     """The LoRAs fused into one base model's shared modules, and the parsed ones kept warm."""
 
-    def __init__(self, pipe: StableDiffusionXLPipeline, model_id: str) -> None:
+    def __init__(self, pipe: StableDiffusionXLPipeline, model_id: str, warm: WarmCache | None = None) -> None:
         self.pipe = pipe
         self.model_id = model_id
-        self.active: tuple[tuple[str, float], ...] = ()  # (cache key, scale) merged into the weights now
-        self.warm: OrderedDict[str, ParsedLora] = OrderedDict()  # cache key -> parsed, most recent last
-        self.warm_max_bytes = int(os.environ.get("LORA_WARM_MAX_BYTES") or LORA_WARM_MAX_BYTES)
-        self.originals: dict[tuple[str, str], torch.Tensor] = {}  # exact copies of base weights, kept
+        # (cache key, scale) merged into the weights now; None while that is not known (a merge or a
+        # restore cut short), so the next apply merges again whatever it is asked for.
+        self.active: tuple[tuple[str, float], ...] | None = ()
+        # cache key -> parsed, most recent last, in the one budget of the process (engine/warm.py)
+        self.warm: ModelWarm[ParsedLora] = (warm or PROCESS_WARM).view(model_id)
+        self.originals: dict[tuple[str, str], torch.Tensor] = {}  # exact W0 of each merged weight, on the CPU
         self.merged: set[tuple[str, str]] = set()  # weights that differ from their originals now
         self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
         self.tokens: dict[str, list[str]] = {}  # adapter name -> its pivotal tokens in the tokenizers
@@ -221,31 +282,99 @@ class LoraSet:
             parsed = self._parse(lora)
         except InputError:
             raise  # already says what to change
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise self._load_error(lora.name, exc) from exc
+        except FormatError as exc:
+            raise InputError(f"LoRA {lora.name} is damaged or in a layout this predictor does not know: {exc}") from exc
+        except _LOADER_ERRORS as exc:
+            raise self._load_error(lora.name, exc, reading=True) from exc
         self.warm[lora.key] = parsed
         log.info("loaded LoRA %s in %.2fs (%d weights)", lora.name, time.perf_counter() - start, len(parsed.layers))
         return parsed
 
     def _parse(self, lora: LocalLora) -> ParsedLora:
-        """Read one LoRA file (and its pivotal embeddings) into per-weight factors."""
-        state_dict, alphas, metadata = self.pipe.lora_state_dict(
-            str(lora.path), unet_config=self.pipe.unet.config, return_lora_metadata=True
-        )
-        if not all("lora" in k for k in state_dict):
-            raise ValueError("Invalid LoRA checkpoint: some keys hold no 'lora'")
-        layers: dict[tuple[str, str], Layer] = {}
-        for component in _COMPONENTS:
-            part, config = _component_state(self.pipe, component, state_dict, alphas, metadata)
-            if config is not None:
-                layers |= _layers(self.pipe, component, part, config, lora.name)
+        """Read one LoRA file (and its pivotal embeddings) into per-weight updates: a kohya file
+        with LyCORIS keys through engine/adapters, any other through diffusers' LoRA loader."""
+        with safe_open(str(lora.path), "pt") as f:
+            keys = list(f.keys())
+        if adapters.is_lycoris(keys):
+            layers = self._adapter_layers(load_file(str(lora.path)), lora.name)
+        else:
+            layers = self._lora_layers(lora)
         if not layers:
             raise ValueError("it holds no weights for the UNet or the text encoders")
         embeddings = None
         if lora.embeddings is not None:
             embeddings = load_file(str(lora.embeddings))
-        tensors = [t for layer in layers.values() for t in (layer.down, layer.up)] + [*(embeddings or {}).values()]
+        tensors = [t for update in layers.values() for t in _tensors(update)] + [*(embeddings or {}).values()]
         return ParsedLora(layers, embeddings, sum(t.nbytes for t in tensors))
+
+    def _lora_layers(self, lora: LocalLora) -> dict[tuple[str, str], Update]:
+        """A plain LoRA in any naming diffusers reads (diffusers/PEFT, kohya, cog-sdxl's processors)."""
+        state_dict, alphas, metadata = self.pipe.lora_state_dict(
+            str(lora.path), unet_config=self.pipe.unet.config, return_lora_metadata=True
+        )
+        state_dict = _attn_processor_keys(state_dict)
+        if not all("lora" in k for k in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: some keys hold no 'lora'")
+        layers: dict[tuple[str, str], Update] = {}
+        for component in _COMPONENTS:
+            part, config = _component_state(self.pipe, component, state_dict, alphas, metadata)
+            if config is not None:
+                layers |= _layers(self.pipe, component, part, config, lora.name)
+        return layers
+
+    def _adapter_layers(self, state: dict[str, torch.Tensor], name: str) -> dict[tuple[str, str], Update]:
+        """A kohya / LyCORIS file, module by module: each adapter read by its own type, checked
+        against the parameter it updates; plain LoRA modules become factors for the fast path."""
+        modules = adapters.read_modules(state)
+        targets = self._module_names(list(modules))
+        layers: dict[tuple[str, str], Update] = {}
+        missing = []
+        for module, parts in modules.items():
+            if module not in targets:
+                missing.append(module)
+                continue
+            component, path = targets[module]
+            model = getattr(self.pipe, component)
+            for param_name, adapter in parts.items():
+                try:
+                    param = model.get_parameter(f"{path}.{param_name}")
+                except AttributeError:
+                    missing.append(module)
+                    continue
+                try:
+                    adapter.check(tuple(param.shape))
+                except FormatError as exc:
+                    raise ValueError(f"size mismatch for {component}.{path}: {exc}") from None
+                key = (component, path if param_name == "weight" else f"{path}.{param_name}")
+                layers[key] = _warm_form(adapter)
+        if missing and not layers:
+            raise ValueError(f"none of its modules exist in this model (e.g. {missing[0]})")
+        if missing:
+            log.warning("LoRA %s: %d modules not in this model were skipped", name, len(missing))
+        kinds = sorted({type(u).__name__ if isinstance(u, Adapter) else "LoRA" for u in layers.values()})
+        log.info("LoRA %s holds %s weights", name, ", ".join(kinds))
+        return layers
+
+    def _module_names(self, modules: list[str]) -> dict[str, tuple[str, str]]:
+        """kohya module names -> (component, module path), by diffusers' own conversions (SGM
+        blocks, kohya's underscores, text encoders): each name goes through them as a tagged
+        stand-in LoRA (1x1 factors holding its index), whatever its adapter type."""
+        tagged = {}
+        for index, module in enumerate(modules):
+            tag = torch.full((1, 1), float(index))
+            tagged[f"{module}.lora_down.weight"] = tag
+            tagged[f"{module}.lora_up.weight"] = tag
+        state, _ = self.pipe.lora_state_dict(tagged, unet_config=self.pipe.unet.config)
+        names: dict[str, tuple[str, str]] = {}
+        for component in _COMPONENTS:
+            prefix = component + "."
+            part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            if not part:
+                continue
+            for key, tag in _peft_names(getattr(self.pipe, component), component, part).items():
+                if ".lora_A." in key:
+                    names[modules[int(tag.item())]] = (component, key.split(".lora_A.")[0])
+        return names
 
     def _fuse(self, loras: list[LocalLora], parsed: list[ParsedLora]) -> None:
         """Copy back the weights the new set leaves alone, write the ones it touches; on any
@@ -255,7 +384,7 @@ class LoraSet:
         for lora, p in zip(loras, parsed, strict=True):
             for key, layer in p.layers.items():
                 updates.setdefault(key, []).append((layer, lora.scale))
-        self.active = ()
+        self.active = None  # until this ends: a cancel anywhere below must not leave a claim behind
         done = False
         try:
             with torch.no_grad():
@@ -271,6 +400,7 @@ class LoraSet:
                 with torch.no_grad():
                     for key in list(self.merged):
                         self._restore(key)
+                self.active = ()  # only once every weight is back (a cancel in the loop skips this)
         self.active = tuple((lora.key, lora.scale) for lora in loras)
         done_what = f"fused {len(updates)} weights" if loras else "restored the base weights"
         log.info("%s on %s in %.2fs", done_what, self.model_id, time.perf_counter() - start)
@@ -279,10 +409,13 @@ class LoraSet:
         """The parameter itself, looked up once: moving a model swaps its `.data`, not the object."""
         if key not in self.params:
             component, module = key
-            self.params[key] = getattr(self.pipe, component).get_submodule(module).weight
+            model = getattr(self.pipe, component)
+            # a bias (LyCORIS diff_b) is keyed by its own name; a weight by its module's
+            bias = module.endswith(".bias")
+            self.params[key] = model.get_parameter(module) if bias else model.get_submodule(module).weight
         return self.params[key]
 
-    def _write(self, key: tuple[str, str], terms: list[tuple[Layer, float]]) -> None:
+    def _write(self, key: tuple[str, str], terms: list[tuple[Update, float]]) -> None:
         """W = W0 + sum of scale * scaling * up @ down, as one matrix product that `addmm` accumulates
         in fp32 and rounds once into the weight's dtype, with no temporary of the weight's size (in
         bf16 it equals rounding the exact sum once). One LoRA's factors go in as they are, its scale
@@ -296,6 +429,9 @@ class LoraSet:
         if key in self.merged:
             original = self.originals[key].to(param.device, non_blocking=True).view_as(target)
         self.merged.add(key)  # before writing: a cancel half-way still gets this weight restored
+        if not all(isinstance(layer, Layer) for layer, _ in terms):
+            self._write_adapters(param, original, target, terms)
+            return
         device, dtype = param.device, param.dtype
         if len(terms) == 1:
             layer, scale = terms[0]
@@ -314,29 +450,54 @@ class LoraSet:
             down = torch.cat([layer.down.to(device, dtype, non_blocking=True).flatten(1) for layer, _ in terms])
         torch.addmm(original, up, down, alpha=alpha, out=target)
 
+    @staticmethod
+    def _write_adapters(
+        param: torch.nn.Parameter, original: torch.Tensor, target: torch.Tensor, terms: list[tuple[Update, float]]
+    ) -> None:
+        """The general path (LoHa, LoKr, full differences, DoRA): W is built in fp32 from W0, term
+        after term in the request's order (a DoRA term normalises what the terms before it made,
+        as ComfyUI chains patches), each ΔW made from its factors on the device, and the result
+        written into the weight once, rounded once into its dtype."""
+        weight = original.to(torch.float32).view(param.shape)
+        for update, scale in terms:
+            if isinstance(update, Layer):
+                up = update.up.to(param.device, torch.float32, non_blocking=True).flatten(1)
+                down = update.down.to(param.device, torch.float32, non_blocking=True).flatten(1)
+                weight = weight + (up @ down).view(param.shape) * (scale * update.scaling)
+            else:
+                weight = update.merge(weight, scale)
+        target.copy_(weight.view_as(target))
+
     def _restore(self, key: tuple[str, str]) -> None:
+        """Copy W0 back and let its copy go: a weight that holds W0 needs none until written again,
+        so host memory holds copies of the weights merged now, never of every weight ever touched."""
         self._weight(key).data.copy_(self.originals[key])
         self.merged.discard(key)
+        del self.originals[key]
 
     def _evict(self, keep: set[str]) -> None:
-        """Drop the least recently used parsed LoRAs, never an active one, until within budget."""
-        total = sum(p.nbytes for p in self.warm.values())
-        for key in [k for k in self.warm if k not in keep]:
-            if total <= self.warm_max_bytes:
-                break
-            total -= self.warm.pop(key).nbytes
+        """Drop the least recently used parsed LoRAs of any model, never one of this request, until
+        the process is within its one budget."""
+        self.warm.evict(keep)
 
-    def _load_error(self, name: str, exc: Exception) -> Exception:
-        """A LoRA that does not fit this model is the user's to fix; anything else is what it is."""
+    def _load_error(self, name: str, exc: Exception, reading: bool = False) -> Exception:
+        """A LoRA that does not fit this model, or a file the loaders cannot read (any of their
+        errors while reading it: an IndexError, a TypeError, safetensors' own...), is the user's to
+        fix; memory, the disk or the device failing is what it is."""
         if isinstance(exc, torch.OutOfMemoryError):
             return LoraLoadError(f"out of memory while loading LoRA {name}: try one LoRA, or a smaller one")
-        detail = str(exc).strip().splitlines()
+        detail = " ".join(str(exc).strip().splitlines())[:300]
         if isinstance(exc, ValueError) or "size mismatch" in str(exc):
             return InputError(
-                f"LoRA {name} does not fit {self.model_id} (an SDXL-family model): it was probably made "
-                f"for another base model such as SD 1.5 or Flux. Loader said: {' '.join(detail)[:300]}"
+                f"LoRA {name} does not fit {self.model_id} (an SDXL-family model): its weights' names or "
+                f"shapes are not this model's. Check it was trained for SDXL, Pony or Illustrious. Loader: {detail}"
             )
-        return LoraLoadError(f"LoRA {name} could not be loaded: {type(exc).__name__}: {' '.join(detail)[:300]}")
+        if (reading and not isinstance(exc, OSError)) or isinstance(exc, SafetensorError):
+            return InputError(
+                f"LoRA {name} could not be read: its keys or shapes are not a LoRA layout this predictor "
+                f"knows ({type(exc).__name__}: {detail}). Check that the link points at an SDXL LoRA file"
+            )
+        return LoraLoadError(f"LoRA {name} could not be loaded: {type(exc).__name__}: {detail}")
 
     def rewrite(self, prompt: str) -> str:
         """Swap pivotal trigger words (TOK, <s0><s1>) for the active LoRA's own tokens."""

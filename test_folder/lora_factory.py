@@ -67,7 +67,7 @@ def kohya_lora(pipe: StableDiffusionXLPipeline, path: Path, seed: int, text: boo
 
 
 def loha_file(path: Path) -> Path:
-    """A LyCORIS LoHa file: diffusers cannot load these; the predictor must say so."""
+    """A damaged LyCORIS LoHa file: one factor of four; the predictor must say what is missing."""
     save_file({"lora_unet_down_blocks_1_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}, path)
     return path
 
@@ -93,3 +93,84 @@ def pivotal_embeddings(pipe: StableDiffusionXLPipeline, seed: int, count: int = 
         "text_encoders_1": torch.randn(count, pipe.text_encoder_2.config.hidden_size),
     }
     return save(tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# LyCORIS files, made by LyCORIS's own modules (lycoris-lora, a test-only dependency) on the tiny
+# model's layers, so keys, shapes and alphas are exactly what LyCORIS saves; kohya module names.
+
+# (component, module path): linear layers of both kinds of attention, a feed-forward layer, 3x3
+# convolutions of the down, mid and up blocks, a 1x1 shortcut and a layer of each text encoder.
+LYCORIS_TARGETS = [
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"),
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"),
+    ("unet", "down_blocks.1.attentions.0.proj_in"),
+    ("unet", "down_blocks.0.resnets.0.conv1"),
+    ("unet", "mid_block.resnets.0.conv2"),
+    ("unet", "up_blocks.1.resnets.0.conv1"),
+    ("unet", "down_blocks.1.resnets.0.conv_shortcut"),
+    ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"),
+    ("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1"),
+]
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_name(component: str, path: str) -> str:
+    return _KOHYA_PREFIX[component] + path.replace(".", "_")
+
+
+def layer_of(pipe: StableDiffusionXLPipeline, component: str, path: str) -> torch.nn.Module:
+    """A target's layer; kohya names keep CLIP's `text_model.`, which recent transformers flatten."""
+    model = getattr(pipe, component)
+    return model.get_submodule(path if hasattr(model, "text_model") else path.removeprefix("text_model."))
+
+
+def lycoris_state(
+    pipe: StableDiffusionXLPipeline,
+    algo: str,
+    seed: int,
+    *,
+    targets: list[tuple[str, str]] = LYCORIS_TARGETS,
+    dora: bool = False,
+    wd_on_out: bool = True,
+    **options: object,
+) -> dict[str, torch.Tensor]:
+    """One LyCORIS module per target as LyCORIS builds and saves it (`custom_state_dict`), every
+    factor drawn at random (LyCORIS starts one factor at zero, a file that changes nothing) and
+    every DoRA magnitude moved off the base's norms. algo: locon, loha, lokr or full."""
+    from lycoris.modules.full import FullModule
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule}[algo]
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for component, path in targets:
+        layer = layer_of(pipe, component, path)
+        name = kohya_name(component, path)
+        extra = {} if algo == "full" else {"weight_decompose": dora, "wd_on_out": wd_on_out}
+        module = cls(name, layer, **extra, **options)
+        with torch.no_grad():
+            for param in module.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            if dora:
+                module.dora_scale.mul_(1.5)
+        for key, value in module.state_dict().items():
+            if not key.startswith("org_"):
+                state[f"{name}.{key}"] = value.detach().clone().contiguous()
+    return state
+
+
+def plain_lora_of(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same ΔWs as a plain kohya LoRA of full rank: up = ΔW, down = the identity, alpha = rank."""
+    state = {}
+    for name, delta in deltas.items():
+        flat = delta.flatten(1)
+        rank = flat.shape[1]
+        down = torch.eye(rank).view(rank, *delta.shape[1:])
+        up = flat.view(delta.shape[0], rank, *[1] * (delta.ndim - 2))
+        state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(rank)}
+    return state

@@ -231,12 +231,56 @@ def test_warm_switches_read_no_file(
     assert np.array_equal(pixels(engine, with_loras((b, 1.0))), first_b)
     assert reads == [a, b], "warm switches and a scale change read no file"
     assert np.abs(half_a - first_a).max() > 5
-    monkeypatch.setattr(loras, "warm_max_bytes", 0)
+    monkeypatch.setenv("LORA_WARM_MAX_BYTES", "0")
     assert np.array_equal(pixels(engine, with_loras((a, 0.5))), half_a)
     assert list(loras.warm) == [loras.active[0][0]], "over budget, only the active LoRA stays parsed"
     assert np.array_equal(pixels(engine, with_loras((b, 1.0))), first_b)
     assert reads == [a, b, b]
     assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_host_copies_are_of_the_weights_merged_now_and_not_pinned(
+    engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray
+) -> None:
+    """W0 is kept on the CPU only while its weight is merged: a switch lets the copies of weights
+    it restores go, and back on the base none is left (they were kept for every weight ever touched)."""
+    loras = engine.models["illustrious-xl"].loras
+    a, te = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/te.safetensors"
+
+    def held() -> tuple[set[tuple[str, str]], int]:
+        assert not any(t.is_pinned() for t in loras.originals.values()), "no page-locked host memory"
+        return set(loras.originals), sum(t.nbytes for t in loras.originals.values())
+
+    def merged_bytes() -> int:
+        return sum(loras._weight(key).nbytes for key in loras.merged)
+
+    pixels(engine, with_loras((te, 1.0)))
+    with_text = set(loras.merged)
+    assert held() == (with_text, merged_bytes()) and with_text
+    pixels(engine, with_loras((a, 1.0)))  # A has no text-encoder weights
+    assert held() == (set(loras.merged), merged_bytes())
+    assert with_text - set(loras.merged), "the switch restored the text encoders' weights ..."
+    assert not (with_text - set(loras.merged)) & set(loras.originals), "... and let their copies go"
+    assert np.array_equal(pixels(engine, BASE), baseline)
+    assert held() == (set(), 0), "on the base, no copy is held"
+
+
+def test_one_warm_budget_for_the_whole_process(
+    engine: Engine, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsed LoRAs of every model count against one LORA_WARM_MAX_BYTES: a budget that fits one
+    parsed LoRA keeps only the one the last request used, whichever model it was for."""
+    ill, sdxl = engine.models["illustrious-xl"].loras, engine.models["sdxl"].loras
+    assert ill.warm.cache is sdxl.warm.cache, "one cache for the process"
+    ill.warm.cache.entries.clear()
+    a = hosts["files"].url + "/a.safetensors"
+    pixels(engine, with_loras((a, 1.0)))
+    [key] = list(ill.warm)
+    monkeypatch.setenv("LORA_WARM_MAX_BYTES", str(ill.warm[key].nbytes))
+    pixels(engine, replace(with_loras((a, 1.0)), model="sdxl"))
+    assert list(sdxl.warm) == [key] and list(ill.warm) == [], "the other model's parsed copy was evicted"
+    assert ill.warm.cache.nbytes <= ill.warm.cache.max_bytes
+    pixels(engine, replace(BASE, model="sdxl"))
 
 
 def test_a_lora_switch_never_recompiles(engine: Engine, lora_files: dict, tmp_path: Path) -> None:
@@ -303,9 +347,11 @@ def test_switching_many_times_replaces_no_module_and_keeps_parameters_flat(
 
 
 def test_unsupported_formats_are_refused_by_name(engine: Engine, store: LoraStore, hosts: dict) -> None:
-    with pytest.raises(InputError, match="LyCORIS LoHa"):
+    """A LoHa module missing three of its four factors, and a LoRA for SD 1.5 (every format and
+    refusal is in test_lora_formats.py)."""
+    with pytest.raises(InputError, match="damaged .* a LyCORIS LoHa module has no hada_w1_b"):
         engine.generate(with_loras((hosts["files"].url + "/loha.safetensors", 1.0)))
-    with pytest.raises(InputError, match="does not fit illustrious-xl"):
+    with pytest.raises(InputError, match="is a LoRA for SD 1.5 .*768-wide"):
         engine.generate(with_loras((hosts["files"].url + "/sd15.safetensors", 1.0)))
     assert engine.models["illustrious-xl"].loras.active == ()
 
@@ -610,6 +656,39 @@ def test_a_cancel_during_a_lora_load_leaves_nothing_behind(
     assert np.array_equal(pixels(engine, BASE), baseline)
     assert np.array_equal(pixels(engine, with_loras((te, 1.0))), expected), "the same LoRA applies again"
     assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+@pytest.mark.parametrize("fault", [Cancelled(), torch.OutOfMemoryError("CUDA out of memory")])
+def test_a_cancel_during_the_restore_leaves_the_set_truthful(
+    engine: Engine,
+    store: LoraStore,
+    hosts: dict,
+    baseline: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: BaseException,
+) -> None:
+    """A merge fails half-way (a cancel, or the GPU's memory), and a cancel lands in the middle of
+    the restore that undoes it: the set must not claim the base while weights are still merged,
+    so the next plain request restores what is left and runs on the base."""
+    loras = engine.models["illustrious-xl"].loras
+    fail_after(monkeypatch, 5, fault)
+    real = LoraSet._restore
+    calls: list[tuple[str, str]] = []
+
+    def restore(self: LoraSet, key: tuple[str, str]) -> None:
+        calls.append(key)
+        if len(calls) == 3:
+            raise Cancelled  # once, on the third of the five weights to copy back
+        real(self, key)
+
+    monkeypatch.setattr(LoraSet, "_restore", restore)
+    with pytest.raises(Cancelled):
+        engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
+    monkeypatch.undo()
+    assert len(loras.merged) == 3, "the restore was cut short: three weights are still merged"
+    assert loras.active != (), "so the set must not say that no LoRA is active"
+    assert np.array_equal(pixels(engine, BASE), baseline), "the next plain request restores them all"
+    assert not loras.merged and loras.active == ()
 
 
 def test_pivotal_tokens_never_leak_when_the_second_encoder_refuses_them(

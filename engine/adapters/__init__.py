@@ -1,0 +1,144 @@
+"""LoRA-family files read into per-module recipes for ΔW, and every other file named for what it is.
+
+One module a type (base, lora, loha, lokr, full), in the spirit of ComfyUI's comfy/weight_adapter/.
+`read_modules` groups a kohya / LyCORIS file's keys by module and reads each with the type its keys
+name (a file may mix types); `refusal` names the LyCORIS types this predictor does not apply and
+`identify` says, from keys and shapes only, what a file that is no SDXL LoRA is instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.adapters.base import Adapter, FormatError
+from engine.adapters.full import Full
+from engine.adapters.loha import LoHa
+from engine.adapters.lokr import LoKr
+from engine.adapters.lora import LoRA
+
+__all__ = ["KOHYA_PREFIXES", "Adapter", "FormatError", "Full", "LoHa", "LoKr", "LoRA", "identify", "read_modules"]
+
+TYPES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, Full)
+# kohya-ss / LyCORIS module names: the model part, then the module path with "_" for ".".
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Keys that only LyCORIS types beyond plain LoRA use: a kohya file holding any is read here.
+LYCORIS_SUFFIXES = frozenset(s for t in (LoHa, LoKr, Full) for s in t.marks) | {"lora_mid.weight", "dora_scale"}
+# Types that change a layer's computation, not its weight by a ΔW, so a fused merge cannot apply
+# them; each is named by the keys LyCORIS (lycoris/modules/*.py weight_list) and kohya save.
+REFUSED = {
+    "on_input": "(IA)^3",
+    "a1.weight": "GLoRA",
+    "a2.weight": "GLoRA",
+    "b1.weight": "GLoRA",
+    "b2.weight": "GLoRA",
+    "bm.weight": "GLoRA",
+    "oft_blocks": "OFT / BOFT",
+    "oft_diag": "OFT / BOFT",
+    "rescale": "OFT / BOFT",
+    "lambda_layer": "T-LoRA",
+    "q_layer.weight": "T-LoRA",
+    "p_layer.weight": "T-LoRA",
+}
+
+
+def module_of(key: str) -> tuple[str, str]:
+    """kohya names hold no dots, so the module is everything before the first one."""
+    module, _, suffix = key.partition(".")
+    return module, suffix
+
+
+def refusal(keys: list[str]) -> str | None:
+    """The name of a LyCORIS type this predictor refuses, if any module of the file is one."""
+    for key in keys:
+        _, suffix = module_of(key)
+        if suffix in REFUSED:
+            return REFUSED[suffix]
+        if suffix == "weight" and key.startswith(KOHYA_PREFIXES):
+            return "(IA)^3"  # its per-channel vector is the module's only other key
+    return None
+
+
+def is_lycoris(keys: list[str]) -> bool:
+    """A kohya-named file with any key beyond plain LoRA's (down, up, alpha)."""
+    return any(k.startswith(KOHYA_PREFIXES) and module_of(k)[1] in LYCORIS_SUFFIXES for k in keys)
+
+
+def read_module(tensors: dict[str, torch.Tensor]) -> dict[str, Adapter]:
+    """One module's adapters by the parameter they update ("weight", and "bias" for diff_b)."""
+    unknown = sorted(set(tensors) - {s for t in TYPES for s in t.suffixes} - {"scalar"})
+    if unknown:
+        raise FormatError(f"it holds keys of no known LoRA type ({', '.join(unknown[:3])})")
+    kinds = [t for t in TYPES if any(s in tensors for s in t.marks)]
+    if len(kinds) != 1:
+        names = " and ".join(t.kind for t in kinds) or "none"
+        raise FormatError(f"a module's keys name {names} at once")
+    kind = kinds[0]
+    out: dict[str, Adapter] = {}
+    if kind is Full:
+        if "diff" in tensors or "w_norm" in tensors:
+            out["weight"] = Full.read(tensors)
+        if (bias := Full.bias(tensors)) is not None:
+            out["bias"] = bias
+        return out
+    return {"weight": kind.read(tensors)}
+
+
+def read_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, Adapter]]:
+    """Every module of a kohya / LyCORIS file: {module name: {parameter: adapter}}."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, suffix = module_of(key)
+        grouped.setdefault(module, {})[suffix] = tensor
+    modules = {}
+    for module, tensors in grouped.items():
+        try:
+            modules[module] = read_module(tensors)
+        except FormatError as exc:
+            raise FormatError(f"{module}: {exc}") from None
+    return modules
+
+
+def _width(shapes: dict[str, tuple[int, ...]], *fragments: str) -> int | None:
+    """The input width of the first 2-D factor whose key holds every fragment (a LoRA's down)."""
+    for key, shape in shapes.items():
+        if all(f in key for f in fragments) and len(shape) == 2:
+            return shape[1]
+    return None
+
+
+def identify(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What a file is when it is no SDXL-family LoRA, read from its keys and shapes; None when it
+    may be one. Each answer rests on a key layout or a width only that kind of file has."""
+    keys = list(shapes)
+    has = lambda *fragments: any(any(f in k for f in fragments) for k in keys)  # noqa: E731
+    if set(keys) & {"clip_l", "clip_g"}:
+        return "an SDXL textual-inversion embedding (clip_l / clip_g), not a LoRA: pass it as an embedding"
+    if has("emb_params", "string_to_param"):
+        return "an SD 1.5 textual-inversion embedding (emb_params), not a LoRA"
+    if set(keys) <= {"text_encoders_0", "text_encoders_1"}:
+        return "the pivotal-tuning embeddings (embeddings.pti) of a trained tar, not a LoRA: pass the whole tar"
+    if has("double_blocks", "single_blocks", "single_transformer_blocks"):
+        return "a LoRA for Flux (double_blocks / single_blocks keys)"
+    if has("joint_blocks", "context_block"):
+        return "a LoRA for SD 3 (joint_blocks keys)"
+    if any(k.startswith("transformer.") for k in keys):
+        return "a LoRA for a diffusion transformer such as Flux or SD 3 (transformer.* keys, no UNet)"
+    if has("lora", "hada_", "lokr_", ".diff", "oft_", "on_input"):
+        cross = next(
+            (w for f in ("down", "lora_A", "hada_w1_b") if (w := _width(shapes, "attn2", "to_k", f))),
+            None,
+        )
+        if cross == 768 or (has("lora_te_") and not has("lora_te2_", "text_encoder_2")):
+            return "a LoRA for SD 1.5 (768-wide cross-attention, one text encoder)"
+        if cross == 1024:
+            return "a LoRA for SD 2.x (1024-wide cross-attention)"
+        return None
+    if has("model.diffusion_model.", "conditioner.embedders.") or has("down_blocks.0.resnets.0.conv1.weight"):
+        return "a full checkpoint (a whole base model), not a LoRA"
+    if has("controlnet_cond_embedding", "control_model.", "input_hint_block"):
+        return "a ControlNet, not a LoRA"
+    if has("image_proj.", "ip_adapter"):
+        return "an IP-Adapter, not a LoRA"
+    if has("first_stage_model.") or (has("encoder.conv_in", "decoder.conv_in") and has("quant_conv")):
+        return "a VAE, not a LoRA"
+    return None
