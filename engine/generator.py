@@ -38,7 +38,7 @@ from engine.devices import current, settings_for, setup_line
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.ip_adapter import IP_ADAPTER_NAME, IpAdapter
 from engine.logs import quiet_library_noise
-from engine.metadata import GenerationParameters
+from engine.metadata import GenerationParameters, lora_hash
 from engine.models import BaseModel
 from engine.request import GenerationRequest, LocalLora, LoraSource, output_seeds, reduced_seed
 from engine.safety import SafetyChecker
@@ -313,11 +313,12 @@ class Engine:
                     width=image.width,
                     height=image.height,
                     model=req.model,
+                    model_hash=model.model_hash,
                     clip_skip=req.clip_skip,
                     denoising_strength=req.prompt_strength if req.image is not None else None,
                     cfg_cutoff=cfg_cutoff,
                     deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
-                    loras=tuple((lora.name, lora.scale) for lora in loras),
+                    loras=tuple((lora.name, lora.scale, lora_hash(lora.path, lora.key)) for lora in loras),
                     ip_adapter=(IP_ADAPTER_NAME, req.ip_adapter_scale, len(req.ip_adapter_images))
                     if reference is not None
                     else None,

@@ -407,6 +407,9 @@ def read_inputs(source: str | bytes, ref: str, train: bool = False) -> list[Stat
     return inputs
 
 
+_EXTRA_KEYS = {"min_length": "minLength", "max_length": "maxLength", "regex": "pattern", "accept": "x-cog-accept"}
+
+
 def input_properties(inputs: list[StaticInput]) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """openapi_spec.go buildInputSchema, the value-bearing keys: properties and the required list."""
     properties: dict[str, dict[str, Any]] = {}
@@ -426,6 +429,11 @@ def input_properties(inputs: list[StaticInput]) -> tuple[dict[str, dict[str, Any
         for key, value in (("description", item.description), ("minimum", item.ge), ("maximum", item.le)):
             if value is not None:
                 prop[key] = value
+        for key, name in _EXTRA_KEYS.items():
+            if item.extra.get(key) is not None:
+                prop[name] = item.extra[key]
+        if item.extra.get("deprecated"):
+            prop["deprecated"] = True
         properties[item.name] = prop
     return properties, required
 

@@ -22,6 +22,7 @@ from cog_static_schema import COG_COMMIT, StaticSchemaError, read_file, read_inp
 SCHEMA = json.loads((REPO_ROOT / ".cog" / "openapi_schema.json").read_text())
 TARGETS = {"predict": ("predict.py", "Predictor", "Input"), "train": ("train.py", "train", "TrainingInput")}
 COMPARED = ("x-order", "default", "nullable", "description", "minimum", "maximum")
+COMPARED += ("minLength", "maxLength", "pattern", "deprecated", "x-cog-accept")
 
 
 def _read(source: str) -> dict:
