@@ -235,10 +235,8 @@ class Predictor(BasePredictor):
 
 def _at_default(values: dict[str, Any]) -> frozenset[str]:
     """The inputs that arrived at their declared default. Cog fills defaults before predict runs,
-    so these are the ones generation_data may set."""
+    so these are the ones generation_data may set. The declaration is an `Input(...)` field, or
+    its plain default where the runtime has put those in its place."""
     declared = inspect.signature(Predictor.predict).parameters
-    return frozenset(
-        name
-        for name, param in declared.items()
-        if name in values and values[name] == getattr(param.default, "default", inspect.Parameter.empty)
-    )
+    defaults = {name: getattr(param.default, "default", param.default) for name, param in declared.items()}
+    return frozenset(name for name, default in defaults.items() if name in values and values[name] == default)

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from engine.errors import InputError
 from engine.ip_adapter import IpAdapter
 from engine.loras import LoraSet
+from engine.metadata import checkpoint_hash
 from engine.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class BaseModel:
     def __init__(self, model_id: str, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         start = time.perf_counter()
         self.model_id = model_id
+        self.model_hash = checkpoint_hash(folder)  # A1111's "Model hash" when baked from one checkpoint file
         self.txt2img = StableDiffusionXLPipeline.from_pretrained(
             folder,
             dtype=dtype,

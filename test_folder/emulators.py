@@ -173,9 +173,20 @@ class CivitaiVersion:
     trained_words: tuple[str, ...] = ()  # the version's trigger words (trainedWords)
 
 
+def civitai_hashes(data: bytes) -> dict[str, str]:
+    """The hashes CivitAI lists for a file: SHA256, AutoV2 (its first 10 hex digits) and AutoV3
+    (A1111's LoRA hash: the sha256 of the bytes after the safetensors header, first 12)."""
+    whole = hashlib.sha256(data).hexdigest().upper()
+    header = int.from_bytes(data[:8], "little")
+    after = hashlib.sha256(data[8 + header :]).hexdigest().upper()
+    return {"SHA256": whole, "AutoV2": whole[:10], "AutoV3": after[:12]}
+
+
 def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
-    """/api/v1/models, /api/v1/model-versions, /api/download/models -> 307 to signed storage."""
+    """/api/v1/models, /api/v1/model-versions (by id and by-hash), /api/download/models -> 307 to
+    signed storage."""
     by_version = {v.id: (mid, v) for mid, versions in models.items() for v in versions}
+    by_hash = {h.lower(): vid for vid, (_, v) in by_version.items() for h in civitai_hashes(v.data).values()}
     holder: dict[str, Loopback] = {}
 
     def version_json(v: CivitaiVersion) -> dict:
@@ -191,6 +202,7 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
                     "type": "Model",
                     "primary": True,
                     "metadata": {"format": "SafeTensor"},
+                    "hashes": civitai_hashes(v.data),
                     "downloadUrl": f"{base}/api/download/models/{v.id}",
                 },
             ],
@@ -200,6 +212,11 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
         parts = req.path.strip("/").split("/")
         if parts[:3] == ["api", "v1", "models"] and len(parts) == 4 and int(parts[3]) in models:
             return _json({"id": int(parts[3]), "modelVersions": [version_json(v) for v in models[int(parts[3])]]})
+        if parts[:4] == ["api", "v1", "model-versions", "by-hash"] and len(parts) == 5:
+            if parts[4].lower() not in by_hash:
+                return _json({"error": f"Model not found for hash {parts[4]}"}, 404)
+            mid, v = by_version[by_hash[parts[4].lower()]]
+            return _json({**version_json(v), "modelId": mid})
         if parts[:3] == ["api", "v1", "model-versions"] and len(parts) == 4 and int(parts[3]) in by_version:
             mid, v = by_version[int(parts[3])]
             return _json({**version_json(v), "modelId": mid})

@@ -1,4 +1,4 @@
-"""CivitAI: from a model page, version id or AIR URN to one version's .safetensors file.
+"""CivitAI: from a model page, version id, AIR URN or file hash to one version's .safetensors file.
 
 A model page id is not a version id: the public API (`/api/v1/models/<id>`) lists the versions,
 newest first, and the newest one made for an SDXL-family base is taken. A version made for
@@ -37,7 +37,17 @@ def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> 
             raise _wrong_base(ref.display, ", ".join(bases))
         version = sdxl[0]  # CivitAI lists versions newest first
     else:
-        version = _get(f"/api/v1/model-versions/{ref.version_id}", headers, ref.display, downloader)
+        # A hash names one file's bytes; CivitAI answers with the version that holds it.
+        path, missing = str(ref.version_id), None
+        if ref.kind == "civitai-hash":
+            tag = ref.display.partition("#")[2]
+            path = f"by-hash/{ref.file_hash}"
+            missing = (
+                f"CivitAI has no file with hash {ref.file_hash}"
+                + (f" (the LoRA <lora:{tag}>)" if tag else "")
+                + ": it was removed or never published there; send the LoRA file as lora_weights instead"
+            )
+        version = _get(f"/api/v1/model-versions/{path}", headers, ref.display, downloader, missing)
         if version.get("baseModel") not in config.SDXL_FAMILY_BASES:
             raise _wrong_base(ref.display, str(version.get("baseModel")))
     files = [f for f in version.get("files") or [] if f.get("type", "Model") == "Model"]
@@ -61,9 +71,13 @@ def _wrong_base(display: str, bases: str) -> WeightsError:
     )
 
 
-def _get(path: str, headers: dict[str, str], name: str, downloader: Downloader) -> Any:
+def _get(path: str, headers: dict[str, str], name: str, downloader: Downloader, missing: str | None = None) -> Any:
+    """The API's JSON answer; `missing` is the message for a 404, when there is a better one."""
+
     def once() -> Any:
         resp = requests.get(civitai_endpoint() + path, headers=headers, timeout=(10, 30))
+        if resp.status_code == 404 and missing:
+            raise WeightsError(missing)
         check_response(resp, name, "CivitAI")
         try:
             return resp.json()

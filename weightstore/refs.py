@@ -200,7 +200,9 @@ def _civitai_ref(url: str, segments: list[str]) -> LoraRef | None:
         digest = segments[4].lower()
         if not _CIVITAI_HASH.match(digest):
             return None
-        display = f"civitai.com/api/v1/model-versions/by-hash/{digest}"
+        # A fragment names the LoRA (generation data's <lora:NAME> tag) in messages and metadata.
+        tag = unquote(urlsplit(url).fragment)
+        display = f"civitai.com/api/v1/model-versions/by-hash/{digest}" + (f"#{tag}" if tag else "")
         return LoraRef("civitai-hash", display, f"civitai-hash:{digest}", file_hash=digest)
     if segments[:1] == ["models"] and len(segments) >= 2 and segments[1].isdigit():
         version = query.get("modelVersionId", [""])[0]

@@ -1,0 +1,397 @@
+"""generation_data: A1111 / Forge / CivitAI infotext read into a request, and the output metadata
+written so that A1111's own parser and CivitAI read it right (issue 21, items 2 and 3).
+
+The unit tests need no model. The server tests run the real Cog server on the tiny weights with
+CivitAI's API emulated on loopback (by-hash lookups, version ids, downloads counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import InputError
+from engine.infotext import apply_generation_data, parse_infotext
+from engine.metadata import GenerationParameters, checkpoint_hash, lora_hash
+from engine.request import GenerationRequest, LoraSpec
+from engine.schedulers import SCHEDULERS, from_a1111
+from test_folder.conftest import CogServer, decode_data_uri
+from test_folder.emulators import CivitaiVersion, civitai, civitai_hashes
+from utils import read_parameters
+
+# Every Flux input that the tests below leave at its default (predict.py computes this set).
+ALL_DEFAULT = frozenset(
+    {
+        "negative_prompt",
+        "num_inference_steps",
+        "scheduler",
+        "guidance",
+        "cfg_scale",
+        "seed",
+        "aspect_ratio",
+        "width",
+        "height",
+        "clip_skip",
+        "prompt_strength",
+        "go_fast",
+        "model",
+        "use_standard_sdxl",
+        "upscale",
+        "lora_weights",
+        "extra_lora",
+    }
+)
+TINY = {
+    "illustrious-xl": SimpleNamespace(native_resolution=128, model_hash=None),
+    "sdxl": SimpleNamespace(native_resolution=128, model_hash="31e35c80fc"),
+}
+CIVITAI_TEXT = (
+    "masterpiece, 1girl, <lora:inkStyle:0.8> ink wash, <lora:hatDetail_v2:0.5>\n"
+    "Negative prompt: lowres, (worst quality:1.2),\n"
+    "blurry\n"
+    "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 991, Size: 96x128, "
+    "Model hash: 0123456789, Model: waiIllustriousSDXL_v140, Clip skip: 2, ADetailer model: face_yolov8n.pt, "
+    'Hires upscale: 1.5, Lora hashes: "inkStyle: {ink}, hatDetail_v2: {hat}", Version: v1.10.1'
+)
+
+
+def a1111_reading(text: str) -> dict[str, str]:
+    """Reads the last line of an infotext with A1111's rules, written here from A1111's
+    `parse_generation_parameters` (modules/infotext_utils.py): a key is a word then words, spaces,
+    dashes or slashes up to a colon; a value is a double-quoted string with backslash escapes,
+    JSON-decoded, or else everything up to the next comma. Independent of engine/infotext.py."""
+    last = text.strip().split("\n")[-1]
+    pairs = re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', last)
+    return {key: json.loads(value) if value[:1] == '"' == value[-1:] else value for key, value in pairs}
+
+
+def params(**changes: object) -> GenerationParameters:
+    base = GenerationParameters(
+        prompt="a lighthouse, (dusk:1.2)",
+        negative_prompt="blurry, lowres",
+        steps=2,
+        sampler="Euler a",
+        cfg_scale=6.0,
+        seed=7,
+        width=128,
+        height=96,
+        model="illustrious-xl",
+    )
+    return replace(base, **changes)
+
+
+# -- metadata: what A1111 and CivitAI read ------------------------------------------------------
+
+
+def test_go_fast_and_lora_values_survive_a1111s_own_parser() -> None:
+    """Fails on the old writer: `Deep cache: from 0.3, every 3 steps full` read as "from 0.3"."""
+    text = params(
+        cfg_cutoff=0.6,
+        deep_cache="from 0.3, every 3 steps full",
+        loras=(("https://host:8080/a, b.safetensors", 0.8, "0123456789ab"),),
+    ).to_a1111()
+    read = a1111_reading(text)
+    assert read["Deep cache"] == "from 0.3, every 3 steps full"
+    assert read["CFG cutoff"] == "0.6"
+    assert read["Lora"] == "https://host:8080/a, b.safetensors: 0.8"
+    # A1111 drops colons and commas from a LoRA's name so its own split of the field holds.
+    assert read["Lora hashes"] == "https//host8080/a b.safetensors: 0123456789ab"
+    assert {"Steps", "Sampler", "CFG scale", "Seed", "Size", "Model", "Clip skip"} <= read.keys()
+
+
+@pytest.mark.parametrize("clip_skip", [0, 1, 3])
+def test_clip_skip_is_written_in_a1111s_count_and_reads_back(clip_skip: int) -> None:
+    text = params(clip_skip=clip_skip).to_a1111()
+    assert a1111_reading(text)["Clip skip"] == str(clip_skip + 2)  # A1111: 2 = SDXL's penultimate layer
+    request = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert request.clip_skip == clip_skip
+
+
+@pytest.mark.parametrize("a1111, ours", [("1", 0), ("2", 0), ("3", 1), ("5", 3)])
+def test_a1111_clip_skip_reads_as_layers_beyond_the_penultimate(a1111: str, ours: int) -> None:
+    text = f"a cat\nSteps: 2, Sampler: Euler a, Clip skip: {a1111}"
+    assert apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY).clip_skip == ours
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_each_scheduler_is_written_with_a1111s_names_and_reads_back(scheduler: str) -> None:
+    text = params(sampler=scheduler).to_a1111()
+    read = a1111_reading(text)
+    assert read["Sampler"] in ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC")
+    assert read.get("Schedule type", "Automatic") in ("Automatic", "Karras", "Uniform")
+    assert apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY).scheduler == scheduler
+
+
+@pytest.mark.parametrize(
+    "sampler, schedule, ours",
+    [
+        ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),
+        ("DPM++ 2M Karras", None, "DPM++ 2M Karras"),  # the pre-1.9 combined name
+        ("DPM++ 2M", None, "DPM++ 2M Karras"),  # A1111 1.9+: Automatic is Karras for DPM++ 2M
+        ("DPM++ 2M", "Uniform", "DPM++ 2M"),
+        ("DPM++ 2M SDE", "Karras", "DPM++ 2M SDE Karras"),
+        ("Euler a", "Automatic", "Euler a"),
+        ("euler_ancestral", "normal", "Euler a"),
+        ("UniPC", None, "UniPC"),
+        ("Euler a", "Karras", None),
+        ("DPM++ 2M SDE", None, None),  # Exponential: not offered here
+        ("DPM++ SDE", "Karras", None),
+    ],
+)
+def test_a1111_sampler_names(sampler: str, schedule: str | None, ours: str | None) -> None:
+    assert from_a1111(sampler, schedule) == ours
+
+
+def test_lora_hash_is_a1111s_and_civitais_autov3(tmp_path: Path) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    data = len(header).to_bytes(8, "little") + header + bytes(range(8))
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data)
+    assert lora_hash(path, "test:x") == hashlib.sha256(bytes(range(8))).hexdigest()[:12]
+    assert lora_hash(path, "test:x") == civitai_hashes(data)["AutoV3"].lower()
+
+
+def test_model_hash_is_the_baked_checkpoints_autov2(tmp_path: Path) -> None:
+    assert checkpoint_hash(tmp_path) is None  # no bake record (the tiny weights)
+    digest = hashlib.sha256(b"checkpoint").hexdigest()
+    (tmp_path / ".baked").write_text(json.dumps({"files": {"checkpoint.safetensors": digest}}))
+    assert checkpoint_hash(tmp_path) == digest[:10]
+    text = params(model_hash=digest[:10]).to_a1111()
+    assert a1111_reading(text)["Model hash"] == digest[:10]
+    (tmp_path / ".baked").write_text(json.dumps({"files": {"unet/diffusion_pytorch_model.safetensors": digest}}))
+    assert checkpoint_hash(tmp_path) is None  # baked from diffusers folders: no one file to name
+
+
+# -- reading generation data --------------------------------------------------------------------
+
+
+def test_civitai_infotext_is_read_whole() -> None:
+    info = parse_infotext(CIVITAI_TEXT.format(ink="aaaaaaaaaaaa", hat="bbbbbbbbbbbb"))
+    assert info.prompt == "masterpiece, 1girl,  ink wash, "  # tags removed as A1111 removes them
+    assert info.negative_prompt == "lowres, (worst quality:1.2),\nblurry"
+    assert [(t.name, t.weight) for t in info.loras] == [("inkStyle", 0.8), ("hatDetail_v2", 0.5)]
+    assert info.fields["Lora hashes"] == "inkStyle: aaaaaaaaaaaa, hatDetail_v2: bbbbbbbbbbbb"
+    assert info.fields["Size"] == "96x128" and info.fields["Version"] == "v1.10.1"
+
+
+def test_json_values_are_read_whole() -> None:
+    text = (
+        "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, "
+        'Hashes: {"model": "0123456789", "lora:x": "abcdef0123"}, '
+        'Civitai resources: [{"type":"lora","weight":0.7,"modelVersionId":1001}, {"type":"checkpoint"}], '
+        "Civitai metadata: {}"
+    )
+    fields = parse_infotext(text).fields
+    assert fields["Hashes"] == {"model": "0123456789", "lora:x": "abcdef0123"}
+    assert fields["Civitai resources"][0]["modelVersionId"] == 1001
+    assert fields["Civitai metadata"] == {}
+
+
+def test_the_text_fills_defaults_and_lists_what_it_did_not_use(caplog: pytest.LogCaptureFixture) -> None:
+    text = CIVITAI_TEXT.format(ink="aaaaaaaaaaaa", hat="bbbbbbbbbbbb")
+    with caplog.at_level(logging.INFO, logger="engine.infotext"):
+        request = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert request.prompt == "masterpiece, 1girl,  ink wash, "
+    assert request.negative_prompt == "lowres, (worst quality:1.2),\nblurry"
+    assert (request.num_inference_steps, request.scheduler, request.cfg_scale, request.seed) == (
+        2,
+        "DPM++ 2M Karras",
+        5.5,
+        991,
+    )
+    # Size is the image's pixels: at the tiny model's 128 px, 96x128 is 768x1024 at SDXL's scale.
+    assert (request.aspect_ratio, request.width, request.height) == ("custom", 768, 1024)
+    assert request.clip_skip == 0 and request.go_fast is False and request.model == "illustrious-xl"
+    assert request.loras == (
+        LoraSpec("civitai.com/api/v1/model-versions/by-hash/aaaaaaaaaaaa#inkStyle", 0.8),
+        LoraSpec("civitai.com/api/v1/model-versions/by-hash/bbbbbbbbbbbb#hatDetail_v2", 0.5),
+    )
+    [line] = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    for key in ("Model hash", "Model", "ADetailer model", "Hires upscale", "Version"):
+        assert key in line
+    for key in ("Steps", "Seed", "Lora hashes", "Clip skip", "Schedule type"):
+        assert f"; {key};" not in f"; {line.split(': ', 2)[-1]};"
+
+
+def test_inputs_sent_with_other_values_win() -> None:
+    text = CIVITAI_TEXT.format(ink="aaaaaaaaaaaa", hat="bbbbbbbbbbbb")
+    sent = GenerationRequest(prompt="my own prompt", seed=5, num_inference_steps=3, go_fast=False)
+    request = apply_generation_data(sent, text, ALL_DEFAULT - {"seed", "num_inference_steps", "go_fast"}, TINY)
+    assert (request.prompt, request.seed, request.num_inference_steps) == ("my own prompt", 5, 3)
+    assert request.negative_prompt.startswith("lowres") and request.cfg_scale == 5.5
+
+
+def test_go_fast_stays_on_only_with_this_projects_go_fast_fields() -> None:
+    ours = params(cfg_cutoff=0.6, deep_cache="from 0.3, every 3 steps full").to_a1111()
+    assert apply_generation_data(GenerationRequest(prompt=""), ours, ALL_DEFAULT, TINY).go_fast is True
+    plain = params().to_a1111()
+    assert apply_generation_data(GenerationRequest(prompt=""), plain, ALL_DEFAULT, TINY).go_fast is False
+
+
+def test_a_model_is_chosen_by_its_id_or_its_checkpoint_hash() -> None:
+    by_id = apply_generation_data(GenerationRequest(prompt=""), params(model="sdxl").to_a1111(), ALL_DEFAULT, TINY)
+    assert by_id.model == "sdxl"
+    text = "a cat\nSteps: 2, Sampler: Euler a, Model hash: 31E35C80FC, Model: sd_xl_base_1.0"
+    assert apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY).model == "sdxl"
+
+
+def test_civitai_resources_give_exact_versions() -> None:
+    text = (
+        "a cat <lora:x:0.3>\nSteps: 2, Sampler: Euler a, Seed: 1, "
+        'Civitai resources: [{"type":"checkpoint","modelVersionId":1}, '
+        '{"type":"lora","weight":0.7,"modelVersionId":1001}]'
+    )
+    request = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert request.loras == (LoraSpec("civitai.com/api/download/models/1001", 0.7),)
+    assert request.prompt == "a cat "
+
+
+def test_an_unresolvable_tag_is_refused_by_name() -> None:
+    text = 'a cat <lora:mystery:0.6>\nSteps: 2, Sampler: Euler a, Lora hashes: "other: 0123456789ab"'
+    with pytest.raises(InputError, match=r"<lora:mystery:0.6>.*'Lora hashes' entry for 'mystery'"):
+        apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+
+
+def test_at_most_four_loras_from_one_text() -> None:
+    tags = " ".join(f"<lora:l{i}:1>" for i in range(5))
+    hashes = ", ".join(f"l{i}: {i:012x}" for i in range(5))
+    text = f'a cat {tags}\nSteps: 2, Sampler: Euler a, Lora hashes: "{hashes}"'
+    with pytest.raises(InputError, match="names 5 LoRAs; at most 4"):
+        apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a cat\nSteps: 200, Sampler: Euler a, Seed: 1", "200 steps"),
+        ("a cat\nSteps: 20, Sampler: Euler a, CFG scale: 30", "CFG scale 30"),
+        ("a cat\nSteps: 20, Sampler: Euler a, Size: 1024", "Size: 1024"),
+        ("a cat\nSteps: twenty, Sampler: Euler a, Seed: 1", "Steps: twenty"),
+        ("\n\n", "neither a prompt"),
+    ],
+)
+def test_bad_values_are_refused_with_what_to_do(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+
+
+# -- through the real Cog server, CivitAI emulated ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def civitai_server(
+    weights_dir: Path, lora_files: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[CogServer, object]]:
+    civ = civitai(
+        {
+            100: [CivitaiVersion(1001, "Illustrious", lora_files["b"])],
+            500: [CivitaiVersion(5001, "SDXL 1.0", lora_files["a"])],
+        }
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIVITAI_ENDPOINT", civ.url)
+        mp.setenv("LORA_CACHE_DIR", str(tmp_path_factory.mktemp("infotext-lora-cache")))
+        server = CogServer(weights_dir, tmp_path_factory.mktemp("infotext-server") / "server.log")
+    try:
+        with server:
+            yield server, civ
+    finally:
+        civ.close()
+
+
+def run(server: CogServer, **inputs: object) -> tuple[bytes, dict]:
+    status, body = server.predict({"output_format": "png", **inputs})
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    _, data = decode_data_uri(body["output"][0])
+    return data, body
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+def test_civitai_infotext_with_lora_tags_runs_through_civitais_api(
+    civitai_server: tuple[CogServer, object], lora_files: dict[str, bytes]
+) -> None:
+    server, civ = civitai_server
+    ink = civitai_hashes(lora_files["b"])["AutoV3"]
+    hat = civitai_hashes(lora_files["a"])["AutoV2"]  # a Forge-style hash works as well
+    text = CIVITAI_TEXT.format(ink=ink, hat=hat)
+    data, body = run(server, prompt="", generation_data=text)
+    assert civ.hits[f"GET /api/v1/model-versions/by-hash/{ink.lower()}"] == 1
+    assert civ.hits[f"GET /api/v1/model-versions/by-hash/{hat.lower()}"] == 1
+    assert "generation_data: not used:" in body["logs"] and "ADetailer model" in body["logs"]
+    # The same image as the same settings sent input by input, the LoRAs named by their versions.
+    explicit, _ = run(
+        server,
+        prompt="masterpiece, 1girl,  ink wash, ",
+        negative_prompt="lowres, (worst quality:1.2),\nblurry",
+        num_inference_steps=2,
+        scheduler="DPM++ 2M Karras",
+        cfg_scale=5.5,
+        seed=991,
+        aspect_ratio="custom",
+        width=768,
+        height=1024,
+        go_fast=False,
+        lora_weights="urn:air:sdxl:lora:civitai:100@1001",
+        lora_scale=0.8,
+        extra_lora="urn:air:sdxl:lora:civitai:500@5001",
+        extra_lora_scale=0.5,
+    )
+    assert np.array_equal(pixels(data), pixels(explicit))
+    without_tags, _ = run(server, prompt="", generation_data=re.sub(r"<lora:[^>]+>", "", text))
+    assert np.abs(pixels(data) - pixels(without_tags)).max() > 0, "the tags' LoRAs changed the image"
+    # The output's own metadata links both files for CivitAI by A1111's hash.
+    written = a1111_reading(read_parameters(io.BytesIO(data)))
+    for digest in (civitai_hashes(lora_files["b"])["AutoV3"], civitai_hashes(lora_files["a"])["AutoV3"]):
+        assert digest.lower() in written["Lora hashes"]
+    assert written["Clip skip"] == "2" and written["Sampler"] == "DPM++ 2M" and written["Schedule type"] == "Karras"
+    assert written["Lora hashes"].startswith("inkStyle: "), "named by its tag, as A1111 names it"
+
+
+def test_an_unknown_hash_fails_naming_its_tag(civitai_server: tuple[CogServer, object]) -> None:
+    server, _ = civitai_server
+    text = 'a cat <lora:gone:1>\nSteps: 2, Sampler: Euler a, Seed: 1, Lora hashes: "gone: 0badc0ffee00"'
+    _, body = server.predict({"prompt": "", "generation_data": text})
+    assert body["status"] == "failed"
+    assert "CivitAI has no file with hash 0badc0ffee00 (the LoRA <lora:gone>)" in body["error"]
+
+
+@pytest.mark.parametrize("go_fast", [True, False])
+def test_an_outputs_own_metadata_reproduces_it_byte_for_byte(
+    civitai_server: tuple[CogServer, object], go_fast: bool
+) -> None:
+    server, civ = civitai_server
+    first, _ = run(
+        server,
+        prompt="a lighthouse, (dusk:1.2), film grain",
+        negative_prompt="blurry, text: watermark",
+        num_inference_steps=3,
+        scheduler="DPM++ 2M Karras",
+        cfg_scale=5.5,
+        seed=4242,
+        megapixels="0.25",
+        clip_skip=1,
+        go_fast=go_fast,
+        lora_weights=civ.url + "/models/100?modelVersionId=1001",
+        lora_scale=0.7,
+    )
+    text = read_parameters(io.BytesIO(first))
+    assert ("Deep cache" in text) is go_fast
+    hits = civ.total()
+    again, body = run(server, prompt="", generation_data=text)
+    assert again == first
+    assert civ.total() == hits, "the LoRA came from the cache: no request"
+    assert "not used" not in body["logs"]
