@@ -4,11 +4,13 @@ can prove what went over the wire (a cache hit makes none).
 
 The Hugging Face side speaks the protocol facts in DESIGN.md §8: X-Repo-Commit and ETag on
 resolve, X-Error-Code to pick the client's exception, 401 + RepoNotFound for an anonymous
-request to a private repo, model_info at /api/models/<repo>[/revision/<rev>], no Xet headers.
+request to a private repo, model_info at /api/models/<repo>[/revision/<rev>] (file sizes with
+`blobs=true`), no Xet headers.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -38,6 +40,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]  # names lower-cased
+    body: bytes = b""  # a POST's body
 
 
 class Loopback:
@@ -64,10 +67,14 @@ class Loopback:
             def do_GET(self) -> None:
                 self._answer(send_body=True)
 
+            def do_POST(self) -> None:
+                self._answer(send_body=True)
+
             def _answer(self, send_body: bool) -> None:
                 parts = urlsplit(self.path)
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                req = Request(self.command, unquote(parts.path), parse_qs(parts.query), headers)
+                body = self.rfile.read(int(headers.get("content-length") or 0)) if self.command == "POST" else b""
+                req = Request(self.command, unquote(parts.path), parse_qs(parts.query), headers, body)
                 server.hits[f"{self.command} {req.path}"] += 1
                 server.auth.append(self.headers.get("Authorization"))
                 queued = server.faults.get(f"{self.command} {req.path}")
@@ -125,8 +132,47 @@ class HfRepo:
     gated: bool = False  # set: files need an accepted-terms token (the `token`); metadata is public
 
 
-def hugging_face(repos: dict[str, HfRepo]) -> Loopback:
+def _hub_write(req: Request, repos: dict[str, HfRepo], write_token: str | None) -> Reply:
+    """The upload side (huggingface_hub's create_repo + upload_folder): every file goes inline in the
+    commit (preupload answers "regular"), so no LFS or Xet transfer is needed. Writes need
+    `Bearer <write_token>`, else 401 as the hub answers a read-only or wrong token."""
+    if write_token is None or req.headers.get("authorization") != f"Bearer {write_token}":
+        return _json({"error": "Invalid username or password."}, 401)
+    parts = req.path.strip("/").split("/")
+    if parts == ["api", "validate-yaml"]:
+        return _json({})
+    if parts == ["api", "repos", "create"]:
+        payload = json.loads(req.body)
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        if repo_id in repos:
+            return _json({"error": "You already created this model repo", "url": f"/{repo_id}"}, 409)
+        repos[repo_id] = HfRepo({}, commit="0" * 40)
+        return _json({"url": f"http://{req.headers['host']}/{repo_id}", "name": repo_id})
+    repo_id = "/".join(parts[2:4])
+    if parts[:2] != ["api", "models"] or repo_id not in repos:
+        return _json({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
+    repo = repos[repo_id]
+    if parts[4:5] == ["preupload"]:
+        files = json.loads(req.body)["files"]
+        return _json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+    if parts[4:5] == ["commit"]:
+        for line in req.body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                repo.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] != "header":
+                return _json({"error": f"not emulated: {item['key']}"}, 400)
+        repo.commit = hashlib.sha1(repr(sorted(repo.files.items())).encode()).hexdigest()
+        return _json({"commitUrl": f"/{repo_id}/commit/{repo.commit}", "commitOid": repo.commit})
+    return Reply(404)
+
+
+def hugging_face(repos: dict[str, HfRepo], write_token: str | None = None) -> Loopback:
+    """Reads as the hub answers them; with write_token, uploads too (repos gains what is created)."""
+
     def route(req: Request) -> Reply:
+        if req.method == "POST":
+            return _hub_write(req, repos, write_token)
         parts = req.path.strip("/").split("/")
         api = parts[:2] == ["api", "models"]
         repo_id = "/".join(parts[2:4] if api else parts[:2])
@@ -140,8 +186,13 @@ def hugging_face(repos: dict[str, HfRepo]) -> Loopback:
             rev = parts[5] if len(parts) > 5 and parts[4] == "revision" else "main"
             if rev not in ("main", repo.commit):
                 return _json({"error": "Invalid rev id"}, 404, {"X-Error-Code": "RevisionNotFound"})
-            siblings = [{"rfilename": name} for name in repo.files]
-            return _json({"id": repo_id, "sha": repo.commit, "siblings": siblings, "private": bool(repo.token)})
+            # Sizes only when asked for (`files_metadata=True` sends blobs=true), as the hub does.
+            sized = req.query.get("blobs") == ["true"]
+            siblings = [{"rfilename": n, **({"size": len(data)} if sized else {})} for n, data in repo.files.items()]
+            gated = "auto" if repo.gated else False
+            return _json(
+                {"id": repo_id, "sha": repo.commit, "siblings": siblings, "private": bool(repo.token), "gated": gated}
+            )
         if len(parts) < 5 or parts[2] != "resolve":
             return Reply(404)
         rev, filename = parts[3], "/".join(parts[4:])

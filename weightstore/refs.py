@@ -71,11 +71,13 @@ Fetcher = Callable[[Path], "dict[str, str] | None"]
 @dataclass(frozen=True)
 class Resolved:
     """A reference pinned to the bytes it means: `key` names them for good (a commit, a version id,
-    a URL without its credentials), `fetch` writes them, `trained_words` are the host's trigger words."""
+    a URL without its credentials), `fetch` writes them, `trained_words` are the host's trigger words,
+    `size` the byte count the host states before the download (None: known only once it runs)."""
 
     key: str
     fetch: Fetcher = field(repr=False)
     trained_words: tuple[str, ...] = ()
+    size: int | None = None
 
 
 def parse_lora(source: str) -> LoraRef:

@@ -39,7 +39,7 @@ def credential_for(ref: LoraRef, credentials: Credentials) -> str | None:
 
 def resolve(ref: LoraRef, credentials: Credentials, downloader: Downloader) -> Resolved:
     if ref.kind == "hf":
-        return resolve_hf(ref, credentials.hf)
+        return resolve_hf(ref, credentials.hf, downloader)
     if ref.kind.startswith("civitai"):
         return resolve_civitai(ref, credentials.civitai, downloader)
     assert ref.url is not None

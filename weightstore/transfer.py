@@ -64,8 +64,16 @@ class Limits:
 _TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
-class _Transient(Exception):
+class Transient(Exception):
     """A failure worth another try: the message is already safe to show."""
+
+
+class HttpStatusError(WeightsError):
+    """A final HTTP answer that is not the file (4xx); `status` lets a host say more."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def describe(exc: BaseException) -> str:
@@ -88,36 +96,48 @@ def describe(exc: BaseException) -> str:
 
 
 def retrying(name: str, attempt_once: Callable[[], T], limits: Limits, action: str = "download") -> T:
-    """Call attempt_once until it succeeds; `_Transient` and transient requests errors are retried."""
+    """Call attempt_once until it succeeds; `Transient` and transient requests errors are retried,
+    at most `limits.retries` tries in all, each retry logged, the wait doubling from `limits.backoff`."""
     retries = limits.retries
     for attempt in range(retries):
         try:
             return attempt_once()
-        except (_Transient, *_TRANSIENT) as exc:
-            reason = str(exc) if isinstance(exc, _Transient) else describe(exc)
+        except (Transient, *_TRANSIENT) as exc:
+            reason = str(exc) if isinstance(exc, Transient) else describe(exc)
             if attempt == retries - 1:
-                raise WeightsError(f"could not {action} {name} after {retries} tries: {reason}") from None
+                raise WeightsError(
+                    f"could not {action} {name} after {retries} tries: {reason}. Try again in a few minutes"
+                ) from None
             delay = limits.backoff * 2**attempt
-            log.info("could not %s %s (%s); retrying in %.1fs", action, name, reason, delay)
+            log.info(
+                "could not %s %s (%s); retrying in %.1fs (try %d of %d)",
+                action,
+                name,
+                reason,
+                delay,
+                attempt + 2,
+                retries,
+            )
             time.sleep(delay)
         except requests.RequestException as exc:
             raise WeightsError(f"could not {action} {name}: {describe(exc)}") from None
     raise AssertionError("unreachable")
 
 
-def http_error(status: int, name: str, service: str) -> WeightsError:
+def http_error(status: int, name: str, service: str) -> HttpStatusError:
     """What a final HTTP status means for the user, naming the input that fixes it."""
     if status in (401, 403):
         token_input = {"CivitAI": "civitai_api_token", "Hugging Face": "hf_api_token"}.get(service)
         if token_input:
-            return WeightsError(f"{name} needs a {service} token: pass {token_input} (got HTTP {status})")
-        return WeightsError(
+            return HttpStatusError(f"{name} needs a {service} token: pass {token_input} (got HTTP {status})", status)
+        return HttpStatusError(
             f"{name} refused access (HTTP {status}): the URL needs a valid credential (a signed URL or its "
-            "token), or it is wrong"
+            "token), or it is wrong",
+            status,
         )
     if status == 404:
-        return WeightsError(f"{name} was not found (HTTP 404): check the URL or id")
-    return WeightsError(f"{name}: HTTP {status} from {service}")
+        return HttpStatusError(f"{name} was not found (HTTP 404): check the URL or id", status)
+    return HttpStatusError(f"{name}: HTTP {status} from {service}", status)
 
 
 class Downloader:
@@ -143,7 +163,7 @@ class Downloader:
             try:
                 self._pget(url, dest, name)
                 return
-            except _Transient as exc:
+            except Transient as exc:
                 log.info("pget could not fetch %s (%s); downloading in one stream", name, exc)
         retrying(name, lambda: self._stream(url, dest, headers, name, service), self.limits)
 
@@ -153,13 +173,14 @@ class Downloader:
                 [self.pget, "-f", url, str(dest)], capture_output=True, text=True, timeout=self.limits.total_timeout
             )
         except subprocess.TimeoutExpired:
-            raise _Transient(f"no result after {self.limits.total_timeout:g}s") from None
+            raise Transient(f"no result after {self.limits.total_timeout:g}s") from None
         if result.returncode != 0:
             output = scrub((result.stderr or result.stdout).strip(), secrets=[url])
-            raise _Transient(f"exit {result.returncode}: {output.splitlines()[-1] if output else 'no output'}")
-        self._check_size(dest.stat().st_size, name)
+            raise Transient(f"exit {result.returncode}: {output.splitlines()[-1] if output else 'no output'}")
+        self.check_size(dest.stat().st_size, name)
 
-    def _check_size(self, size: int, name: str) -> None:
+    def check_size(self, size: int, name: str) -> None:
+        """Refuse a file over the size cap: before any byte when a host states the size, else while it streams."""
         if size > self.limits.max_bytes:
             raise WeightsError(f"{name} is {size} bytes, over the {self.limits.max_bytes}-byte limit")
 
@@ -168,15 +189,20 @@ class Downloader:
         with requests.get(url, headers=headers, stream=True, timeout=timeout) as resp:
             check_response(resp, name, service)
             expected = int(resp.headers.get("Content-Length") or 0)
-            self._check_size(expected, name)
+            self.check_size(expected, name)
             received = 0
             with open(dest, "wb") as out:
                 for chunk in resp.iter_content(1 << 20):
                     received += len(chunk)
-                    self._check_size(received, name)
+                    self.check_size(received, name)
                     out.write(chunk)
         if expected and received != expected:
-            raise _Transient(f"truncated: {received} of {expected} bytes")
+            raise Transient(f"truncated: {received} of {expected} bytes")
+
+
+def server_failed(service: str, status: int) -> str:
+    """A host's own failure, said so: the user's string is not the problem."""
+    return f"{service} failed (HTTP {status}), a fault on its side, not in the request"
 
 
 def check_response(resp: requests.Response, name: str, service: str) -> None:
@@ -184,7 +210,7 @@ def check_response(resp: requests.Response, name: str, service: str) -> None:
     if "/login" in urlsplit(resp.url).path:
         raise http_error(401, name, service)
     if resp.status_code >= 500:
-        raise _Transient(f"HTTP {resp.status_code} from {service}")
+        raise Transient(server_failed(service, resp.status_code))
     if resp.status_code >= 400:
         raise http_error(resp.status_code, name, service)
     if "text/html" in resp.headers.get("Content-Type", ""):
