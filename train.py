@@ -35,15 +35,11 @@ def _secret(value: Optional[Secret]) -> Optional[str]:
 def train(
     input_images: Optional[Path] = Input(
         default=None,
-        description="A .zip or .tar of at least 4 .jpg, .jpeg, .png or .webp images (10-20 work well). A .txt "
-        "file with an image's name is its caption. Required unless skip_training_and_use_pretrained_hf_lora_url "
-        "is set",
+        description="A .zip or .tar of at least 4 .jpg, .jpeg, .png or .webp images (10-20 work well). A .txt file with an image's name is its caption. Required unless skip_training_and_use_pretrained_hf_lora_url is set",
     ),
     trigger_word: str = Input(
         default="TOK",
-        description="The word or phrase that stands for the subject or style (e.g. TOK, CYBRPNK); write it in "
-        "your prompts. Matched in captions in any letter case; [trigger] in a caption is replaced by it. Empty: "
-        "no trigger word",
+        description="The word or phrase that stands for the subject or style (e.g. TOK, CYBRPNK); write it in your prompts. Matched in captions in any letter case; [trigger] in a caption is replaced by it. Empty: no trigger word",
     ),
     autocaption: bool = Input(
         default=True, description="Caption images that have no .txt file with the baked captioning model"
@@ -64,8 +60,7 @@ def train(
     batch_size: int = Input(default=1, ge=1, le=8, description="Images per step"),
     resolution: str = Input(
         default="512,768,1024",
-        description="Comma-separated training resolutions, e.g. '768,1024': every image trains at each. Images "
-        "keep their proportions (bucketed, never squashed)",
+        description="Comma-separated training resolutions, e.g. '768,1024': every image trains at each. Images keep their proportions (bucketed, never squashed)",
     ),
     lora_rank: int = Input(default=16, ge=1, le=128, description="LoRA rank: higher holds more detail"),
     caption_dropout_rate: float = Input(
@@ -73,16 +68,14 @@ def train(
     ),
     optimizer: str = Input(
         default="adamw8bit",
-        description="Optimizer: prodigy, adam8bit, adamw8bit, lion8bit, adam, adamw, lion, adagrad, adafactor. "
-        "8-bit ones run on CUDA GPUs; elsewhere the 32-bit one of the same name runs (logged)",
+        description="Optimizer: prodigy, adam8bit, adamw8bit, lion8bit, adam, adamw, lion, adagrad, adafactor. 8-bit ones run on CUDA GPUs; elsewhere the 32-bit one of the same name runs (logged)",
     ),
     cache_latents_to_disk: bool = Input(
         default=False, description="Keep the encoded images on disk instead of in memory (for many images)"
     ),
     layers_to_optimize_regex: Optional[str] = Input(
         default=None,
-        description="Regular expression over this SDXL UNet's attention layer names (e.g. 'attn2\\.to_(k|v)$'); "
-        "the LoRA trains only the layers it matches. Unset: every attention projection",
+        description=r"Regular expression over this SDXL UNet's attention layer names (e.g. 'attn2\.to_(k|v)$'); the LoRA trains only the layers it matches. Unset: every attention projection",
     ),
     gradient_checkpointing: bool = Input(
         default=False,
@@ -90,13 +83,11 @@ def train(
     ),
     hf_repo_id: Optional[str] = Input(
         default=None,
-        description="Hugging Face repository to upload the result to, e.g. alice/my-lora (created public if "
-        "missing). Needs hf_token",
+        description="Hugging Face repository to upload the result to, e.g. alice/my-lora (created public if missing). Needs hf_token",
     ),
     hf_token: Optional[Secret] = Input(
         default=None,
-        description="Hugging Face token with write access, for hf_repo_id (also read access for a private "
-        "skip_training_and_use_pretrained_hf_lora_url)",
+        description="Hugging Face token with write access, for hf_repo_id (also read access for a private skip_training_and_use_pretrained_hf_lora_url)",
     ),
     wandb_api_key: Optional[Secret] = Input(
         default=None, description="Weights & Biases API key: log loss, sample images and weights to W&B"
@@ -117,8 +108,7 @@ def train(
     ),
     skip_training_and_use_pretrained_hf_lora_url: Optional[str] = Input(
         default=None,
-        description="Skip training: package this SDXL LoRA from Hugging Face as the output, e.g. "
-        "https://huggingface.co/owner/repo/resolve/main/lora.safetensors",
+        description="Skip training: package this SDXL LoRA from Hugging Face as the output, e.g. https://huggingface.co/owner/repo/resolve/main/lora.safetensors",
     ),
     model: str = Input(
         default="illustrious-xl",
