@@ -16,6 +16,14 @@
 - Nothing half-written is visible: bytes go to `.part-<keyhash>-*` under the key's lock and are
   renamed into place; parts left by a killed process are removed at start. A corrupt index is
   set aside and the files it described are removed, so none is orphaned outside the byte bound.
+- Room is made before a download (as cog-flux does): least-recently-used entries are evicted
+  until the size the host states (or nothing, when it states none) fits the byte bound and the
+  disk floor; once the file is on disk, the bound is checked again with its real size, and the
+  floor with the disk as it is (the new file is already counted in its free space).
+- Recency lives in each file's mtime, set on every hit: one inode update, seen by every process,
+  instead of rewriting index.json under its lock on every hit. The index is written only when
+  what it says changes (an entry, an alias, an eviction).
+- A full disk, while streaming or writing the index, is a `WeightsError` saying so.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from typing import Any, TypeVar
 
 from engine import config
 from engine.request import Credentials, LocalLora
-from weightstore.errors import WeightsError
+from weightstore.errors import WeightsError, disk_full, is_disk_full
 from weightstore.refs import LoraRef, Resolved, parse_lora
 from weightstore.resolve import credential_for, embeddings_of, resolve
 from weightstore.transfer import Downloader, env_number
@@ -127,39 +135,68 @@ class LoraStore:
     def _serve(self, index: dict, key: str, tag: str | None) -> tuple[str, dict] | None:
         """The entry when its file is there and this caller may have it; marks it used."""
         entry = index["entries"].get(key)
-        if entry is None or not (self.files / _file_name(key)).exists():
+        path = self.files / _file_name(key)
+        if entry is None or not path.exists():
             return None
         if entry["auth"] is not None and tag not in entry["auth"]:
             return None
-        entry["last_used"] = time.time()
+        _mark_used(path)
         return key, entry
 
     # -- downloading ------------------------------------------------------------------------
 
     def _download(self, ref: LoraRef, resolved: Resolved, tag: str | None, keep: set[str]) -> LocalLora:
         key = resolved.key
-        path = self.files / _file_name(key)
         start = time.perf_counter()
-        with self._key_lock(key):
+        with self._key_lock(key, ref.display):
             hit = self._by_key(key, ref, tag)  # another thread or process may have just finished it
             if hit is not None:
+                log.info(
+                    "LoRA cache hit: %s (%d bytes, %.3fs with the wait)",
+                    ref.display,
+                    hit[1]["size"],
+                    time.perf_counter() - start,
+                )
                 return self._local(*hit, ref.display)
+            with self._index() as index:  # room first, for the size the host states (if any)
+                fits = self._make_room(index, key, resolved.size or 0, keep, on_disk=False)
+            if not fits:
+                raise self._no_room(ref.display)
             fd, name = tempfile.mkstemp(dir=self.files, prefix=_part_prefix(key))
             os.close(fd)
             part = Path(name)
             try:
-                trigger = resolved.fetch(part) or {}
+                try:
+                    trigger = resolved.fetch(part) or {}
+                except OSError as exc:
+                    if is_disk_full(exc):
+                        raise disk_full(ref.display) from None
+                    raise
                 validate_safetensors(part, ref.display)
                 size = part.stat().st_size + (embeddings_of(part).stat().st_size if trigger else 0)
-                with self._index() as index:
-                    self._make_room(index, size, keep)
-                    if trigger:
-                        os.replace(embeddings_of(part), embeddings_of(path))
-                    os.replace(part, path)
+                entry = self._commit(ref, resolved, tag, keep, part, size, trigger)
+            finally:
+                part.unlink(missing_ok=True)
+                embeddings_of(part).unlink(missing_ok=True)
+        log.info("LoRA cache miss: %s downloaded, %d bytes in %.2fs", ref.display, size, time.perf_counter() - start)
+        return self._local(key, entry, ref.display)
+
+    def _commit(
+        self, ref: LoraRef, resolved: Resolved, tag: str | None, keep: set[str], part: Path, size: int, trigger: dict
+    ) -> dict:
+        """Put a downloaded file into place and into the index, under the index lock; a failed
+        index write takes the file out again, so no file sits there that no entry describes."""
+        key = resolved.key
+        path = self.files / _file_name(key)
+        known = False
+        try:
+            with self._index() as index:
+                fits = self._make_room(index, key, size, keep, on_disk=True)  # evictions are written either way
+                if fits:
                     old = index["entries"].get(key)
+                    known = old is not None
                     entry = {
                         "size": size,
-                        "last_used": time.time(),
                         "auth": _grant(old["auth"] if old else [], tag),
                         "name": ref.display,
                         "trigger": trigger,
@@ -167,23 +204,52 @@ class LoraStore:
                     }
                     index["entries"][key] = entry
                     index["aliases"][ref.ident] = {"key": key, "at": time.time()}
-            finally:
-                part.unlink(missing_ok=True)
-                embeddings_of(part).unlink(missing_ok=True)
-        log.info("LoRA cache miss: %s downloaded, %d bytes in %.2fs", ref.display, size, time.perf_counter() - start)
-        return self._local(key, entry, ref.display)
+                    if trigger:
+                        os.replace(embeddings_of(part), embeddings_of(path))
+                    os.replace(part, path)
+                    _mark_used(path)
+        except WeightsError:
+            if not known:
+                path.unlink(missing_ok=True)
+                embeddings_of(path).unlink(missing_ok=True)
+            raise
+        if not fits:
+            raise self._no_room(ref.display)
+        return entry
 
-    def _make_room(self, index: dict, incoming: int, keep: set[str]) -> None:
-        """Evict least-recently-used entries until the new file fits both bounds."""
+    def _no_room(self, name: str) -> WeightsError:
+        return WeightsError(
+            f"not enough disk space for {name}: the server keeps {self.min_free} bytes free and no other "
+            "LoRA is left to evict. Try again later (the operator can free disk space)"
+        )
+
+    def _make_room(self, index: dict, key: str, incoming: int, keep: set[str], on_disk: bool) -> bool:
+        """Evict least-recently-used entries (never one of this request's) until `incoming` more
+        bytes for `key` fit the byte bound and the disk keeps its floor. A file already on disk is
+        in the free space the disk reports: counting it again would evict for nothing. False when
+        the floor cannot be kept even so; one request's own files may overrun the byte bound."""
         entries = index["entries"]
-        for key in sorted(entries, key=lambda k: entries[k]["last_used"]):
-            total = sum(e["size"] for e in entries.values()) + incoming
-            if total <= self.max_bytes and shutil.disk_usage(self.files).free - incoming >= self.min_free:
-                return
-            if key not in keep:
-                self._evict(index, key)
-        if shutil.disk_usage(self.files).free - incoming < self.min_free:
-            raise WeightsError(f"not enough disk space for a {incoming}-byte LoRA, even after emptying the cache")
+        reserve = 0 if on_disk else incoming
+
+        def floor_kept() -> bool:
+            return shutil.disk_usage(self.files).free - reserve >= self.min_free
+
+        def within_bound() -> bool:
+            return sum(e["size"] for k, e in entries.items() if k != key) + incoming <= self.max_bytes
+
+        for other in sorted(entries, key=self._last_used):
+            if within_bound() and floor_kept():
+                return True
+            if other not in keep and other != key:
+                self._evict(index, other)
+        return floor_kept()
+
+    def _last_used(self, key: str) -> int:
+        """When the entry's file was last served (its mtime); a missing file sorts first."""
+        try:
+            return (self.files / _file_name(key)).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
 
     def _evict(self, index: dict, key: str) -> None:
         path = self.files / _file_name(key)
@@ -209,40 +275,57 @@ class LoraStore:
 
     @contextlib.contextmanager
     def _index(self) -> Iterator[dict]:
-        """The index, read and written under the index lock: hold it for index work only."""
+        """The index, read under the index lock (hold it for index work only) and written back
+        when the work changed it. A full disk leaves the old index whole and says so."""
         with open(self.root / "lock", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                index = self._read_index()
+                index, text = self._read_index()
                 yield index
-                tmp = self.root / f".index.{os.getpid()}.{id(index)}"
-                tmp.write_text(json.dumps(index))
-                os.replace(tmp, self.root / "index.json")
+                if json.dumps(index) != text:
+                    self._write_index(index)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _read_index(self) -> dict:
+    def _write_index(self, index: dict) -> None:
+        tmp = self.root / f".index.{os.getpid()}.{id(index)}"
+        try:
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, self.root / "index.json")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full("the LoRA cache's index") from None
+            raise
+
+    def _read_index(self) -> tuple[dict, str | None]:
+        """The index and the text it was read from (None when it was not there or unreadable)."""
         path = self.root / "index.json"
         try:
-            index = json.loads(path.read_text())
+            text = path.read_text()
+            index = json.loads(text)
             if index.get("version") == INDEX_VERSION:
-                return index
+                return index, text
             reason = f"version {index.get('version')}"
         except FileNotFoundError:
-            return _empty_index()
+            return _empty_index(), None
         except (ValueError, AttributeError) as exc:
             reason = type(exc).__name__
         os.replace(path, self.root / f"index.unreadable.{int(time.time())}.json")
         log.warning("LoRA cache index was unreadable (%s): set aside; files it described are removed", reason)
         index = _empty_index()
         self._sweep(index)
-        return index
+        return index, None
 
     @contextlib.contextmanager
-    def _key_lock(self, key: str) -> Iterator[None]:
-        """The key's download lock, held until the block ends; its file is removed on the way out."""
+    def _key_lock(self, key: str, name: str) -> Iterator[None]:
+        """The key's download lock, held until the block ends; its file is removed on the way out.
+        When another thread or process holds it (downloading the same file), the wait is logged."""
         path = self.locks / f"{_key_hash(key)}.lock"
-        fd = _take(path, blocking=True)
+        fd = _take(path, blocking=False)
+        if fd is None:
+            log.info("LoRA %s: another download of the same file is running; waiting for it", name)
+            fd = _take(path, blocking=True)
         assert fd is not None
         try:
             yield
@@ -296,6 +379,13 @@ def _each(fn: Callable[[T], R], items: list[T]) -> list[R]:
         return [future.result() for future in [pool.submit(fn, item) for item in items]]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _mark_used(path: Path) -> None:
+    """Recency for the LRU order: the file's mtime, to the nanosecond (file times set by the
+    kernel are coarser, so two hits in a row could tie)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def _empty_index() -> dict[str, Any]:

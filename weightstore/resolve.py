@@ -50,7 +50,8 @@ def resolve(ref: LoraRef, credentials: Credentials, downloader: Downloader) -> R
         def write(dest: Path) -> None:
             dest.write_bytes(data)
 
-        return Resolved(f"data:{hashlib.sha256(data).hexdigest()}", write)
+        downloader.check_size(len(data), ref.display)
+        return Resolved(f"data:{hashlib.sha256(data).hexdigest()}", write, size=len(data))
     if ref.kind in ("replicate-tar", "replicate-model"):
         key = ref.ident if ref.kind == "replicate-model" else f"url:{split_credentials(url)[0]}"
         return Resolved(key, lambda dest: fetch_trained_tar(downloader, url, dest, ref.display))
@@ -69,6 +70,9 @@ def _decode_data_uri(uri: str) -> bytes:
         ) from None
 
 
+MAX_PARAMS_BYTES = 1 << 20  # special_params.json maps a few trigger words to tokens
+
+
 def embeddings_of(path: Path) -> Path:
     """Where the pivotal-tuning embeddings of a LoRA file live: beside it."""
     return path.with_name(path.name + ".pti")
@@ -76,24 +80,45 @@ def embeddings_of(path: Path) -> Path:
 
 def fetch_trained_tar(downloader: Downloader, url: str, dest: Path, name: str) -> dict[str, str] | None:
     """Replicate's trained_model.tar: lora.safetensors into dest, embeddings.pti beside it, and the
-    trigger map of special_params.json returned (None when the tar has no embeddings)."""
+    trigger map of special_params.json returned (None when the tar has no embeddings).
+
+    Only a plain tar is read, as Replicate's trainers write it: a compressed one could unpack to
+    far more than the download cap allowed. The members used are sized from their headers before
+    a byte is written (a GNU sparse member states more than the archive holds), each within
+    LORA_MAX_FILE_BYTES and all of them together too."""
+    cap = downloader.limits.max_bytes
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=dest.name + "-") as tmp:
         archive = Path(tmp) / "weights.tar"
         downloader.download(url, archive, {}, name, "Replicate")
         try:
-            with tarfile.open(archive) as tar:
+            with tarfile.open(archive, "r:") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
                 if "lora.safetensors" not in members:
                     raise WeightsError(f"{name} holds no lora.safetensors (found: {', '.join(members) or 'nothing'})")
+                used = [
+                    m for n, m in members.items() if n in ("lora.safetensors", "embeddings.pti", "special_params.json")
+                ]
+                for member in used:
+                    if member.size > cap:
+                        raise WeightsError(
+                            f"{name}: {member.name} unpacks to {member.size} bytes, over the {cap}-byte limit"
+                        )
+                params = members.get("special_params.json")
+                if params is not None and params.size > MAX_PARAMS_BYTES:
+                    raise WeightsError(f"{name}: its special_params.json is {params.size} bytes, not a trigger map")
+                if sum(m.size for m in used) > cap:
+                    raise WeightsError(f"{name} unpacks to more than the {cap}-byte limit")
                 _extract(tar, members["lora.safetensors"], dest)
                 if "embeddings.pti" not in members:
                     return None
                 _extract(tar, members["embeddings.pti"], embeddings_of(dest))
-                params = members.get("special_params.json")
                 source = tar.extractfile(params) if params else None
                 trigger = json.load(source) if source else {}
         except (tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError):
-            raise WeightsError(f"{name} is not a readable trained-model tar: check the URL") from None
+            raise WeightsError(
+                f"{name} is not a readable trained-model tar (a plain, uncompressed .tar, as Replicate's trainers "
+                "write): check the URL"
+            ) from None
     validate_safetensors(embeddings_of(dest), f"{name} (embeddings.pti)")
     if not trigger or not isinstance(trigger, dict):
         raise WeightsError(f"{name} has embeddings.pti but no special_params.json naming its trigger tokens")
