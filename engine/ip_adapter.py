@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class IpAdapter:
             pipe.register_modules(image_encoder=shared.image_encoder, feature_extractor=shared.feature_extractor)
             if shared.layout == self.layout:  # the same UNet shape: the same adapter modules fit it
                 self.processors, self.projection, self.modules = shared.processors, shared.projection, shared.modules
+                self.values = shared.values
                 self.image_encoder, self.feature_extractor = shared.image_encoder, shared.feature_extractor
                 self.shares = True
                 return
@@ -70,6 +71,7 @@ class IpAdapter:
             for name, processor in self.unet.attn_processors.items()
             if not name.startswith("encoder_hid_proj.")
         }
+        self.values = _scaled_values(self.processors.values())
         # What moves with the model (BaseModel.move) while it is not installed in the UNet.
         self.modules = torch.nn.ModuleList(
             [self.projection, *(p for p in self.processors.values() if isinstance(p, torch.nn.Module))]
@@ -94,7 +96,8 @@ class IpAdapter:
         self.unet.set_attn_processor(dict(self.processors))
         self.unet.encoder_hid_proj = self.projection
         self.unet.config.encoder_hid_dim_type = "ip_image_proj"
-        self.pipe.set_ip_adapter_scale(scale)
+        for values in self.values:  # the processors' own scale stays 1 (see _ScaledValues)
+            values.scale.fill_(scale)
         hook = self.unet.register_forward_pre_hook(_conditional_half_after_cutoff, with_kwargs=True)
         try:
             yield
@@ -124,6 +127,35 @@ class IpAdapter:
             return pipe.prepare_ip_adapter_image_embeds(
                 [[image.convert("RGB") for image in images]], None, pipe._execution_device, 1, guided
             )
+
+
+class _ScaledValues(torch.nn.Module):
+    """An adapter's value projection times the request's scale, which it holds as a tensor.
+
+    diffusers' IP processors multiply their attention output by `processor.scale`, a Python float
+    that torch.compile specialises on: every new ip_adapter_scale was a new graph of every compiled
+    block, and past the recompile limit a failed request. Attention is linear in its values, so
+    scaling them gives the same output, and a buffer is an input of the compiled graphs, read
+    afresh at each call. The processors' own scale stays 1."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+        weight = linear.weight
+        self.register_buffer("scale", torch.ones((), dtype=weight.dtype, device=weight.device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear(tokens) * self.scale
+
+
+def _scaled_values(processors: Iterable[Any]) -> list[_ScaledValues]:
+    """Each IP processor's value projections wrapped in a _ScaledValues, once, at load."""
+    wrapped = []
+    for processor in processors:
+        if isinstance(getattr(processor, "to_v_ip", None), torch.nn.ModuleList):
+            processor.to_v_ip = torch.nn.ModuleList(_ScaledValues(linear) for linear in processor.to_v_ip)
+            wrapped.extend(processor.to_v_ip)
+    return wrapped
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from engine.compiling import compile_wanted
+from engine.config import CONTROL_MAX_STRENGTH, IP_ADAPTER_MAX_SCALE
 from engine.generator import Engine
 from engine.request import Credentials, GenerationRequest, LocalLora, LoraSpec
 
@@ -113,6 +114,33 @@ def test_compiled_unet_never_recompiles_after_setup(
         np.testing.assert_array_equal(result, pixels(eager, req))
     assert np.array_equal(results[0], results[-1]), "back to the base weights after LoRAs"
     assert not np.array_equal(results[0], results[5])
+
+
+def test_no_reference_scale_or_control_strength_compiles_after_setup(compiled: Engine, graphs: list) -> None:
+    """40 requests, each with its own ip_adapter_scale and control_strength, run the graphs the
+    warm-up built: a scale the compiled blocks read as a Python constant would be a new graph per
+    value, and past the recompile limit a failed request."""
+    warmed = len(graphs)
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    fast = replace(BASE, num_inference_steps=2)
+    scales = np.linspace(0.05, IP_ADAPTER_MAX_SCALE, 40).round(3).tolist()
+    strengths = np.linspace(0.05, CONTROL_MAX_STRENGTH, 40).round(3).tolist()[::-1]
+    requests = [
+        replace(
+            fast,
+            ip_adapter_images=(photo,),
+            ip_adapter_scale=scale,
+            control_image=photo,
+            control_type="canny",
+            control_strength=strength,
+            go_fast=i % 2 == 0,
+        )
+        for i, (scale, strength) in enumerate(zip(scales, strengths, strict=True))
+    ]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outputs = [pixels(compiled, r) for r in requests]
+    assert len(graphs) == warmed, "a new scale or strength compiled a graph"
+    assert not np.array_equal(outputs[0], outputs[2]), "the scales reach the images"
 
 
 def test_a_compiler_failure_leaves_the_model_running_uncompiled(

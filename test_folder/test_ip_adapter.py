@@ -281,3 +281,29 @@ def test_swap_mode_moves_the_shared_adapter_with_the_requested_model(weights_dir
         adapter = swapping.models[model].ip_adapter
         assert adapter is not None
         assert {p.device for p in adapter.modules.parameters()} == {swapping.models[model].device}
+
+
+def test_the_scale_on_the_values_is_diffusers_scale_on_the_output(engine: Engine) -> None:
+    """The engine scales each IP processor's values by a tensor (compiled graphs read it afresh) where
+    diffusers multiplies the attention output by a float; attention is linear in its values, so the
+    outputs agree to float rounding, at every scale."""
+    adapter = engine.models["sdxl"].ip_adapter
+    assert adapter is not None and adapter.values
+    unet = engine.models["sdxl"].txt2img.unet
+    name, processor = next((n, p) for n, p in adapter.processors.items() if n.endswith("attn2.processor"))
+    attn = unet.get_submodule(name.removesuffix(".processor"))
+    values = processor.to_v_ip[0]
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 64, attn.to_q.in_features, generator=gen)
+    text = torch.randn(2, 77, attn.to_k.in_features, generator=gen)
+    ip = torch.randn(2, processor.num_tokens[0], values.linear.in_features, generator=gen)
+    with torch.no_grad():
+        for scale in (0.3, 1.0, 1.5):
+            values.scale.fill_(scale)
+            ours = processor(attn, hidden, encoder_hidden_states=(text, [ip]))
+            values.scale.fill_(1.0)
+            processor.scale = [scale]
+            theirs = processor(attn, hidden, encoder_hidden_states=(text, [ip]))
+            processor.scale = [1.0]
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+            assert scale == 1.0 or not torch.equal(ours, processor(attn, hidden, encoder_hidden_states=(text, [ip])))
