@@ -342,6 +342,12 @@ def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
     if "Lora" in fields:
         specs = tuple(LoraSpec(name, float(scale)) for name, scale in _OWN_LORA.findall(str(fields["Lora"])))
         reading.used.update(k for k in ("Lora", "Lora hashes", "Hashes") if k in fields)
+        for spec in specs:
+            if spec.source.startswith("data:"):  # the output names it, but cannot hold its bytes
+                raise InputError(
+                    "generation_data names a LoRA that was sent as a data: URI, which the text cannot carry: "
+                    "send it again as lora_weights and remove it from the text's Lora field"
+                )
     elif versions := _civitai_loras(fields.get("Civitai resources")):
         specs = tuple(LoraSpec(f"civitai.com/api/download/models/{vid}", weight) for vid, weight in versions)
         reading.used.update(k for k in ("Civitai resources", "Lora hashes") if k in fields)

@@ -263,6 +263,12 @@ def test_an_unresolvable_tag_is_refused_by_name() -> None:
         apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
 
 
+def test_a_lora_sent_as_data_uri_is_asked_for_again() -> None:
+    text = params(loras=(("data: URI", 0.5, "0123456789ab"),)).to_a1111()
+    with pytest.raises(InputError, match=r"sent as a data: URI.*send it again as lora_weights"):
+        apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+
+
 def test_at_most_four_loras_from_one_text() -> None:
     tags = " ".join(f"<lora:l{i}:1>" for i in range(5))
     hashes = ", ".join(f"l{i}: {i:012x}" for i in range(5))
