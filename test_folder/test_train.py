@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -26,7 +28,7 @@ from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
 from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
-from test_folder.emulators import file_host
+from test_folder.emulators import HfRepo, file_host, hugging_face, point_hub_client_at
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
 from training.request import TrainingRequest
 from training.trainer import TrainingResult, train
@@ -398,6 +400,7 @@ def test_tar_links_and_non_archives_are_refused(tmp_path: Path) -> None:
 def test_bad_settings_fail_before_any_step(
     change: dict, message: str, weights_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     archive = make_zip(tmp_path / "in.zip", dataset())
     request = TrainingRequest(archive, steps=2, resolution="256", autocaption=False)
     request = TrainingRequest(**{**request.__dict__, **change})
@@ -405,3 +408,119 @@ def test_bad_settings_fail_before_any_step(
         train(request, weights_dir, tmp_path / "out")
     assert "step 1/" not in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+WRITE_TOKEN = "hf_write_0123456789abcdef"
+
+
+def _small(tmp_path: Path, **change: object) -> TrainingRequest:
+    """A two-step training on the tiny model, for what happens around the steps."""
+    archive = make_zip(tmp_path / "in.zip", dataset())
+    return TrainingRequest(archive, steps=2, resolution="256", autocaption=False, seed=1, **change)  # type: ignore[arg-type]
+
+
+def test_the_result_is_uploaded_to_hf_repo_id_with_a_model_card(
+    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    repos: dict[str, HfRepo] = {}
+    hub = hugging_face(repos, write_token=WRITE_TOKEN)
+    point_hub_client_at(hub, monkeypatch)
+    try:
+        result = train(
+            _small(tmp_path, hf_repo_id="alice/grid-lora", hf_token=WRITE_TOKEN), weights_dir, tmp_path / "out"
+        )
+    finally:
+        hub.close()
+    assert result.hf_upload_error is None and result.hf_repo_url == f"{hub.url}/alice/grid-lora"
+    files = repos["alice/grid-lora"].files
+    with tarfile.open(result.tar) as tar:
+        assert files["lora.safetensors"] == tar.extractfile("lora.safetensors").read()  # type: ignore[union-attr]
+        assert files["embeddings/TOK.safetensors"] == tar.extractfile("embeddings/TOK.safetensors").read()  # type: ignore[union-attr]
+    assert not any(name.startswith("captions/") for name in files), "captions stay private, as Flux's trainer"
+    card = files["README.md"].decode()
+    assert 'instance_prompt: "TOK"' in card and "base_model: OnomaAIResearch/Illustrious-xl-early-release-v0" in card
+    assert "Write `TOK` in your prompt" in card and "`lora_kohya.safetensors`" in card
+    assert WRITE_TOKEN not in caplog.text and "uploaded to" in caplog.text
+
+
+def test_a_failed_upload_is_reported_and_the_tar_still_returned(
+    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    hub = hugging_face({}, write_token=WRITE_TOKEN)
+    point_hub_client_at(hub, monkeypatch)
+    wrong = "hf_readonly_0123456789abcdef"
+    try:
+        result = train(_small(tmp_path, hf_repo_id="alice/grid-lora", hf_token=wrong), weights_dir, tmp_path / "out")
+    finally:
+        hub.close()
+    assert result.hf_repo_url is None and result.tar.is_file()
+    assert result.hf_upload_error is not None
+    assert "upload to Hugging Face repository alice/grid-lora failed" in result.hf_upload_error
+    assert "Check that hf_token has write access" in result.hf_upload_error
+    assert result.hf_upload_error in caplog.text and "the trained tar is returned all the same" in caplog.text
+    assert wrong not in caplog.text and wrong not in result.hf_upload_error
+
+
+def test_skip_training_packages_a_hub_lora_as_the_output(
+    trained: TrainingResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with tarfile.open(trained.tar) as tar:
+        lora = tar.extractfile("lora.safetensors").read()  # type: ignore[union-attr]
+    hub = hugging_face({"fofr/sdxl-grid": HfRepo({"lora.safetensors": lora}, token="hf_read_0123456789")})
+    point_hub_client_at(hub, monkeypatch)
+    url = f"{hub.url}/fofr/sdxl-grid/resolve/main/lora.safetensors"
+    try:
+        request = TrainingRequest(skip_training_and_use_pretrained_hf_lora_url=url, hf_token="hf_read_0123456789")
+        result = train(request, Path("/nonexistent-weights"), tmp_path / "out")
+        with pytest.raises(InputError, match="repository fofr/sdxl-grid was not found \\(or is private: pass hf_token"):
+            train(replace(request, hf_token=None), Path("/nonexistent-weights"), tmp_path / "out2")
+        missing = url.replace("lora.safetensors", "other.safetensors")
+        with pytest.raises(InputError, match=r"other\.safetensors at revision main is not in fofr/sdxl-grid"):
+            train(replace(request, skip_training_and_use_pretrained_hf_lora_url=missing), Path("/x"), tmp_path / "o3")
+    finally:
+        hub.close()
+    with tarfile.open(result.tar) as tar:
+        assert sorted(tar.getnames()) == ["lora.safetensors", "training_params.json"]
+        assert tar.extractfile("lora.safetensors").read() == lora  # type: ignore[union-attr]
+    assert "no training" in caplog.text and "step 1/" not in caplog.text
+    with pytest.raises(InputError, match=r"must be a Hugging Face file URL ending in \.safetensors"):
+        train(
+            replace(request, skip_training_and_use_pretrained_hf_lora_url="https://example.com/x.bin"),
+            Path("/x"),
+            tmp_path,
+        )
+
+
+def test_wandb_logs_loss_samples_and_weights(
+    weights_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """wandb's offline mode writes the run where an online one would upload it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    (tmp_path / "wandb-dir").mkdir()
+    key = "0123456789abcdef0123456789abcdef01234567"
+    request = _small(
+        tmp_path,
+        wandb_api_key=key,
+        wandb_project="grids",
+        wandb_run="first",
+        wandb_sample_prompts="a photo of TOK\n\na grid",
+        wandb_sample_interval=2,
+        wandb_save_interval=1,
+    )
+    train(request, weights_dir, tmp_path / "out")
+    (run,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*")
+    records = b""
+    for _ in range(100):  # wandb's service process writes the records file a moment after finish() returns
+        records = next(run.glob("run-*.wandb")).read_bytes()
+        if b"loss" in records:
+            break
+        time.sleep(0.1)
+    assert b"loss" in records and b"grids" in records
+    assert len(list((run / "files" / "media" / "images").rglob("*.png"))) == 2, "two prompts sampled at step 2"
+    assert {p.name for p in (run / "files").glob("*.safetensors")} == {"lora-step1.safetensors", "lora.safetensors"}
+    for path in (tmp_path / "wandb-dir").rglob("*"):
+        assert not path.is_file() or key.encode() not in path.read_bytes(), f"the key is written in {path}"

@@ -117,7 +117,11 @@ def fetch_pretrained(url: str, token: str | None, dest: Path) -> tuple[str, Path
         )
     repo_id, revision, filename = match.groups()
     try:
-        path = Path(hf_hub_download(repo_id, filename, revision=revision, token=token or False, cache_dir=dest / "hub"))
+        path = Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision, token=token or False, cache_dir=dest / "hub", endpoint=_endpoint()
+            )
+        )
     except RepositoryNotFoundError:
         raise InputError(
             f"skip_training_and_use_pretrained_hf_lora_url: repository {repo_id} was not found (or is private: "

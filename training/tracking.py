@@ -74,8 +74,11 @@ class WandbRun:
             self._failed("sample logging", exc)
 
     def save(self, path: Path) -> None:
+        """A copy in the run's own folder: wandb uploads in the background, after `path` may be gone."""
         try:
-            self.run.save(str(path), base_path=str(path.parent), policy="now")
+            kept = Path(self.run.dir) / path.name
+            shutil.copyfile(path, kept)
+            self.run.save(str(kept), base_path=self.run.dir, policy="now")
         except Exception as exc:
             self._failed("saving weights", exc)
 
