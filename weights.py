@@ -1,8 +1,9 @@
 """The weights story: where a string points (resolve), how bytes arrive (download), what is kept.
 
 This is the entry point; each concern lives in its own module of `weightstore/`:
-- `refs.parse_lora` reads every LoRA form users paste without a network request, and refuses
-  local paths that are missing and schemes it does not read, by name;
+- `refs.parse_lora` reads every LoRA form users paste without a network request, refuses
+  schemes it does not read by name, and reads a local path only inside LOCAL_FILES_DIR
+  (`engine.server_files`, the rule image inputs follow too);
 - `resolve` (with `huggingface` and `civitai`) pins a reference to an immutable key;
 - `transfer.Downloader` moves bytes: pget in the image, one HTTP stream elsewhere;
 - `cache.LoraStore` keeps files in an LRU cache that never blocks a hit on another's download;
