@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.allocator import cap_malloc_arenas
 from engine.compiling import compile_blocks, compile_wanted, uncompile_blocks, warm_up
 from engine.config import (
     CUSTOM_MODEL_ID,
@@ -151,6 +152,7 @@ class Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing.
         `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up."""
         start = time.perf_counter()
+        cap_malloc_arenas()  # before anything is loaded: glibc fixes its arena limit early
         quiet_library_noise()
         settings = settings_for(device) if device is not None else current()
         device = settings.device
@@ -436,13 +438,10 @@ class Engine:
         upscaler = self.upscaler
         assert upscaler is not None, "check_upscale refuses an upscale without an upscaler, before any work"
         start = time.perf_counter()
+        images = upscaler.upscale_all([r.image for r in results], factor)
         upscaled = [
-            replace(
-                r,
-                image=upscaler.upscale(r.image, factor),
-                parameters=replace(r.parameters, upscale_by=factor, upscaler=UPSCALER_NAME),
-            )
-            for r in results
+            replace(r, image=image, parameters=replace(r.parameters, upscale_by=factor, upscaler=UPSCALER_NAME))
+            for r, image in zip(results, images, strict=True)
         ]
         (w, h), (uw, uh) = results[0].image.size, upscaled[0].image.size
         log.info(

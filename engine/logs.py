@@ -10,6 +10,7 @@ messages whose cause is inside diffusers (below).
 from __future__ import annotations
 
 import logging
+import sys
 
 # diffusers' ModelMixin.to warns on every dtype argument, even when no module must stay in fp32
 # (the list it prints is empty); load_ip_adapter calls unet.to(dtype=unet.dtype) once per model.
@@ -53,3 +54,11 @@ def quiet_library_noise() -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     _drop("diffusers.models.modeling_utils", _EMPTY_FP32_WARNING)
+
+
+def flush_logs() -> None:
+    """Write out every line logged or printed so far, before a long stretch of work (the upscale)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()

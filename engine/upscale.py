@@ -30,6 +30,7 @@ from engine.config import (
     UPSCALER_NAME,
 )
 from engine.errors import InputError
+from engine.logs import flush_logs
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +119,47 @@ class Upscaler:
             return None
         return cls(folder, device, dtype)
 
-    def upscale(self, image: Image.Image, factor: int) -> Image.Image:
-        """The image `factor` times larger: the model's own scale, or its result reduced with Lanczos."""
+    def upscale_all(self, images: list[Image.Image], factor: int) -> list[Image.Image]:
+        """Each image `factor` times larger, saying so before each image and after each of its tiles.
+
+        A long upscale must not go silent: coglet sends a prediction's new log lines with its next
+        update once its throttle interval has passed, so the lines written just before a silent
+        upscale (the "generated" line) reached the user only when it ended. Lines written so far
+        are flushed first, then each progress line is an update."""
+        flush_logs()
+        results = []
+        for i, image in enumerate(images, 1):
+            tiles = self.tile_count(image)
+            log.info(
+                "upscaling image %d of %d: %dx%d -> %dx%d (%d tile%s)",
+                i,
+                len(images),
+                image.width,
+                image.height,
+                image.width * factor,
+                image.height * factor,
+                tiles,
+                "" if tiles == 1 else "s",
+            )
+            results.append(self.upscale(image, factor, f"image {i} of {len(images)}"))
+        return results
+
+    def tile_count(self, image: Image.Image) -> int:
+        spans = (tile_spans(side, self.tile, self.overlap, self.grid) for side in (image.height, image.width))
+        return math.prod(len(s) for s in spans)
+
+    def upscale(self, image: Image.Image, factor: int, label: str = "image") -> Image.Image:
+        """The image `factor` times larger: the model's own scale, or its result reduced with Lanczos.
+        With several tiles, a line after each names `label` (which image of a request)."""
         if factor < 2 or self.scale % factor:
             raise ValueError(f"the x{self.scale} upscaler cannot make {factor}x")
-        result = self._run(image)
+        result = self._run(image, label)
         if factor == self.scale:
             return result
         return result.resize((image.width * factor, image.height * factor), Image.Resampling.LANCZOS)
 
     @torch.inference_mode()
-    def _run(self, image: Image.Image) -> Image.Image:
+    def _run(self, image: Image.Image, label: str) -> Image.Image:
         """The model's x`scale` result, tile by tile; accumulated on the CPU so device memory holds one tile."""
         pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
         _, height, width = pixels.shape
@@ -137,6 +168,7 @@ class Upscaler:
         cols = tile_spans(width, self.tile, self.overlap, self.grid)
         total = torch.zeros(3, height * s, width * s)
         weight = torch.zeros(1, height * s, width * s)
+        start, count = time.perf_counter(), len(rows) * len(cols)
         for i, (top, bottom) in enumerate(rows):
             for j, (left, right) in enumerate(cols):
                 tile = pixels[None, :, top:bottom, left:right].to(self.device).float().div(255).to(self.dtype)
@@ -144,5 +176,8 @@ class Upscaler:
                 w = _feather(rows, i, s)[:, None] * _feather(cols, j, s)[None, :]
                 total[:, top * s : bottom * s, left * s : right * s] += out * w
                 weight[:, top * s : bottom * s, left * s : right * s] += w
+                if count > 1:
+                    done = i * len(cols) + j + 1
+                    log.info("upscaled tile %d of %d of %s (%.2fs)", done, count, label, time.perf_counter() - start)
         rgb = total.div_(weight).mul_(255).round_().to(torch.uint8)
         return Image.fromarray(rgb.permute(1, 2, 0).numpy())

@@ -236,3 +236,28 @@ def test_the_manifest_entry_bakes_a_folder_the_upscaler_loads(
     loaded = Upscaler.load_if_baked(tmp_path / "weights", torch.device("cpu"), torch.float32)
     assert loaded is not None
     assert np.array_equal(_pixels(loaded.upscale(image, 4)), _pixels(upscaler.upscale(image, 4)))
+
+
+def test_the_upscale_says_how_far_it_is_after_the_generated_line(
+    engine: Engine, weights_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line before each image and after each of its tiles, all after the "generated" line: a long
+    upscale keeps a prediction's logs (and so coglet's updates) moving instead of holding them back."""
+    tiled = Upscaler(weights_dir / UPSCALER_DIR, torch.device("cpu"), torch.float32, tile=48, overlap=16)
+    tiling = Engine(engine.models, engine.safety, upscaler=tiled)
+    req = GenerationRequest(
+        prompt="a lighthouse", num_inference_steps=2, seed=3, num_outputs=2, megapixels="0.25", upscale="4x"
+    )
+    with caplog.at_level(logging.INFO):
+        results = tiling.generate(req)
+    lines = [r.getMessage() for r in caplog.records]
+    first = next(i for i, line in enumerate(lines) if line.startswith("generated 2 image(s)"))
+    progress = [line for line in lines[first + 1 :] if line.startswith("upscal")]
+    (w, h), tiles = results[0].image.size, tiled.tile_count(Image.new("RGB", (64, 64)))
+    assert (w, h) == (256, 256) and tiles == 4
+    expected = []
+    for i in (1, 2):
+        expected.append(f"upscaling image {i} of 2: 64x64 -> 256x256 (4 tiles)")
+        expected += [f"upscaled tile {t} of 4 of image {i} of 2" for t in range(1, 5)]
+    assert [line.split(" (")[0] if "tile " in line else line for line in progress[:-1]] == expected
+    assert progress[-1].startswith("upscaled 2 image(s) 4x with")
