@@ -266,7 +266,9 @@ def _model(reading: _Reading, request: GenerationRequest, models: Mapping[str, M
     """A baked model the text names (this project's model id) or whose checkpoint hash it gives;
     another checkpoint's name and hash are left unused."""
     name = str(reading.fields.get("Model", "")).strip()
-    digest = str(reading.fields.get("Model hash", "")).strip().lower()
+    forge = reading.fields.get("Hashes")
+    digest = str(reading.fields.get("Model hash") or (forge.get("model") if isinstance(forge, dict) else "") or "")
+    digest = digest.strip().lower()
     by_hash = [m for m, facts in models.items() if digest and facts.model_hash and facts.model_hash.lower() == digest]
     found = name if name in models else by_hash[0] if by_hash else None
     if found is None:
@@ -276,6 +278,8 @@ def _model(reading: _Reading, request: GenerationRequest, models: Mapping[str, M
         reading.used.update(k for k in ("Model", "Model hash") if k in reading.fields)
         return request.model
     reading.used.update(k for k in ("Model", "Model hash") if k in reading.fields)
+    if found != name and "Model hash" not in reading.fields:
+        reading.used.add("Hashes")  # Forge's hash of the model named it
     return found
 
 

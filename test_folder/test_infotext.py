@@ -244,6 +244,10 @@ def test_a_model_is_chosen_by_its_id_or_its_checkpoint_hash() -> None:
     assert by_id.model == "sdxl"
     text = "a cat\nSteps: 2, Sampler: Euler a, Model hash: 31E35C80FC, Model: sd_xl_base_1.0"
     assert apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY).model == "sdxl"
+    forge = 'a cat\nSteps: 2, Sampler: Euler a, Model: x, Hashes: {"model": "31e35c80fc"}'
+    assert apply_generation_data(GenerationRequest(prompt=""), forge, ALL_DEFAULT, TINY).model == "sdxl"
+    other = "a cat\nSteps: 2, Sampler: Euler a, Model hash: 0123456789, Model: another"
+    assert apply_generation_data(GenerationRequest(prompt=""), other, ALL_DEFAULT, TINY).model == "illustrious-xl"
 
 
 def test_civitai_resources_give_exact_versions() -> None:
