@@ -135,6 +135,10 @@ SEED_MAX = 2**64 - 1
 MAX_PROMPT_TOKENS = 512
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4
+MAX_CFG_SCALE = 20.0  # cfg_scale's bound (its `le` in predict.py), which generation data must meet too
+# LoRAs one generation_data text may bring (engine/infotext.py). The fused LoRAs allow any number;
+# this bounds the downloads of one request.
+GENERATION_DATA_MAX_LORAS = 4
 OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")
 
 

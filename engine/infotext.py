@@ -24,6 +24,8 @@ from urllib.parse import quote
 
 from engine.config import (
     CUSTOM_ASPECT,
+    GENERATION_DATA_MAX_LORAS,
+    MAX_CFG_SCALE,
     MAX_STEPS,
     REFERENCE_RESOLUTION,
     UPSCALE_FACTORS,
@@ -35,10 +37,6 @@ from engine.schedulers import from_a1111
 
 log = logging.getLogger(__name__)
 
-# LoRAs one text may bring (the fused engine applies any number; this bounds downloads per request).
-MAX_INFOTEXT_LORAS = 4
-# The CFG bound of the cfg_scale input.
-MAX_CFG = 20.0
 # This project's go_fast keys: a text without them was made without go_fast (or by A1111).
 GO_FAST_KEYS = ("CFG cutoff", "Deep cache")
 
@@ -240,8 +238,10 @@ def apply_generation_data(
     _sampler(reading, changes)
     if (cfg := reading.wanted("CFG scale", "cfg_scale", "guidance")) is not None:
         changes["cfg_scale"] = reading.number("CFG scale", cfg)
-        if not 0 <= changes["cfg_scale"] <= MAX_CFG:
-            raise InputError(f"generation_data has CFG scale {cfg}; cfg_scale takes 0 to {MAX_CFG:g}: send cfg_scale")
+        if not 0 <= changes["cfg_scale"] <= MAX_CFG_SCALE:
+            raise InputError(
+                f"generation_data has CFG scale {cfg}; cfg_scale takes 0 to {MAX_CFG_SCALE:g}: send cfg_scale"
+            )
     if (seed := reading.wanted("Seed", "seed")) is not None:
         changes["seed"] = reading.number("Seed", seed, int)
     _size(reading, changes, models[model].native_resolution if model in models else REFERENCE_RESOLUTION)
@@ -357,9 +357,9 @@ def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
         reading.used.update(k for k in ("Civitai resources", "Lora hashes") if k in fields)
     else:
         specs = tuple(_by_hash(reading, tag) for tag in tags)
-    if len(specs) > MAX_INFOTEXT_LORAS:
+    if len(specs) > GENERATION_DATA_MAX_LORAS:
         raise InputError(
-            f"generation_data names {len(specs)} LoRAs; at most {MAX_INFOTEXT_LORAS} are applied from one text: "
+            f"generation_data names {len(specs)} LoRAs; at most {GENERATION_DATA_MAX_LORAS} are applied from one text: "
             "remove the <lora:> tags of those to leave out"
         )
     return specs
