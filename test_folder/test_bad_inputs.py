@@ -108,6 +108,8 @@ SCHEMA_CASES: list[tuple[str, dict[str, Any]]] = [
     ("scheduler-unknown", {"scheduler": "Heun"}),
     ("model-flux", {"model": "flux-dev"}),
     ("model-empty", {"model": ""}),
+    ("generation_data-int", {"generation_data": 5}),
+    ("generation_data-list", {"generation_data": ["a cat", "Steps: 2"]}),
 ]
 
 FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
@@ -117,6 +119,14 @@ FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("custom-no-height", {"aspect_ratio": "custom", "width": 512}, 'aspect_ratio "custom" needs both'),
     ("custom-no-width", {"aspect_ratio": "custom", "height": 512}, 'aspect_ratio "custom" needs both'),
     ("model-custom-absent", {"model": "custom"}, "no custom checkpoint is baked"),
+    # generation data
+    ("generation_data-size", {"generation_data": "a cat\nSteps: 2, Sampler: Euler a, Size: 1024"}, "Size: 1024"),
+    (
+        "generation_data-tag-without-hash",
+        {"generation_data": "a cat <lora:mystery:0.6>\nSteps: 2, Sampler: Euler a, Seed: 1"},
+        "tag <lora:mystery:0.6> names a LoRA without a hash",
+    ),
+    ("generation_data-blank", {"generation_data": "\n \n"}, "neither a prompt nor"),
     # images
     ("image-text", {"image": data_uri(b"hello", "text/plain")}, "image could not be read as an image"),
     ("image-empty", {"image": "data:image/png;base64,"}, "image could not be read as an image"),
