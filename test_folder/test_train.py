@@ -14,13 +14,14 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load as load_file_bytes
 from safetensors.torch import load_file
 
 from engine.errors import InputError
@@ -230,13 +231,121 @@ def test_captions_txt_wins_and_every_caption_names_the_trigger() -> None:
     assert caption_all(named, "TOK", "", "", None) == ["TOK riding a bike"]
 
 
+@dataclass
+class TrainHub:
+    """The loopback hub the train server uploads to and downloads from, and its wandb folder."""
+
+    repos: dict[str, HfRepo]
+    url: str
+    wandb_dir: Path
+
+
 @pytest.fixture(scope="module")
-def train_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CogServer]:
+def train_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainHub]:
+    repos: dict[str, HfRepo] = {}
+    hub = hugging_face(repos, write_token=WRITE_TOKEN)
+    try:
+        yield TrainHub(repos, hub.url, tmp_path_factory.mktemp("server-wandb"))
+    finally:
+        hub.close()
+
+
+@pytest.fixture(scope="module")
+def train_server(
+    weights_dir: Path, tmp_path_factory: pytest.TempPathFactory, train_hub: TrainHub
+) -> Iterator[CogServer]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # one thread in its worker too (see one_thread)
+        mp.setenv("HF_ENDPOINT", train_hub.url)
+        mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        mp.delenv("HF_TOKEN", raising=False)
+        mp.setenv("WANDB_MODE", "offline")  # wandb writes the run where it would upload it
+        mp.setenv("WANDB_DIR", str(train_hub.wandb_dir))
         server = CogServer(weights_dir, tmp_path_factory.mktemp("train-server") / "server.log", train=True)
     with server:
         yield server
+
+
+def flux_trainer_json(hub: TrainHub) -> dict:
+    """Every input of Replicate's Flux trainer, as its form sends them (values changed from its
+    defaults where a test needs a small run, an upload target or an offline W&B run)."""
+    return {
+        "input_images": zip_data_uri(dataset()),
+        "trigger_word": "",
+        "autocaption": True,
+        "autocaption_prefix": "a photo of",
+        "autocaption_suffix": "in a grid style",
+        "steps": 3,
+        "learning_rate": 4e-4,
+        "batch_size": 1,
+        "resolution": "512,768",
+        "lora_rank": 16,
+        "caption_dropout_rate": 0.05,
+        "optimizer": "adamw8bit",
+        "cache_latents_to_disk": True,
+        "layers_to_optimize_regex": "attn2",
+        "gradient_checkpointing": True,
+        "hf_repo_id": "alice/flux-json",
+        "hf_token": WRITE_TOKEN,
+        "wandb_api_key": "0123456789abcdef0123456789abcdef01234567",
+        "wandb_project": "flux_train_replicate",
+        "wandb_run": "bar",
+        "wandb_entity": "alice",
+        "wandb_sample_interval": 2,
+        "wandb_sample_prompts": "a photo of a grid",
+        "wandb_save_interval": 100,
+    }
+
+
+def test_flux_trainer_json_every_input_honoured_through_cog(train_server: CogServer, train_hub: TrainHub) -> None:
+    inputs = flux_trainer_json(train_hub)
+    assert [*inputs, "skip_training_and_use_pretrained_hf_lora_url"] == FLUX_TRAINER_INPUTS
+    status, body = train_server.predict(inputs, path="/trainings")
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    logs = body["logs"]
+    for line in (
+        "autocaption: 3 caption(s)",  # img0 brings its .txt
+        "optimizer: adamw8bit asked for, 8-bit optimizers need a CUDA GPU: running adamw (32-bit) instead",
+        "layers_to_optimize_regex: LoRA on 32 of 88 attention layers",
+        "gradient checkpointing: on (asked for)",
+        "latents on disk in",
+        "wandb: logging to project flux_train_replicate, run bar",
+        "step 3/3, loss",
+        "uploaded to",
+    ):
+        assert line in logs, line
+    assert "HTTP Request" not in logs and "it/s]" not in logs, "no library request lines or progress bars"
+    assert WRITE_TOKEN not in logs and inputs["wandb_api_key"] not in logs
+    output = body["output"]
+    assert output["hf_repo_url"] == f"{train_hub.url}/alice/flux-json" and output.get("hf_upload_error") is None
+    _, data = decode_data_uri(output["weights"])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = set(tar.getnames())
+        caption = tar.extractfile("captions/set/img1.txt").read().decode()  # type: ignore[union-attr]
+        kohya = load_file_bytes(tar.extractfile("lora_kohya.safetensors").read())  # type: ignore[union-attr]
+    assert {"lora.safetensors", "lora_kohya.safetensors", "training_params.json"} <= names
+    assert "embeddings.pti" not in names, "trigger_word '' trains no tokens"
+    assert caption.startswith("a photo of ") and caption.endswith(" in a grid style\n"), caption
+    assert all("attn2" in k for k in kohya), "only the layers the regex named"
+    assert "alice/flux-json" in train_hub.repos and "README.md" in train_hub.repos["alice/flux-json"].files
+    assert list(train_hub.wandb_dir.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
+
+
+def test_flux_trainer_json_with_the_skip_url_packages_that_lora(
+    train_server: CogServer, train_hub: TrainHub, trained: TrainingResult
+) -> None:
+    with tarfile.open(trained.tar) as tar:
+        lora = tar.extractfile("lora.safetensors").read()  # type: ignore[union-attr]
+    train_hub.repos["fofr/grid"] = HfRepo({"lora.safetensors": lora})
+    url = f"{train_hub.url}/fofr/grid/resolve/main/lora.safetensors"
+    inputs = {**flux_trainer_json(train_hub), "skip_training_and_use_pretrained_hf_lora_url": url}
+    assert list(inputs) == FLUX_TRAINER_INPUTS
+    status, body = train_server.predict(inputs, path="/trainings")
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    assert "no training" in body["logs"] and "step 1/" not in body["logs"]
+    _, data = decode_data_uri(body["output"]["weights"])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.extractfile("lora.safetensors").read() == lora  # type: ignore[union-attr]
 
 
 def zip_data_uri(files: dict[str, bytes]) -> str:

@@ -32,6 +32,11 @@ BASE_MODEL_REPOS = {
 _LORA_URL = re.compile(r"^/([^/]+/[^/]+)/(?:resolve|blob)/([^/]+)/(.+\.safetensors)$")
 
 
+def _quiet_http() -> None:
+    """huggingface_hub's HTTP client (httpx2) logs every request line at INFO: not the user's business."""
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+
+
 def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
 
@@ -88,6 +93,7 @@ def upload(folder: Path, repo_id: str, token: str) -> str:
 
     Returns the repository's URL; raises InputError with the Hub's reason (token scrubbed).
     """
+    _quiet_http()
     api = HfApi(endpoint=_endpoint(), token=token)
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True, private=False)
@@ -116,6 +122,7 @@ def fetch_pretrained(url: str, token: str | None, dest: Path) -> tuple[str, Path
             ".safetensors, such as https://huggingface.co/owner/repo/resolve/main/lora.safetensors"
         )
     repo_id, revision, filename = match.groups()
+    _quiet_http()
     try:
         path = Path(
             hf_hub_download(

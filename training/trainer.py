@@ -676,6 +676,7 @@ def _fit(
 def _samples(run: _Run, prompts: list[str], trigger: str) -> list[tuple[str, Image.Image]]:
     """wandb sample images at the model's native size, the trigger written as the learned tokens."""
     pipe = run.pipe
+    pipe.set_progress_bar_config(disable=True)
     size = pipe.default_sample_size * pipe.vae_scale_factor
     out = []
     for k, prompt in enumerate(prompts):
