@@ -31,7 +31,7 @@ from engine.config import (
     UPSCALE_FACTORS,
 )
 from engine.errors import InputError
-from engine.metadata import A1111_CLIP_SKIP_OFFSET
+from engine.metadata import A1111_CLIP_SKIP_OFFSET, a1111_lora_name
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import from_a1111
 
@@ -355,6 +355,10 @@ def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
     elif versions := _civitai_loras(fields.get("Civitai resources")):
         specs = tuple(LoraSpec(f"civitai.com/api/download/models/{vid}", weight) for vid, weight in versions)
         reading.used.update(k for k in ("Civitai resources", "Lora hashes") if k in fields)
+        if len(tags) != len(specs):
+            reading.notes.append(
+                f"{len(tags)} <lora:> tag(s) for {len(specs)} LoRA(s) in Civitai resources: the resources' were applied"
+            )
     else:
         specs = tuple(_by_hash(reading, tag) for tag in tags)
     if len(specs) > GENERATION_DATA_MAX_LORAS:
@@ -382,9 +386,15 @@ def _civitai_loras(resources: Any) -> list[tuple[int, float]]:
 
 def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec:
     """A tag's LoRA through its hash in `Lora hashes` (A1111) or `Hashes` (Forge)."""
-    hashes = _pairs(reading.fields.get("Lora hashes"))
     forge = reading.fields.get("Hashes")
-    digest = hashes.get(tag.name) or (forge.get(f"lora:{tag.name}") if isinstance(forge, dict) else None)
+    named = {
+        str(key).lower().removeprefix("lora:"): value
+        for key, value in (forge.items() if isinstance(forge, dict) else ())
+        if str(key).lower().startswith("lora:")
+    }
+    # A1111's own hash (AutoV3) first; names as A1111 writes them (no colons or commas), any case.
+    named.update({name.lower(): digest for name, digest in _pairs(reading.fields.get("Lora hashes")).items()})
+    digest = named.get(a1111_lora_name(tag.name).lower())
     if not digest or not re.fullmatch(r"[0-9a-fA-F]{8,64}", str(digest)):
         raise InputError(
             f"generation_data's tag {tag} names a LoRA without a hash or CivitAI id in the text (no "

@@ -261,6 +261,15 @@ def test_civitai_resources_give_exact_versions() -> None:
     assert request.prompt == "a cat "
 
 
+def test_a_tags_hash_is_found_as_a1111_and_forge_name_it() -> None:
+    text = (
+        "a cat <lora:Ink, Style:0.8> <lora:hat:1>\nSteps: 2, Sampler: Euler a, "
+        'Lora hashes: "ink style: 0123456789ab", Hashes: {"lora:HAT": "abcdef0123", "lora:ink style": "ffffffffff"}'
+    )
+    request = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert [spec.source.split("/")[-1] for spec in request.loras] == ["0123456789ab#Ink%2C%20Style", "abcdef0123#hat"]
+
+
 def test_an_unresolvable_tag_is_refused_by_name() -> None:
     text = 'a cat <lora:mystery:0.6>\nSteps: 2, Sampler: Euler a, Lora hashes: "other: 0123456789ab"'
     with pytest.raises(InputError, match=r"<lora:mystery:0.6>.*'Lora hashes' entry for 'mystery'"):
