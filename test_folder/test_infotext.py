@@ -239,6 +239,17 @@ def test_go_fast_stays_on_only_with_this_projects_go_fast_fields() -> None:
     assert apply_generation_data(GenerationRequest(prompt=""), plain, ALL_DEFAULT, TINY).go_fast is False
 
 
+def test_denoising_strength_needs_an_image_and_upscale_comes_back(caplog: pytest.LogCaptureFixture) -> None:
+    text = params(denoising_strength=0.35, upscale_by=2, upscaler="Swin2SR realworld x4").to_a1111()
+    image = Image.new("RGB", (64, 64), "gray")
+    with_image = apply_generation_data(GenerationRequest(prompt="", image=image), text, ALL_DEFAULT, TINY)
+    assert (with_image.prompt_strength, with_image.upscale) == (0.35, "2x")
+    with caplog.at_level(logging.INFO, logger="engine.infotext"):
+        without = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert without.prompt_strength == GenerationRequest(prompt="").prompt_strength
+    assert "Denoising strength (no image was sent)" in caplog.text
+
+
 def test_a_model_is_chosen_by_its_id_or_its_checkpoint_hash() -> None:
     by_id = apply_generation_data(GenerationRequest(prompt=""), params(model="sdxl").to_a1111(), ALL_DEFAULT, TINY)
     assert by_id.model == "sdxl"
