@@ -6,6 +6,14 @@ PORT ?= 5000
 HOST ?= 127.0.0.1
 WEIGHTS_DIR ?= weights
 export WEIGHTS_DIR
+# glibc's malloc arenas capped for every process started here, the Cog server's worker included,
+# so a long-lived server's memory stays flat (docs/reliability.md); cog.yaml sets it in the image.
+MALLOC_ARENA_MAX ?= 2
+export MALLOC_ARENA_MAX
+# Apple Silicon: an operation MPS lacks runs on the CPU instead of failing; PyTorch reads this at
+# import, so it is set before Python starts (docs/apple-silicon.md). No effect without MPS.
+PYTORCH_ENABLE_MPS_FALLBACK ?= 1
+export PYTORCH_ENABLE_MPS_FALLBACK
 
 .PHONY: install weights schema demo test serve serve-train lint image
 

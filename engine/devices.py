@@ -13,7 +13,7 @@ Per device:
   this project relies on: UNET_COMPILE=on is ignored there with a warning), no pinned memory
   (unified memory, and pinning is a CUDA feature), training in fp32 (no grad scaler), no 8-bit
   optimizers (bitsandbytes has no MPS kernels).
-- CPU: fp32, compile only when asked for (`UNET_COMPILE=on`).
+- CPU: fp32, compile only when asked for (`UNET_COMPILE=on`), no 8-bit optimizers.
 Attention is PyTorch's scaled_dot_product_attention (diffusers' default processors) everywhere,
 and seeds always draw their noise from CPU generators, so a seed gives the same noise on any device.
 """
@@ -59,7 +59,7 @@ class DeviceSettings:
     attention: str  # the attention kernel the models run through
     mixed_precision: bool  # training: fp32 LoRA weights, fp16 autocast, a grad scaler
     train_dtype: torch.dtype  # training: the frozen base weights
-    eight_bit_optimizers: bool  # bitsandbytes' 8-bit optimizers can run here
+    eight_bit_optimizers: bool  # bitsandbytes' 8-bit optimizers run here (CUDA only)
 
 
 _SETTINGS = {
@@ -94,7 +94,7 @@ _SETTINGS = {
         attention="sdpa",
         mixed_precision=False,
         train_dtype=torch.float32,
-        eight_bit_optimizers=True,
+        eight_bit_optimizers=False,
     ),
 }
 

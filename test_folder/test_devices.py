@@ -65,7 +65,7 @@ def test_each_device_gets_its_numerics() -> None:
     # Training: mixed precision with a grad scaler on CUDA only; MPS trains in fp32, without 8-bit optimizers.
     assert cuda.mixed_precision and not mps.mixed_precision and not cpu.mixed_precision
     assert (cuda.train_dtype, mps.train_dtype, cpu.train_dtype) == (torch.float16, torch.float32, torch.float32)
-    assert cuda.eight_bit_optimizers and not mps.eight_bit_optimizers
+    assert cuda.eight_bit_optimizers and not mps.eight_bit_optimizers and not cpu.eight_bit_optimizers
 
 
 def test_settings_of_a_chosen_device_keep_its_index() -> None:
