@@ -20,18 +20,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load as load_file_bytes
 from safetensors.torch import load_file
 
+from engine.config import TRAIN_EMBEDDING_NORM_PULL
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
 from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import HfRepo, file_host, hugging_face, point_hub_client_at
+from training import trainer
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
-from training.request import TrainingRequest
+from training.optimizers import build_optimizer
+from training.request import OPTIMIZERS, TrainingRequest
 from training.trainer import TrainingResult, train
 from weightstore.cache import LoraStore
 from weightstore.transfer import Downloader
@@ -525,7 +529,7 @@ WRITE_TOKEN = "hf_write_0123456789abcdef"
 def _small(tmp_path: Path, **change: object) -> TrainingRequest:
     """A two-step training on the tiny model, for what happens around the steps."""
     archive = make_zip(tmp_path / "in.zip", dataset())
-    return TrainingRequest(archive, steps=2, resolution="256", autocaption=False, seed=1, **change)  # type: ignore[arg-type]
+    return replace(TrainingRequest(archive, steps=2, resolution="256", autocaption=False, seed=1), **change)
 
 
 def test_the_result_is_uploaded_to_hf_repo_id_with_a_model_card(
@@ -633,3 +637,137 @@ def test_wandb_logs_loss_samples_and_weights(
     assert {p.name for p in (run / "files").glob("*.safetensors")} == {"lora-step1.safetensors", "lora.safetensors"}
     for path in (tmp_path / "wandb-dir").rglob("*"):
         assert not path.is_file() or key.encode() not in path.read_bytes(), f"the key is written in {path}"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(weights_dir: Path) -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl", local_files_only=True)
+
+
+def _encoded(pipe: StableDiffusionXLPipeline, text: str) -> torch.Tensor:
+    return trainer._encode_prompts(pipe, [text])[0]
+
+
+def test_pivotal_tuning_trains_the_new_rows_only(weights_dir: Path) -> None:
+    pipe = StableDiffusionXLPipeline.from_pretrained(weights_dir / "illustrious-xl", local_files_only=True)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.text_encoder_2.requires_grad_(False)
+    before = _encoded(pipe, "a photo of a dog")
+    pivotal = trainer._Pivotal(pipe, torch.Generator().manual_seed(0))
+    assert [tuple(p.shape) for p in pivotal.parameters()] == [(2, 32), (2, 64)], "two rows per encoder, no matrix"
+    assert torch.equal(_encoded(pipe, "a photo of a dog"), before), "text without the tokens encodes as before"
+    _encoded(pipe, f"a photo of {pivotal.text}").sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pivotal.parameters())
+    assert not any(p.requires_grad for p in (*pipe.text_encoder.parameters(), *pipe.text_encoder_2.parameters()))
+
+    with torch.no_grad():
+        for rows in pivotal.rows:
+            rows.mul_(10)
+    ratios = [r.norm(dim=1) / n for r, n in zip(pivotal.rows, pivotal.norms, strict=True)]
+    pivotal.pull_back()
+    for rows, norm, ratio in zip(pivotal.rows, pivotal.norms, ratios, strict=True):
+        torch.testing.assert_close(rows.norm(dim=1) / norm, ratio ** (1 - TRAIN_EMBEDDING_NORM_PULL))
+    pivotal.stop()
+    assert not pivotal.learning and all(not p.requires_grad and p.grad is None for p in pivotal.parameters())
+
+
+def test_token_training_stops_at_its_fraction(
+    weights_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    train(_small(tmp_path, steps=4), weights_dir, tmp_path / "out")
+    assert "the trigger's tokens learn for the first 2 steps" in caplog.text
+
+
+def test_the_trigger_stays_within_the_first_77_tokens(tiny_pipe: StableDiffusionXLPipeline) -> None:
+    long = "a " * 80 + "photo of TOK"
+    short = "a photo of TOK " + "a " * 80
+    assert trainer._trigger_up_front(tiny_pipe.tokenizer, [long, short], "TOK") == [f"TOK, {long}", short]
+    assert trainer._trigger_up_front(tiny_pipe.tokenizer, [long], "") == [long], "no trigger, nothing moved"
+
+
+def test_trigger_placeholder_and_any_letter_case() -> None:
+    blank = Image.new("RGB", (8, 8))
+    images = [
+        TrainingImage("a.png", blank, "[trigger] on a beach"),
+        TrainingImage("b.png", blank, "a tok drawing"),
+        TrainingImage("c.png", blank, "My Dog runs, [TRIGGER]"),
+    ]
+    assert caption_all(images, "TOK", "", "", None) == ["TOK on a beach", "a tok drawing", "My Dog runs, TOK"]
+    assert caption_all(images[2:], "my dog", "", "", None) == ["My Dog runs, my dog"]
+    assert caption_all(images, "", "", "", None) == ["on a beach", "a tok drawing", "My Dog runs,"]
+    assert caption_all([TrainingImage("d.png", blank, None)], "", "", "", None) == [""], "no trigger: no caption"
+
+
+def test_each_epoch_uses_every_latent_once() -> None:
+    def item(k: int) -> trainer.Item:
+        return trainer.Item(k, (0, 0, 0, 0, 0, 0), (4, 8, 8))
+
+    groups = {(64, 64): [item(k) for k in range(5)], (96, 48): [item(k) for k in range(5, 8)]}
+    batches = trainer._batches(groups, 2, torch.Generator().manual_seed(0))
+    for _ in range(3):  # three epochs of ceil(5/2) + ceil(3/2) batches
+        epoch = [next(batches) for _ in range(5)]
+        assert sorted(i.caption for b in epoch for i in b) == list(range(8))
+        assert all(len({i.caption < 5 for i in b}) == 1 for b in epoch), "a batch comes from one bucket"
+
+
+def test_the_min_snr_weight_is_finite_at_zero_terminal_snr() -> None:
+    t = torch.tensor([0, 500, 999])
+    for prediction, last in (("epsilon", 1.0), ("v_prediction", 0.0)):
+        scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type=prediction)
+        assert scheduler.alphas_cumprod[999] == 0, "the last timestep is pure noise"
+        weights = trainer._snr_weights(scheduler, t)
+        assert torch.isfinite(weights).all() and abs(weights[-1].item() - last) < 1e-6
+        assert (weights >= 0).all() and (weights <= 1).all()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_name_lowers_a_loss(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16))
+    target = torch.randn(16)
+    optimizer = build_optimizer(name, [{"params": [weight], "lr": 1e-2, "weight_decay": 0.0}], eight_bit_here=False)
+    first = None
+    for _ in range(60):
+        loss = ((weight - target) ** 2).mean()
+        first = first if first is not None else loss.item()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < first * 0.9, (name, first, loss.item())
+    if name.endswith("8bit"):
+        assert "8-bit optimizers need a CUDA GPU: running" in caplog.text
+    else:
+        assert f"optimizer: {name}" in caplog.text
+
+
+def test_the_kohya_lora_and_a1111_embedding_give_the_tars_image(
+    engine: Engine, trained: TrainingResult, tmp_path: Path
+) -> None:
+    """What A1111 / Forge / ComfyUI users load (kohya LoRA + embedding named after the trigger), here
+    through `lora_weights` and `embeddings`, gives the image the trained tar gives."""
+    with tarfile.open(trained.tar) as tar:
+        for name in ("lora_kohya.safetensors", "embeddings/TOK.safetensors", "embeddings.pti"):
+            (tmp_path / Path(name).name).write_bytes(tar.extractfile(name).read())  # type: ignore[union-attr]
+    embedding, rows = load_file(tmp_path / "TOK.safetensors"), load_file(tmp_path / "embeddings.pti")
+    assert torch.equal(embedding["clip_l"], rows["text_encoders_0"])
+    assert torch.equal(embedding["clip_g"], rows["text_encoders_1"])
+    host = file_host({"me/trained_model.tar": trained.tar.read_bytes()})
+    with_store = Engine(engine.models, engine.safety, LoraStore(tmp_path / "cache", Downloader("python")), engine.swap)
+    request = GenerationRequest(prompt="a photo of TOK", num_inference_steps=4, seed=3)
+    try:
+        from_tar = with_store.generate(replace(request, loras=(LoraSpec(f"{host.url}/me/trained_model.tar", 1.0),)))
+    finally:
+        host.close()
+    elsewhere = with_store.generate(
+        replace(
+            request,
+            loras=(LoraSpec(str(tmp_path / "lora_kohya.safetensors"), 1.0),),
+            embeddings=(str(tmp_path / "TOK.safetensors"),),
+        )
+    )
+    plain = with_store.generate(request)
+    a, b, c = (np.asarray(r[0].image, dtype=np.int16) for r in (from_tar, elsewhere, plain))
+    assert np.abs(a - c).max() > 5
+    assert np.array_equal(a, b), "the same LoRA and tokens, in other tools' layouts"
