@@ -171,6 +171,10 @@ class Predictor(BasePredictor):
             default=None,
             description="Generation data (parameters) as A1111, Forge or CivitAI show it: the prompt, a 'Negative prompt: ...' line and the 'Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ...' line. It sets every input left at its default; an input sent with another value wins (send an empty prompt to take the text's). <lora:NAME:weight> tags become LoRAs through CivitAI (Civitai resources or Lora hashes), up to 4. go_fast is off unless the text holds this model's go_fast fields. See docs/generation-data.md",
         ),
+        embeddings: Optional[list[str]] = Input(
+            default=None,
+            description="Textual-inversion embeddings (SDXL files with clip_l and clip_g), up to 4, each in any form lora_weights takes. Call one in prompt or negative_prompt by its file name without the extension (as A1111 does), as embedding:NAME (as ComfyUI does), or by its CivitAI trigger word; e.g. a negative embedding in negative_prompt. Used for this prediction only. See docs/loras.md",
+        ),
     ) -> list[Path]:
         defaulted = _at_default(locals())
         request = GenerationRequest(
@@ -207,6 +211,7 @@ class Predictor(BasePredictor):
             ip_adapter_images=tuple(_image(path, "ip_adapter_image") for path in ip_adapter_image or ()),
             ip_adapter_scale=ip_adapter_scale,
             upscale=upscale,
+            embeddings=tuple(embeddings or ()),
         )
         if generation_data:
             request = apply_generation_data(request, generation_data, defaulted, self.engine.models)

@@ -133,6 +133,7 @@ SEED_MAX = 2**64 - 1
 # tokens of text and weight syntax can double that as written, so 512 is generous; it bounds
 # encoding to a few 75-token chunks (a 50,000-character prompt took 39 s on the tiny model).
 MAX_PROMPT_TOKENS = 512
+MAX_EMBEDDINGS = 4  # textual-inversion files per request (the `embeddings` input, engine/embeddings.py)
 MAX_STEPS = 50
 MAX_CLIP_SKIP = 4
 MAX_CFG_SCALE = 20.0  # cfg_scale's bound (its `le` in predict.py), which generation data must meet too
@@ -154,9 +155,10 @@ LORA_CACHE_DIR = "/tmp/lora-cache"
 LORA_CACHE_MAX_BYTES = 20 * 2**30
 LORA_CACHE_MIN_FREE_BYTES = 2 * 2**30
 LORA_MAX_FILE_BYTES = 2 * 2**30
-# Parsed LoRAs (their factors, pinned CPU memory on CUDA) kept per base model so a switch back or a
-# scale change reads no file; the least recently used go first, the active ones never. Read by
-# engine/loras.py; overridable by LORA_WARM_MAX_BYTES. A rank-32 SDXL LoRA takes about 0.1-0.2 GB.
+# Parsed LoRAs (their factors, pinned CPU memory on CUDA) kept so a switch back or a scale change
+# reads no file, one budget for every model of the process; the least recently used go first, the
+# request's own never. Read by engine/warm.py; overridable by LORA_WARM_MAX_BYTES. A rank-32 SDXL
+# LoRA takes about 0.1-0.2 GB.
 LORA_WARM_MAX_BYTES = 4 * 2**30
 # Read timeout of one HTTP request, and the bound on one whole pget run, in seconds.
 LORA_DOWNLOAD_TIMEOUT = 60

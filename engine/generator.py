@@ -36,6 +36,7 @@ from engine.config import (
 from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
 from engine.deepcache import DeepFeatureCache
 from engine.devices import current, settings_for, setup_line
+from engine.embeddings import Embedding, read_embedding, used
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.ip_adapter import IP_ADAPTER_NAME, IpAdapter
 from engine.logs import quiet_library_noise
@@ -233,6 +234,7 @@ class Engine:
         self.control.check(req)
         control_map = self._control_map(req, width, height)
         loras = self._fetch_loras(req)
+        embeddings = self._fetch_embeddings(req, model)
         if self.swap:
             self._move_in(model)
         model.loras.apply(loras)
@@ -271,11 +273,12 @@ class Engine:
             if controlled:
                 last_skips = len(pipe.unet.up_blocks[-1].resnets)
                 stack.enter_context(guided(pipe.controlnet, deep if req.go_fast else None, last_skips))
+            prompt, negative = stack.enter_context(
+                used(pipe, embeddings, model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt))
+            )
             start = time.perf_counter()
             images = pipe(
-                **model.prompts.kwargs(
-                    model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt), req.clip_skip
-                ),
+                **model.prompts.kwargs(prompt, negative, req.clip_skip),
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=req.cfg_scale,
                 num_images_per_prompt=req.num_outputs,
@@ -374,6 +377,26 @@ class Engine:
             if other is not model and other.device == device:
                 log.info("moved %s to CPU RAM in %.2fs", other.model_id, other.move(torch.device("cpu")))
         log.info("moved %s to %s in %.2fs", model.model_id, device, model.move(device))
+
+    def _fetch_embeddings(self, req: GenerationRequest, model: BaseModel) -> list[Embedding]:
+        """The request's embedding files, fetched like LoRAs and read and checked against the model
+        before it moves; they go into its encoders only for the pipeline call (engine/embeddings.py)."""
+        if not req.embeddings:
+            return []
+        if self.loras is None:
+            raise InputError("this engine was started without a LoRA store: embeddings cannot be used here")
+        files = {f.key: f for f in self.loras.fetch_all([(s, 1.0) for s in req.embeddings], req.credentials)}
+        embeddings = [read_embedding(f, model.txt2img, model.model_id) for f in files.values()]
+        called: dict[str, Embedding] = {}
+        for embedding in embeddings:
+            for word in {embedding.name.lower(), *(w.lower() for w in embedding.triggers)}:
+                other = called.setdefault(word, embedding)
+                if other is not embedding:
+                    raise InputError(
+                        f"embeddings {other.source} and {embedding.source} are both called {word!r}: "
+                        "send one of them, or a copy renamed"
+                    )
+        return embeddings
 
     def _fetch_loras(self, req: GenerationRequest) -> list[LocalLora]:
         """Local files for the request's LoRAs; two names for one file are merged once, at the sum of their scales."""

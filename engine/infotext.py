@@ -31,7 +31,7 @@ from engine.config import (
     UPSCALE_FACTORS,
 )
 from engine.errors import InputError
-from engine.metadata import A1111_CLIP_SKIP_OFFSET, a1111_lora_name
+from engine.metadata import A1111_CLIP_SKIP_OFFSET, a1111_name
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import from_a1111
 
@@ -394,7 +394,7 @@ def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec:
     }
     # A1111's own hash (AutoV3) first; names as A1111 writes them (no colons or commas), any case.
     named.update({name.lower(): digest for name, digest in _pairs(reading.fields.get("Lora hashes")).items()})
-    digest = named.get(a1111_lora_name(tag.name).lower())
+    digest = named.get(a1111_name(tag.name).lower())
     if not digest or not re.fullmatch(r"[0-9a-fA-F]{8,64}", str(digest)):
         raise InputError(
             f"generation_data's tag {tag} names a LoRA without a hash or CivitAI id in the text (no "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from safetensors.torch import load_file
 
 from engine import adapters
 from engine.adapters import Adapter, FormatError, LoRA
+from engine.embeddings import add_tokens, misfit, remove_tokens, swap_words, token_names
 from engine.errors import InputError, LoraLoadError
 from engine.request import LocalLora
 from engine.warm import PROCESS_WARM, ModelWarm, WarmCache
@@ -501,46 +501,24 @@ class LoraSet:
 
     def rewrite(self, prompt: str) -> str:
         """Swap pivotal trigger words (TOK, <s0><s1>) for the active LoRA's own tokens."""
-        for text, tokens in self.triggers:
-            if text.isalnum():
-                prompt = re.sub(rf"\b{re.escape(text)}\b", tokens, prompt)
-            else:
-                prompt = prompt.replace(text, tokens)
-        return prompt
+        return swap_words(prompt, self.triggers)
 
     def _load_tokens(self, lora: LocalLora, embeddings: dict[str, torch.Tensor]) -> None:
-        """Pivotal-tuning embeddings, under tokens unique to this LoRA; a failure half-way removes them."""
+        """Pivotal-tuning embeddings, under tokens unique to this LoRA, checked before any goes in;
+        a failure or a cancel half-way removes them (engine/embeddings.py)."""
         if "text_encoders_0" not in embeddings or "text_encoders_1" not in embeddings:
             raise InputError(f"LoRA {lora.name} has embeddings without text_encoders_0 / text_encoders_1: not SDXL's")
+        vectors = (embeddings["text_encoders_0"], embeddings["text_encoders_1"])
+        if problem := misfit(self.pipe, vectors):
+            raise InputError(f"LoRA {lora.name} has embeddings that do not fit {self.model_id}: {problem}")
         name = adapter_name(lora.key)
-        tokens = [f"<{name}_{i}>" for i in range(embeddings["text_encoders_0"].shape[0])]
-        self.tokens[name] = tokens  # recorded first, so a failure half-way is undone below
-        done = False
+        self.tokens[name] = token_names(name, vectors[0].shape[0])  # recorded first: a cancel finds them
         try:
-            for key, (encoder, tokenizer) in zip(("text_encoders_0", "text_encoders_1"), self._encoders(), strict=True):
-                try:
-                    self.pipe.load_textual_inversion(
-                        embeddings[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer
-                    )
-                except ValueError as exc:
-                    raise InputError(f"LoRA {lora.name} has embeddings that do not fit {self.model_id}: {exc}") from exc
-            done = True
-        finally:
-            if not done:
-                self._unload_tokens(name)
-
-    def _encoders(self) -> tuple[tuple[torch.nn.Module, object], ...]:
-        return (
-            (self.pipe.text_encoder, self.pipe.tokenizer),
-            (self.pipe.text_encoder_2, self.pipe.tokenizer_2),
-        )
+            add_tokens(self.pipe, self.tokens[name], vectors)
+        except BaseException:
+            del self.tokens[name]  # add_tokens took out what went in
+            raise
 
     def _unload_tokens(self, name: str) -> None:
         """Remove this LoRA's trained tokens from every tokenizer that holds them."""
-        tokens = self.tokens.pop(name, None)
-        if not tokens:
-            return
-        for encoder, tokenizer in self._encoders():
-            present = [t for t in tokens if t in tokenizer.get_vocab()]
-            if present:
-                self.pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
+        remove_tokens(self.pipe, self.tokens.pop(name, []))

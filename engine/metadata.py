@@ -44,6 +44,8 @@ class GenerationParameters:
     deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3 steps full"
     # (name as the user gave it, scale, A1111's hash of the file); names never hold a token.
     loras: tuple[tuple[str, float, str | None], ...] = ()
+    # Textual-inversion embeddings used: (the word a prompt calls it by, A1111's hash of the file).
+    embeddings: tuple[tuple[str, str | None], ...] = ()
     control: str | None = None  # A1111's "ControlNet 0" value, when a ControlNet guided the image
     ip_adapter: tuple[str, float, int] | None = None  # (adapter, scale, reference images) when one was used
     # The built-in upscaler, in A1111's postprocessing keys; width and height stay the generated size,
@@ -74,9 +76,12 @@ class GenerationParameters:
             fields.append(("Deep cache", self.deep_cache))
         if self.loras:
             fields.append(("Lora", ", ".join(f"{name}: {number(scale)}" for name, scale, _ in self.loras)))
-            hashes = [(a1111_lora_name(name), digest) for name, _, digest in self.loras if digest]
+            hashes = [(a1111_name(name), digest) for name, _, digest in self.loras if digest]
             if hashes:
                 fields.append(("Lora hashes", ", ".join(f"{name}: {digest}" for name, digest in hashes)))
+        hashed = [(a1111_name(word), digest) for word, digest in self.embeddings if digest]
+        if hashed:
+            fields.append(("TI hashes", ", ".join(f"{word}: {digest}" for word, digest in hashed)))
         if self.control is not None:
             fields.append(("ControlNet 0", self.control))
         if self.ip_adapter is not None:
@@ -110,9 +115,9 @@ def number(value: float) -> str:
     return short if float(short) == value else repr(float(value))
 
 
-def a1111_lora_name(name: str) -> str:
-    """A LoRA's name as A1111 writes it in `Lora hashes`: without the commas and colons that
-    would split the field. A CivitAI by-hash reference made from a `<lora:NAME>` tag is named
+def a1111_name(name: str) -> str:
+    """A LoRA's or embedding's name as A1111 writes it in `Lora hashes` / `TI hashes`: without the
+    commas and colons that would split the field. A CivitAI by-hash reference made from a `<lora:NAME>` tag is named
     by its tag (after the `#`), as A1111 names it."""
     if name.startswith("civitai.com/api/v1/model-versions/by-hash/") and "#" in name:
         name = name.partition("#")[2]
@@ -128,6 +133,17 @@ def lora_hash(path: Path, key: str) -> str:
     with open(path, "rb") as f:
         header = int.from_bytes(f.read(8), "little")
         f.seek(8 + header)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=64)
+def embedding_hash(path: Path, key: str) -> str:
+    """A1111's hash of a textual-inversion embedding (`TI hashes`): the first 12 hex digits of the
+    whole file's sha256, whose first 10 are CivitAI's AutoV2. `key` names the bytes, as for LoRAs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()[:12]

@@ -22,6 +22,7 @@ from engine.config import (
     IP_ADAPTER_DEFAULT_SCALE,
     IP_ADAPTER_MAX_IMAGES,
     IP_ADAPTER_MAX_SCALE,
+    MAX_EMBEDDINGS,
     MAX_STEPS,
     SEED_MAX,
     UPSCALE_FACTORS,
@@ -59,6 +60,7 @@ class LocalLora:
     embeddings: Path | None = None  # pivotal tuning: safetensors with text_encoders_0 / text_encoders_1
     trigger: tuple[tuple[str, str], ...] = ()  # e.g. (("TOK", "<s0><s1>"),) from special_params.json
     trained_words: tuple[str, ...] = ()  # the host's trigger words (CivitAI's trainedWords)
+    file_name: str = ""  # the host's name for the file (A1111 calls an embedding by it); "" when none
 
 
 class LoraSource(Protocol):
@@ -102,6 +104,8 @@ class GenerationRequest:
     return_control_map: bool = False
     ip_adapter_images: tuple[Image.Image, ...] = ()  # reference images; their tokens are concatenated
     ip_adapter_scale: float = IP_ADAPTER_DEFAULT_SCALE
+    # Textual-inversion files in any form a LoRA takes, each called in the prompts by its name.
+    embeddings: tuple[str, ...] = ()
     upscale: str = "none"  # a key of UPSCALE_FACTORS, applied to each output after the safety checker
 
     def validate(self) -> None:
@@ -131,6 +135,10 @@ class GenerationRequest:
             raise InputError(
                 f"ip_adapter_scale must be between 0 and {IP_ADAPTER_MAX_SCALE:g}, got {self.ip_adapter_scale}"
             )
+        if len(self.embeddings) > MAX_EMBEDDINGS:
+            raise InputError(f"embeddings holds {len(self.embeddings)} files: send at most {MAX_EMBEDDINGS}")
+        if any(not source.strip() for source in self.embeddings):
+            raise InputError("embeddings holds an empty string: leave it out, or name the embedding's file")
         if isinstance(self.seed, float) and not (math.isfinite(self.seed) and self.seed.is_integer()):
             raise InputError(f"seed must be a whole number, got {self.seed}")
         if self.upscale not in UPSCALE_FACTORS:

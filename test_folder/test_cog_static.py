@@ -192,6 +192,7 @@ def test_declared_literals_equal_the_engine_constants() -> None:
         ),
         (predict, "control_type"): f" {', '.join(c.CONTROL_PREPROCESSORS)};",
         (predict, "ip_adapter_image"): f"Up to {c.IP_ADAPTER_MAX_IMAGES};",
+        (predict, "embeddings"): f"up to {c.MAX_EMBEDDINGS}, ",
         (predict, "upscale"): f"Refused past {c.UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels",
         (train, "input_images"): f"at least {c.TRAIN_MIN_IMAGES} ",
     }

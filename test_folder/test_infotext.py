@@ -23,7 +23,7 @@ from PIL import Image
 
 from engine.errors import InputError
 from engine.infotext import apply_generation_data, parse_infotext
-from engine.metadata import GenerationParameters, checkpoint_hash, lora_hash
+from engine.metadata import GenerationParameters, checkpoint_hash, embedding_hash, lora_hash
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import SCHEDULERS, from_a1111
 from test_folder.conftest import CogServer, decode_data_uri
@@ -160,6 +160,16 @@ def test_lora_hash_is_a1111s_and_civitais_autov3(tmp_path: Path) -> None:
     path.write_bytes(data)
     assert lora_hash(path, "test:x") == hashlib.sha256(bytes(range(8))).hexdigest()[:12]
     assert lora_hash(path, "test:x") == civitai_hashes(data)["AutoV3"].lower()
+
+
+def test_embeddings_are_written_with_a1111s_ti_hash(tmp_path: Path) -> None:
+    path = tmp_path / "negativeXL_D.safetensors"
+    path.write_bytes(b"embedding bytes")
+    digest = embedding_hash(path, "test:emb")
+    assert digest == hashlib.sha256(b"embedding bytes").hexdigest()[:12]
+    assert digest[:10] == civitai_hashes(b"embedding bytes")["AutoV2"].lower()
+    text = params(embeddings=(("negativeXL_D", digest), ("easy,neg", digest))).to_a1111()
+    assert a1111_reading(text)["TI hashes"] == f"negativeXL_D: {digest}, easyneg: {digest}"
 
 
 def test_model_hash_is_the_baked_checkpoints_autov2(tmp_path: Path) -> None:

@@ -104,7 +104,8 @@ class LoraStore:
         if ref.kind == "local":
             assert ref.path is not None
             stat = ref.path.stat()
-            return LocalLora(f"local:{ref.path}:{stat.st_mtime_ns}:{stat.st_size}", ref.path, 1.0, ref.display)
+            key = f"local:{ref.path}:{stat.st_mtime_ns}:{stat.st_size}"
+            return LocalLora(key, ref.path, 1.0, ref.display, file_name=ref.path.name)
         start = time.perf_counter()
         tag = self._tag(credential_for(ref, credentials))
         with self._index() as index:
@@ -201,6 +202,7 @@ class LoraStore:
                         "name": ref.display,
                         "trigger": trigger,
                         "words": list(resolved.trained_words),
+                        "file": resolved.file_name,
                     }
                     index["entries"][key] = entry
                     index["aliases"][ref.ident] = {"key": key, "at": time.time()}
@@ -366,6 +368,7 @@ class LoraStore:
             embeddings=embeddings if entry["trigger"] else None,
             trigger=tuple(entry["trigger"].items()),
             trained_words=tuple(entry["words"]),
+            file_name=entry.get("file", ""),
         )
 
 

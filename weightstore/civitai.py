@@ -62,7 +62,7 @@ def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> 
     def fetch(dest: Path) -> None:
         downloader.download(url, dest, headers, name, "CivitAI")
 
-    return Resolved(f"civitai:{vid}", fetch, trained_words=words)
+    return Resolved(f"civitai:{vid}", fetch, trained_words=words, file_name=str(files[0].get("name") or ""))
 
 
 def _wrong_base(display: str, bases: str) -> WeightsError:

@@ -77,7 +77,7 @@ def resolve_hf(ref: LoraRef, token: str | None, downloader: Downloader) -> Resol
                 raise _gated(f"Hugging Face repo {repo_id}") from None
             raise
 
-    return Resolved(f"hf:{repo_id}@{commit}:{filename}", fetch, size=size)
+    return Resolved(f"hf:{repo_id}@{commit}:{filename}", fetch, size=size, file_name=Path(filename).name)
 
 
 def _model_info(ref: LoraRef, token: str | None, downloader: Downloader) -> ModelInfo:

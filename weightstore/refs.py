@@ -78,6 +78,7 @@ class Resolved:
     fetch: Fetcher = field(repr=False)
     trained_words: tuple[str, ...] = ()
     size: int | None = None
+    file_name: str = ""  # the host's name for the file (an embedding is called by it), "" when none
 
 
 def parse_lora(source: str) -> LoraRef:

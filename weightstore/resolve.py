@@ -11,10 +11,12 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
 
 from engine.request import Credentials
 from weightstore.civitai import civitai_token, resolve_civitai
@@ -51,13 +53,24 @@ def resolve(ref: LoraRef, credentials: Credentials, downloader: Downloader) -> R
             dest.write_bytes(data)
 
         downloader.check_size(len(data), ref.display)
-        return Resolved(f"data:{hashlib.sha256(data).hexdigest()}", write, size=len(data))
+        return Resolved(
+            f"data:{hashlib.sha256(data).hexdigest()}", write, size=len(data), file_name=_data_uri_name(url)
+        )
     if ref.kind in ("replicate-tar", "replicate-model"):
         key = ref.ident if ref.kind == "replicate-model" else f"url:{split_credentials(url)[0]}"
         return Resolved(key, lambda dest: fetch_trained_tar(downloader, url, dest, ref.display))
     return Resolved(
-        f"url:{split_credentials(url)[0]}", lambda dest: downloader.download(url, dest, {}, ref.display, "the host")
+        f"url:{split_credentials(url)[0]}",
+        lambda dest: downloader.download(url, dest, {}, ref.display, "the host"),
+        file_name=unquote(PurePosixPath(urlsplit(url).path).name),
     )
+
+
+def _data_uri_name(uri: str) -> str:
+    """The file name a data: URI carries as a `name=` parameter (data:...;name=x.safetensors;base64,...)."""
+    header = uri.partition(",")[0]
+    found = re.search(r";name=([^;,]+)", header)
+    return unquote(found[1]) if found else ""
 
 
 def _decode_data_uri(uri: str) -> bytes:
