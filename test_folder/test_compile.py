@@ -122,7 +122,7 @@ def test_no_reference_scale_or_control_strength_compiles_after_setup(compiled: E
     value, and past the recompile limit a failed request."""
     warmed = len(graphs)
     photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8))
-    fast = replace(BASE, num_inference_steps=2)
+    fast = replace(BASE, num_inference_steps=2, megapixels="0.25")
     scales = np.linspace(0.05, IP_ADAPTER_MAX_SCALE, 40).round(3).tolist()
     strengths = np.linspace(0.05, CONTROL_MAX_STRENGTH, 40).round(3).tolist()[::-1]
     requests = [
