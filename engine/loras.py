@@ -45,8 +45,6 @@ from engine.warm import PROCESS_WARM, ModelWarm, WarmCache
 
 log = logging.getLogger(__name__)
 
-# Key fragments that mark weights of some LoRA-family type (plain, LyCORIS, or one refused by name).
-_LORA_KEYS = ("lora", "hada_", "lokr_", ".diff", "_norm", "oft_", "on_input")
 # The pipeline's modules a LoRA file can hold weights for, named as its keys' prefixes.
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Text-encoder modules diffusers reads ranks for (_load_lora_into_text_encoder).
@@ -71,7 +69,7 @@ def check_format(path: Path, name: str) -> None:
         raise InputError(
             f"LoRA {name} is {what}. The models here are SDXL-family: use an SDXL, Pony or Illustrious LoRA."
         )
-    if not any(fragment in key for key in shapes for fragment in _LORA_KEYS):
+    if not any(adapters.is_adapter_key(key) for key in shapes):
         shown = ", ".join(list(shapes)[:3]) or "none"
         raise InputError(
             f"LoRA {name} holds no LoRA weights (no lora_up / lora_A / hada_ / lokr_ / diff keys; its first "
@@ -291,11 +289,13 @@ class LoraSet:
         return parsed
 
     def _parse(self, lora: LocalLora) -> ParsedLora:
-        """Read one LoRA file (and its pivotal embeddings) into per-weight updates: a kohya file
-        with LyCORIS keys through engine/adapters, any other through diffusers' LoRA loader."""
+        """Read one LoRA file (and its pivotal embeddings) into per-weight updates: a kohya /
+        LyCORIS file module by module through engine/adapters (each module's own alpha / rank:
+        diffusers' kohya alphas miss attention modules whose alpha is not the file's most common
+        one), any other layout through diffusers' LoRA loader."""
         with safe_open(str(lora.path), "pt") as f:
             keys = list(f.keys())
-        if adapters.is_lycoris(keys):
+        if adapters.is_kohya(keys):
             layers = self._adapter_layers(load_file(str(lora.path)), lora.name)
         else:
             layers = self._lora_layers(lora)

@@ -174,3 +174,17 @@ def plain_lora_of(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         up = flat.view(delta.shape[0], rank, *[1] * (delta.ndim - 2))
         state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(rank)}
     return state
+
+
+def cog_sdxl_lora(pipe: StableDiffusionXLPipeline, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    """lora.safetensors as replicate/cog-sdxl's trainer writes it (dataset_and_utils.py,
+    unet_attn_processors_state_dict): each attention processor's own parameters keyed
+    `<processor name>.<to_q|to_k|to_v|to_out>_lora.<down|up>.weight`, no `unet.` prefix, no alpha.
+    The factors are `diffusers_lora`'s for the same seed, so the two files are one LoRA."""
+    state = {}
+    for key, value in _peft_state(pipe.unet, UNET_TARGETS, seed, rank).items():
+        module, kind = key.rsplit(".lora_", 1)
+        attention, projection = module.removesuffix(".0").rsplit(".", 1)
+        side = "down" if kind.startswith("A") else "up"
+        state[f"{attention}.processor.{projection}_lora.{side}.weight"] = value
+    return state

@@ -21,8 +21,6 @@ __all__ = ["KOHYA_PREFIXES", "Adapter", "FormatError", "Full", "LoHa", "LoKr", "
 TYPES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, Full)
 # kohya-ss / LyCORIS module names: the model part, then the module path with "_" for ".".
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-# Keys that only LyCORIS types beyond plain LoRA use: a kohya file holding any is read here.
-LYCORIS_SUFFIXES = frozenset(s for t in (LoHa, LoKr, Full) for s in t.marks) | {"lora_mid.weight", "dora_scale"}
 # Types that change a layer's computation, not its weight by a ΔW, so a fused merge cannot apply
 # them; each is named by the keys LyCORIS (lycoris/modules/*.py weight_list) and kohya save.
 REFUSED = {
@@ -47,6 +45,12 @@ def module_of(key: str) -> tuple[str, str]:
     return module, suffix
 
 
+def is_adapter_key(key: str) -> bool:
+    """A key of some LoRA-family type: any LoRA naming, or a LyCORIS suffix (known or refused)."""
+    suffix = module_of(key)[1]
+    return "lora" in key or suffix in REFUSED or any(suffix in t.suffixes for t in TYPES if t is not LoRA)
+
+
 def refusal(keys: list[str]) -> str | None:
     """The name of a LyCORIS type this predictor refuses, if any module of the file is one."""
     for key in keys:
@@ -58,9 +62,9 @@ def refusal(keys: list[str]) -> str | None:
     return None
 
 
-def is_lycoris(keys: list[str]) -> bool:
-    """A kohya-named file with any key beyond plain LoRA's (down, up, alpha)."""
-    return any(k.startswith(KOHYA_PREFIXES) and module_of(k)[1] in LYCORIS_SUFFIXES for k in keys)
+def is_kohya(keys: list[str]) -> bool:
+    """A kohya-ss / LyCORIS file: every key names a module the kohya way (diffusers' own test)."""
+    return bool(keys) and all(k.startswith(KOHYA_PREFIXES) for k in keys)
 
 
 def read_module(tensors: dict[str, torch.Tensor]) -> dict[str, Adapter]:
@@ -123,7 +127,7 @@ def identify(shapes: dict[str, tuple[int, ...]]) -> str | None:
         return "a LoRA for SD 3 (joint_blocks keys)"
     if any(k.startswith("transformer.") for k in keys):
         return "a LoRA for a diffusion transformer such as Flux or SD 3 (transformer.* keys, no UNet)"
-    if has("lora", "hada_", "lokr_", ".diff", "oft_", "on_input"):
+    if any(is_adapter_key(k) for k in keys):
         cross = next(
             (w for f in ("down", "lora_A", "hada_w1_b") if (w := _width(shapes, "attn2", "to_k", f))),
             None,
