@@ -9,6 +9,9 @@ fused LoRAs; prints a Markdown table for the README.
 - UNet step time at real SDXL shapes: plain, one and two fused LoRAs, and one unfused PEFT
   adapter (what the engine did before fusing), best of interleaved rounds.
 - Resident memory over 100 A <-> B switches on the tiny model.
+- LyCORIS formats through the general write path (ΔW built per weight in fp32 from the factors):
+  a warm fuse of a LoKr and of a DoRA file (a LoCon with dora_scale, made by LyCORIS's modules)
+  against a plain LoRA of the same rank on the same weights, and the UNet step with each fused.
 
 Real-size weights are bf16: this CPU has no fast fp16 matmul (about 3 GFLOPS against 400 in
 bf16), and bf16 moves the same bytes as the fp16 a GPU uses. The step runs at a small latent
@@ -33,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import save_file
 
 from engine.loras import LoraSet
 from engine.request import LocalLora
 from scripts.build_tiny_weights import FULL, TINY, build_model
-from test_folder.lora_factory import diffusers_lora
+from test_folder.lora_factory import UNET_TARGETS, diffusers_lora, lycoris_state
 
 
 def _seconds(fn: Callable[[], object], setup: Callable[[], object] = lambda: None, repeat: int = 3) -> float:
@@ -60,6 +64,36 @@ def _pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[Local
     a = LocalLora("a", diffusers_lora(pipe, root / "a", seed=1, rank=rank), 1.0, "A")
     b = LocalLora("b", diffusers_lora(pipe, root / "b", seed=2, rank=rank), 1.0, "B")
     return a, b
+
+
+def _lycoris_pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[LocalLora, LocalLora]:
+    """A LoKr (factor 8, both sides split where the rank allows) and a DoRA LoCon of this rank on
+    every attention projection of the UNet, the plain LoRA's weights."""
+    targets = [("unet", name) for name, _ in pipe.unet.named_modules() if name.endswith(tuple(UNET_TARGETS))]
+    made = {
+        "lokr": lycoris_state(
+            pipe, "lokr", 3, targets=targets, lora_dim=rank, alpha=rank, factor=8, decompose_both=True
+        ),
+        "dora": lycoris_state(pipe, "locon", 4, targets=targets, lora_dim=rank, alpha=rank, dora=True),
+    }
+    files = []
+    for name, state in made.items():
+        save_file({k: v.to(pipe.unet.dtype) for k, v in state.items()}, root / f"{name}.safetensors")
+        files.append(LocalLora(name, root / f"{name}.safetensors", 1.0, name))
+    return files[0], files[1]
+
+
+def general_path(loras: LoraSet, plain: LocalLora, lokr: LocalLora, dora: LocalLora, rounds: int) -> list[str]:
+    """Seconds to fuse each file from the base, all three parsed before (best of interleaved rounds)."""
+    cases = {"plain": plain, "lokr": lokr, "dora": dora}
+    for lora in cases.values():
+        loras.apply([lora])
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(rounds):
+        for name, lora in cases.items():
+            best[name] = min(best[name], _seconds(lambda lora=lora: loras.apply([lora]), lambda: loras.apply([]), 1))
+    loras.apply([])
+    return [f"{best[n]:.3f}" for n in cases]
 
 
 def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora, rounds: int) -> list[str]:
@@ -113,10 +147,16 @@ def switching(pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: 
 
 
 def steps(
-    pipe: StableDiffusionXLPipeline, loras: LoraSet, a: LocalLora, b: LocalLora, latent: int, rounds: int
+    pipe: StableDiffusionXLPipeline,
+    loras: LoraSet,
+    a: LocalLora,
+    b: LocalLora,
+    formats: tuple[LocalLora, LocalLora],
+    latent: int,
+    rounds: int,
 ) -> list[str]:
     """Best UNet step time of interleaved rounds (each case warmed up by one untimed step): plain,
-    one and two fused LoRAs, one unfused adapter."""
+    one and two fused LoRAs, one unfused adapter, a fused LoKr and a fused DoRA."""
     unet = pipe.unet
     dtype = unet.dtype
     sample = torch.randn(2, 4, latent, latent, dtype=dtype)  # batch 2: classifier-free guidance
@@ -142,6 +182,8 @@ def steps(
         "one": lambda: loras.apply([a]),
         "two": lambda: loras.apply([a, b]),
         "unfused": unfused,
+        "lokr": lambda: loras.apply([formats[0]]),
+        "dora": lambda: loras.apply([formats[1]]),
     }
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(rounds):
@@ -190,6 +232,13 @@ def main() -> None:
         "UNet step, one fused rank-32 LoRA (s, x plain)",
         "UNet step, two fused rank-32 LoRAs (s, x plain)",
         "UNet step, one unfused PEFT adapter, as before (s, x plain)",
+        "UNet step, one fused LoKr (s, x plain)",
+        "UNet step, one fused DoRA LoCon (s, x plain)",
+    ]
+    format_names = [
+        "fuse from the base, parsed before: plain LoRA (s)",
+        "fuse from the base, parsed before: LoKr (s)",
+        "fuse from the base, parsed before: DoRA LoCon (s)",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -197,8 +246,10 @@ def main() -> None:
         a, b = _pair(tiny, root / "tiny", rank=4)
         tiny_switch = switching(tiny, LoraSet(tiny, "tiny"), a, b, args.switch_rounds)
         tiny_memory = memory(tiny, LoraSet(tiny, "tiny"), a, b)
+        tiny_formats = general_path(LoraSet(tiny, "tiny"), a, *_lycoris_pair(tiny, root, 4), args.switch_rounds)
         full_switch = [""] * len(switch_names)
         full_steps = [""] * len(step_names)
+        full_formats = [""] * len(format_names)
         if not args.skip_full_size:
             torch.set_default_dtype(torch.bfloat16)  # half the memory for 3.5B random parameters
             full = build_model(1, FULL)
@@ -206,10 +257,14 @@ def main() -> None:
             a, b = _pair(full, root / "full", rank=32)
             loras = LoraSet(full, "SDXL-size")
             full_switch = switching(full, loras, a, b, args.switch_rounds)
-            full_steps = steps(full, loras, a, b, args.latent, args.rounds)
+            formats = _lycoris_pair(full, root, 32)
+            full_formats = general_path(loras, a, *formats, args.switch_rounds)
+            full_steps = steps(full, loras, a, b, formats, args.latent, args.rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, step latent {args.latent}²\n")
     print("| measure | tiny | SDXL-size |\n|---|---|---|")
     for name, tiny_value, full_value in zip(switch_names, tiny_switch, full_switch, strict=True):
+        print(f"| {name} | {tiny_value} | {full_value} |")
+    for name, tiny_value, full_value in zip(format_names, tiny_formats, full_formats, strict=True):
         print(f"| {name} | {tiny_value} | {full_value} |")
     for name, full_value in zip(step_names, full_steps, strict=True):
         print(f"| {name} | | {full_value} |")
