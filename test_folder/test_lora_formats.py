@@ -313,7 +313,7 @@ IDENTITIES = [
     ({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}, "a full checkpoint"),
     ({"down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}, "a full checkpoint"),
     ({"clip_l": (2, 768), "clip_g": (2, 1280)}, "an SDXL textual-inversion embedding"),
-    ({"emb_params": (2, 768)}, "an SD 1.5 textual-inversion embedding"),
+    ({"emb_params": (2, 768)}, "a textual-inversion embedding for SD 1.5 / 2.x"),
     ({"text_encoders_0": (2, 768), "text_encoders_1": (2, 1280)}, r"embeddings\.pti"),
     (
         {

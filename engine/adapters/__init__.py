@@ -116,9 +116,12 @@ def identify(shapes: dict[str, tuple[int, ...]]) -> str | None:
     keys = list(shapes)
     has = lambda *fragments: any(any(f in k for f in fragments) for k in keys)  # noqa: E731
     if set(keys) & {"clip_l", "clip_g"}:
-        return "an SDXL textual-inversion embedding (clip_l / clip_g), not a LoRA: pass it as an embedding"
+        return "an SDXL textual-inversion embedding (clip_l / clip_g), not a LoRA: pass it in the embeddings input"
     if has("emb_params", "string_to_param"):
-        return "an SD 1.5 textual-inversion embedding (emb_params), not a LoRA"
+        return (
+            "a textual-inversion embedding for SD 1.5 / 2.x (emb_params: one text encoder, where SDXL's "
+            "hold clip_l and clip_g), not a LoRA"
+        )
     if set(keys) <= {"text_encoders_0", "text_encoders_1"}:
         return "the pivotal-tuning embeddings (embeddings.pti) of a trained tar, not a LoRA: pass the whole tar"
     if has("double_blocks", "single_blocks", "single_transformer_blocks"):
