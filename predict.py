@@ -79,7 +79,7 @@ class Predictor(BasePredictor):
         disable_safety_checker: bool = Input(default=False, description="Skip the safety checker"),
         go_fast: bool = Input(
             default=True,
-            description="Faster: after 30% of the steps only one step in 3 runs the whole UNet (the others reuse its deep features), and classifier-free guidance stops after 60% of the steps (see README)",
+            description="Faster: from 25 steps, once sigma is below 3, only one step in 3 and the last run the whole UNet (the others reuse its deep features), and classifier-free guidance stops below sigma 0.28 (see docs/go-fast.md)",
         ),
         lora_weights: Optional[str] = Input(
             default=None,

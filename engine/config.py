@@ -62,12 +62,17 @@ FLUX_GUIDANCE_TO_CFG = 2.0
 MODEL_RESIDENCY = "auto"
 RESIDENCY_HEADROOM_BYTES = 8 * 2**30
 
-# go_fast: classifier-free guidance stops after this fraction of the steps (see engine/steps.py).
-GO_FAST_CFG_CUTOFF = 0.6
-# go_fast: after this fraction of the steps, only one step in GO_FAST_DEEP_CACHE_INTERVAL runs the
-# whole UNet; the others reuse its deep features (see engine/deepcache.py).
-GO_FAST_DEEP_CACHE_START = 0.3
+# go_fast, by noise level (sigma) so that every scheduler behaves alike (engine/steps.py, the
+# evidence in docs/go-fast.md). Classifier-free guidance stops below this sigma: the low end of
+# the SDXL guidance interval (0.28, 5.42] of Kynkaanniemi et al. 2024.
+GO_FAST_GUIDANCE_MIN_SIGMA = 0.28
+# Below this sigma only one step in GO_FAST_DEEP_CACHE_INTERVAL (DeepCache's published default)
+# runs the whole UNet; the others reuse its deep features (engine/deepcache.py). 3.0 keeps the
+# first 8 of 28 Euler steps whole. Never the last step, and never in runs under
+# GO_FAST_DEEP_CACHE_MIN_STEPS: 25 is the fewest steps feature reuse was measured at on SDXL (T-GATE).
+GO_FAST_DEEP_CACHE_MAX_SIGMA = 3.0
 GO_FAST_DEEP_CACHE_INTERVAL = 3
+GO_FAST_DEEP_CACHE_MIN_STEPS = 25
 
 # The device (engine/devices.py): "auto" picks CUDA, else Apple Silicon's MPS, else the CPU;
 # "cuda", "mps" or "cpu" force one. Deploy-time override: TORCH_DEVICE.

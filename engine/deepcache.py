@@ -1,11 +1,13 @@
 """go_fast's second saving: reuse the UNet's deep features between neighbouring steps (DeepCache).
 
 Between two denoising steps the deep, low-resolution part of the UNet changes little, while the
-shallow, full-resolution part tracks the fine detail. After the first steps (which set the
-composition) only one step in `interval` runs the whole UNet; the others run just the shallow
-path: time embedding, `conv_in`, the first down block, the last up block and the output layers,
-fed with the last full step's input to that up block. On SDXL the shallow path is about a tenth
-of the UNet's work.
+shallow, full-resolution part tracks the fine detail. Once the noise level is below the point
+where the composition is set, only one step in a few runs the whole UNet (`engine.steps.whole_steps`
+decides which, by sigma; the last step is always whole); the others run just the shallow path:
+time embedding, `conv_in`, the first down block's resnets (its downsampler feeds only the deep
+part), the last up block and the output layers, fed with the last full step's input to that up
+block. The text (and IP-Adapter image) context is projected only when one of those two blocks
+attends to it, which SDXL's do not. On SDXL the shallow path is about a tenth of the UNet's work.
 
 Installed around one pipeline call by wrapping the UNet's forward and removed afterwards, so a
 request without go_fast runs the plain pipeline. With a ControlNet, the shallow path adds only its
@@ -17,7 +19,7 @@ conditional half of the batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,18 +30,22 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 class DeepFeatureCache:
     """Counts the UNet calls of one pipeline call and decides which of them may reuse deep features."""
 
-    def __init__(self, unet: UNet2DConditionModel, total_steps: Callable[[], int], start: float, interval: int) -> None:
+    def __init__(self, unet: UNet2DConditionModel, whole_steps: Callable[[], Sequence[bool]]) -> None:
+        """`whole_steps` says which steps run the whole UNet; asked once, at the first step, when the
+        pipeline has set its timesteps."""
         self.unet = unet
-        self.total_steps = total_steps
-        self.start = start
-        self.interval = interval
+        self.whole_steps = whole_steps
+        self.plan: Sequence[bool] | None = None
         self.calls = 0
         self.full_calls = 0
         self.features: torch.Tensor | None = None
 
     def is_full(self, step: int) -> bool:
-        first_cached = max(1, round(self.total_steps() * self.start))
-        return self.features is None or step < first_cached or (step - first_cached) % self.interval == 0
+        if self.features is None:
+            return True
+        if self.plan is None:
+            self.plan = self.whole_steps()
+        return step >= len(self.plan) or self.plan[step]
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[DeepFeatureCache]:
@@ -64,7 +70,7 @@ class DeepFeatureCache:
         finally:
             del self.unet.forward  # the class's own forward again
             hook.remove()
-            self.features = None
+            self.features = self.plan = None
 
     def _shallow(
         self,
@@ -93,15 +99,21 @@ class DeepFeatureCache:
         emb = emb + aug if aug is not None else emb
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
-        encoder_hidden_states = unet.process_encoder_hidden_states(
-            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
-        )
-        hidden = unet.conv_in(sample)
-        first = unet.down_blocks[0]
+        first, last = unet.down_blocks[0], unet.up_blocks[-1]
+        first_attends, last_attends = (getattr(block, "has_cross_attention", False) for block in (first, last))
+        if first_attends or last_attends:  # the context's projections (IP-Adapter's too) only when read
+            encoder_hidden_states = unet.process_encoder_hidden_states(
+                encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+            )
         attention = {"encoder_hidden_states": encoder_hidden_states, "cross_attention_kwargs": cross_attention_kwargs}
-        cross = getattr(first, "has_cross_attention", False)
-        _, res = first(hidden_states=hidden, temb=emb, **(attention if cross else {}))
-        last = unet.up_blocks[-1]
+        hidden = unet.conv_in(sample)
+        if first_attends:
+            _, res = first(hidden_states=hidden, temb=emb, **attention)
+        else:  # the block's own forward without its downsampler, whose output only the deep part reads
+            res, state = [], hidden
+            for resnet in first.resnets:
+                state = resnet(state, emb)
+                res.append(state)
         skips = ((hidden, *res))[: len(last.resnets)]
         if down_block_additional_residuals is not None:
             residuals = down_block_additional_residuals[: len(skips)]
@@ -109,8 +121,8 @@ class DeepFeatureCache:
         features = self.features
         if features.shape[0] != sample.shape[0]:  # the guidance cutoff halved the batch since
             features = features.chunk(features.shape[0] // sample.shape[0])[-1]
-        cross = getattr(last, "has_cross_attention", False)
-        out = last(hidden_states=features, temb=emb, res_hidden_states_tuple=skips, **(attention if cross else {}))
+        context = attention if last_attends else {}
+        out = last(hidden_states=features, temb=emb, res_hidden_states_tuple=skips, **context)
         if unet.conv_norm_out is not None:
             out = unet.conv_act(unet.conv_norm_out(out))
         out = unet.conv_out(out)

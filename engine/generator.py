@@ -20,9 +20,10 @@ from engine.compiling import compile_blocks, compile_wanted, uncompile_blocks, w
 from engine.config import (
     CUSTOM_MODEL_ID,
     DEFAULT_MODEL,
-    GO_FAST_CFG_CUTOFF,
     GO_FAST_DEEP_CACHE_INTERVAL,
-    GO_FAST_DEEP_CACHE_START,
+    GO_FAST_DEEP_CACHE_MAX_SIGMA,
+    GO_FAST_DEEP_CACHE_MIN_STEPS,
+    GO_FAST_GUIDANCE_MIN_SIGMA,
     IP_ADAPTER_DIR,
     MODEL_IDS,
     MODEL_RESIDENCY,
@@ -46,13 +47,16 @@ from engine.request import GenerationRequest, LocalLora, LoraSource, output_seed
 from engine.safety import SafetyChecker
 from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
-from engine.steps import StepCallback
+from engine.steps import StepCallback, noise_levels, whole_steps
 from engine.upscale import Upscaler, check_upscale
 
 log = logging.getLogger(__name__)
 
 SEED_RANGE = 2**32
-DEEP_CACHE_LABEL = f"from {GO_FAST_DEEP_CACHE_START:g}, every {GO_FAST_DEEP_CACHE_INTERVAL} steps full"
+DEEP_CACHE_LABEL = (
+    f"below sigma {GO_FAST_DEEP_CACHE_MAX_SIGMA:g}, every {GO_FAST_DEEP_CACHE_INTERVAL} steps and the last full, "
+    f"at {GO_FAST_DEEP_CACHE_MIN_STEPS}+ steps"
+)
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ class Engine:
         controlled = control_map is not None and req.control_strength > 0  # strength 0 is the plain pipeline
         pipe, extra = self._pipeline_for(model, req, width, height, control_map if controlled else None)
         pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
-        cfg_cutoff = GO_FAST_CFG_CUTOFF if req.go_fast and keeps_cfg_cutoff(pipe) else None
+        cfg_cutoff = GO_FAST_GUIDANCE_MIN_SIGMA if req.go_fast and keeps_cfg_cutoff(pipe) else None
         if req.go_fast and cfg_cutoff is None:
             log.info("go_fast: guidance stays on every step (inpaint with a control image); deep features are reused")
         on_step = StepCallback(cfg_cutoff)
@@ -260,9 +264,7 @@ class Engine:
             req.cfg_scale,
             req.go_fast,
         )
-        deep = DeepFeatureCache(
-            pipe.unet, lambda: pipe.num_timesteps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL
-        )
+        deep = DeepFeatureCache(pipe.unet, lambda: whole_steps(noise_levels(pipe)))
         # Scale 0 is no IP-Adapter at all: the plain UNet, not the IP processors adding nothing.
         reference = model.ip_adapter if req.ip_adapter_images and req.ip_adapter_scale > 0 else None
         with contextlib.ExitStack() as stack:
@@ -302,7 +304,8 @@ class Engine:
                 deep.calls,
                 "the others reused its deep features"
                 if deep.full_calls < deep.calls
-                else "too few steps to reuse its deep features",
+                else f"no deep features reused (under {GO_FAST_DEEP_CACHE_MIN_STEPS} steps, or none below sigma "
+                f"{GO_FAST_DEEP_CACHE_MAX_SIGMA:g})",
             )
 
         results = [

@@ -26,9 +26,10 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import CONTROL_MODES, GO_FAST_CFG_CUTOFF, GO_FAST_DEEP_CACHE_INTERVAL, GO_FAST_DEEP_CACHE_START
+from engine.config import CONTROL_MODES
 from engine.control import shallow_residuals
 from engine.deepcache import DeepFeatureCache
+from scripts.benchmark_go_fast import plan
 from scripts.build_tiny_weights import FULL, build_controlnet, build_unet
 
 
@@ -100,7 +101,7 @@ def components(latent: int, rounds: int, steps: int) -> None:
     def whole() -> None:
         unet(sample, 500, text, added_cond_kwargs=added, **residuals)
 
-    cache = DeepFeatureCache(unet, lambda: 10, start=0.0, interval=2)
+    cache = DeepFeatureCache(unet, lambda: [True, True, False])
 
     def shallow() -> None:
         with cache.installed():
@@ -121,13 +122,10 @@ def components(latent: int, rounds: int, steps: int) -> None:
     rows["UNet, shallow path (s)"] = (min(shallow_times), statistics.median(shallow_times))
     del rows["shallow"]
     full, control, control_short, short = (rows[k][0] for k in rows)
-    cache = DeepFeatureCache(torch.nn.Module(), lambda: steps, GO_FAST_DEEP_CACHE_START, GO_FAST_DEEP_CACHE_INTERVAL)
-    cache.features = torch.empty(0)
-    cutoff = max(1, round(steps * GO_FAST_CFG_CUTOFF))
-    plan = [(cache.is_full(s), 1.0 if s < cutoff else 0.5) for s in range(steps)]
+    steps_plan = plan(steps)
     plain = steps * full
-    fast = sum((full if whole else short) * half for whole, half in plan)
-    fast_control = fast + sum((control if whole else control_short) * half for whole, half in plan)
+    fast = sum((full if whole else short) * half for whole, half in steps_plan)
+    fast_control = fast + sum((control if whole else control_short) * half for whole, half in steps_plan)
     print(f"device {device}, {dtype}, batch 2, latent {latent} ({latent * 8} px), best / median of {rounds}\n")
     print("| measure | value |\n|---|---|")
     for name, (best, median) in rows.items():

@@ -188,7 +188,8 @@ def test_declared_literals_equal_the_engine_constants() -> None:
     expected_text = {
         (predict, "guidance"): f"guidance x {c.FLUX_GUIDANCE_TO_CFG:g} ",
         (predict, "go_fast"): (
-            f"after {c.GO_FAST_DEEP_CACHE_START:.0%} of the steps only one step in {c.GO_FAST_DEEP_CACHE_INTERVAL} "
+            f"from {c.GO_FAST_DEEP_CACHE_MIN_STEPS} steps, once sigma is below {c.GO_FAST_DEEP_CACHE_MAX_SIGMA:g}, "
+            f"only one step in {c.GO_FAST_DEEP_CACHE_INTERVAL} "
         ),
         (predict, "control_type"): f" {', '.join(c.CONTROL_PREPROCESSORS)};",
         (predict, "ip_adapter_image"): f"Up to {c.IP_ADAPTER_MAX_IMAGES};",
@@ -198,5 +199,5 @@ def test_declared_literals_equal_the_engine_constants() -> None:
     }
     for (kind, name), text in expected_text.items():
         assert text in (read[kind][name].description or ""), f"{kind}.{name}"
-    cutoff = f"guidance stops after {c.GO_FAST_CFG_CUTOFF:.0%} of the steps"
+    cutoff = f"guidance stops below sigma {c.GO_FAST_GUIDANCE_MIN_SIGMA:g} "
     assert cutoff in read["predict"]["go_fast"].description

@@ -295,10 +295,11 @@ def hooks(engine: Engine, model_id: str) -> tuple[list[int], list[int], list[int
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 def test_go_fast_with_control(engine: Engine, mode: str) -> None:
-    """The deep path of the UNet and of the ControlNet runs in 6 of 10 steps as without control; the
+    """The deep path of the UNet and of the ControlNet runs in 15 of 25 steps as without control; the
     ControlNet is called every step (its shallow part only on cached steps), at half batch after the
-    guidance cutoff, or at full batch in inpaint, where the cutoff is off."""
-    req = controlled(num_inference_steps=10)
+    guidance cutoff (sigma 0.28: the last 2 of 25 Euler a steps), or at full batch in inpaint, where
+    the cutoff is off."""
+    req = controlled(num_inference_steps=25, megapixels="0.25")
     if mode != "txt2img":
         req = replace(req, image=photo(), prompt_strength=1.0)
     if mode == "inpaint":
@@ -309,11 +310,11 @@ def test_go_fast_with_control(engine: Engine, mode: str) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    assert len(deep) == 6 and len(control) == 10 and control_deep == deep
+    assert len(deep) == 15 and len(control) == 25 and control_deep == deep
     if mode != "inpaint":
-        assert control == [2] * 6 + [1] * 4 and "CFG cutoff: 0.6" in result.parameters.to_a1111()
+        assert control == [2] * 23 + [1] * 2 and "CFG cutoff: 0.28" in result.parameters.to_a1111()
     else:
-        assert control == [2] * 10 and "CFG cutoff" not in result.parameters.to_a1111()
+        assert control == [2] * 25 and "CFG cutoff" not in result.parameters.to_a1111()
 
 
 def test_the_shallow_path_adds_the_controlnet_residuals_exactly(engine: Engine) -> None:
@@ -338,7 +339,7 @@ def test_the_shallow_path_adds_the_controlnet_residuals_exactly(engine: Engine) 
             return_dict=False,
         )
     residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-    cache = DeepFeatureCache(unet, lambda: 10, start=0.0, interval=2)
+    cache = DeepFeatureCache(unet, lambda: [True, True, False])
     with torch.no_grad(), cache.installed():
         full = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False, **residuals)[0]
         cache.calls = 2  # step 2 reuses the deep features of the full call
@@ -377,7 +378,7 @@ def test_the_controlnet_skips_its_deep_half_exactly_on_cached_steps(
         first = control_module.shallow_residuals(controlnet, 2, **kwargs)
     assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, down[:2], strict=True))
 
-    req = controlled(seed=2, num_inference_steps=10, control_type="depth")
+    req = controlled(seed=2, num_inference_steps=25, megapixels="0.25", control_type="depth")  # 10 cached steps
     skipped = engine.generate(req)[0].image
 
     def whole_forward(net: torch.nn.Module, count: int, **kw: Any) -> tuple[torch.Tensor, ...]:

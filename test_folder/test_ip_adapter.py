@@ -267,8 +267,22 @@ def test_the_guidance_cutoff_halves_the_image_embeddings(engine: Engine) -> None
         engine.generate(req)
     finally:
         hook.remove()
-    # Full UNet steps 0-3 guided (batch 2); steps 6 and 9 are full and after the cutoff (batch 1).
-    assert seen == [2, 2, 2, 2, 1, 1]
+    # 10 steps reuse no deep features; the last one is below sigma 0.28 (batch 1).
+    assert seen == [2] * 9 + [1]
+
+
+def test_cached_steps_skip_the_image_projection(engine: Engine) -> None:
+    """SDXL's shallow path attends to no context, so go_fast's cached steps project no reference
+    image: the projection runs in the 15 whole steps of 25 (it ran in all 25 before)."""
+    adapter = engine.models["illustrious-xl"].ip_adapter
+    assert adapter is not None
+    calls: list[int] = []
+    hook = adapter.projection.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        engine.generate(replace(REQUEST, num_inference_steps=25, ip_adapter_images=(noise(1),)))
+    finally:
+        hook.remove()
+    assert len(calls) == 15
 
 
 def test_swap_mode_moves_the_shared_adapter_with_the_requested_model(weights_dir: Path) -> None:

@@ -10,6 +10,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,10 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # when run dire
 from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 from PIL import Image
 
+from engine.config import GO_FAST_GUIDANCE_MIN_SIGMA
 from engine.deepcache import DeepFeatureCache
 from engine.errors import AllImagesFlaggedError, InputError, WeightsMissingError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec, cfg_from_flux, loras_from_flux
+from engine.schedulers import make_scheduler
+from engine.steps import first_unguided_step, noise_levels, whole_steps
 
 BASE = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=2, seed=7)
 
@@ -109,10 +113,42 @@ def unet_batches(engine: Engine, req: GenerationRequest) -> list[int]:
 
 
 @pytest.mark.parametrize("extra", [{}, {"image": Image.new("RGB", (128, 128), "red")}])
-def test_go_fast_stops_guidance_after_60_percent(engine: Engine, extra: dict) -> None:
+def test_go_fast_stops_guidance_below_a_noise_level(engine: Engine, extra: dict) -> None:
+    """10 Euler a steps: sigma 0.35 at step 8, 0.04 at step 9, the one step below 0.28."""
     req = replace(BASE, num_inference_steps=10, num_outputs=2, prompt_strength=1.0, **extra)
     assert unet_batches(engine, replace(req, go_fast=False)) == [4] * 10
-    assert unet_batches(engine, replace(req, go_fast=True)) == [4] * 6 + [2] * 4
+    assert unet_batches(engine, replace(req, go_fast=True)) == [4] * 9 + [2]
+
+
+def guided_sigmas(engine: Engine, req: GenerationRequest) -> tuple[list[float], list[float]]:
+    """Sigmas of the UNet calls one request makes with and without guidance, read by a forward hook
+    from each call's timestep and the model's noise schedule."""
+    guided: list[float] = []
+    unguided: list[float] = []
+    pipe = engine.models[req.model].txt2img
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        alpha = float(pipe.scheduler.alphas_cumprod[round(float(args[1]))])
+        (guided if args[0].shape[0] == 2 else unguided).append(((1 - alpha) / alpha) ** 0.5)
+
+    handle = pipe.unet.register_forward_pre_hook(record)
+    try:
+        engine.generate(req)
+    finally:
+        handle.remove()
+    return guided, unguided
+
+
+def test_the_guidance_cutoff_falls_at_the_same_sigma_for_every_scheduler(engine: Engine) -> None:
+    """By step fraction, 60% of the steps was sigma 0.99 with Euler and 0.57 with Karras sigmas; by
+    sigma, both guide every step above the cutoff and none below, at different step counts."""
+    req = replace(BASE, num_inference_steps=10)
+    cut = {}
+    for scheduler in ("Euler a", "DPM++ 2M Karras"):
+        guided, unguided = guided_sigmas(engine, replace(req, scheduler=scheduler))
+        assert unguided and min(guided) >= GO_FAST_GUIDANCE_MIN_SIGMA > max(unguided), (guided, unguided)
+        cut[scheduler] = len(guided)
+    assert cut == {"Euler a": 9, "DPM++ 2M Karras": 7}
 
 
 def test_go_fast_inpaint_halves_the_mask_too(engine: Engine) -> None:
@@ -121,7 +157,7 @@ def test_go_fast_inpaint_halves_the_mask_too(engine: Engine) -> None:
     req = replace(
         BASE, image=Image.new("RGB", (128, 128), "red"), mask=mask, prompt_strength=1.0, num_inference_steps=5
     )
-    assert unet_batches(engine, req) == [2] * 3 + [1] * 2
+    assert unet_batches(engine, req) == [2] * 4 + [1]
 
 
 def test_go_fast_changes_the_image_and_off_is_exact(engine: Engine) -> None:
@@ -147,12 +183,32 @@ def deep_path_calls(engine: Engine, req: GenerationRequest) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-@pytest.mark.parametrize("cfg_scale", [6.0, 1.0])
-def test_go_fast_reuses_deep_features_after_30_percent(engine: Engine, cfg_scale: float) -> None:
-    """10 steps: the first 3 run the whole UNet, then one step in 3 (steps 3, 6, 9)."""
-    req = replace(BASE, num_inference_steps=10, cfg_scale=cfg_scale)
-    assert deep_path_calls(engine, replace(req, go_fast=False)) == (10, 10)
-    assert deep_path_calls(engine, replace(req, go_fast=True)) == (10, 6)
+def scheduler_sigmas(engine: Engine, name: str, steps: int, strength: float = 1.0) -> list[float]:
+    """go_fast's sigmas for a scheduler on SDXL's noise schedule, as a pipeline call at `strength` sets them."""
+    scheduler = make_scheduler(name, engine.models["sdxl"].scheduler_config)
+    scheduler.set_timesteps(steps)
+    return noise_levels(SimpleNamespace(scheduler=scheduler, num_timesteps=int(steps * strength)))
+
+
+def test_go_fast_plans_by_sigma(engine: Engine) -> None:
+    """28 steps: whole while sigma >= 3, then one in 3, and the last step whole even where one in 3
+    would reuse (step 27); the same sigmas at any strength; under 25 steps every step whole."""
+    euler, karras = scheduler_sigmas(engine, "Euler a", 28), scheduler_sigmas(engine, "DPM++ 2M Karras", 28)
+    marks = ["".join("W" if whole else "." for whole in whole_steps(sigmas)) for sigmas in (euler, karras)]
+    assert marks == ["WWWWWWWWW..W..W..W..W..W..WW", "WWWWWWWWWWW..W..W..W..W..W.W"]
+    assert scheduler_sigmas(engine, "Euler a", 28, strength=0.5) == euler[14:]
+    assert whole_steps(euler[:24]) == [True] * 24
+    assert first_unguided_step(euler, GO_FAST_GUIDANCE_MIN_SIGMA) == 25
+    assert first_unguided_step(karras, GO_FAST_GUIDANCE_MIN_SIGMA) == 20
+
+
+def test_go_fast_reuses_deep_features_below_a_noise_level(engine: Engine) -> None:
+    """25 Euler a steps: 0-8 whole (sigma 3.0 and above), then one step in 3 from step 9, and the
+    last step whole: 15 of 25. Without guidance the same. Under 25 steps nothing is reused."""
+    req = replace(BASE, num_inference_steps=25, megapixels="0.25", cfg_scale=1.0)
+    assert deep_path_calls(engine, replace(req, go_fast=True)) == (25, 15)
+    assert deep_path_calls(engine, replace(req, num_inference_steps=4, go_fast=True)) == (4, 4)
+    assert deep_path_calls(engine, replace(req, num_inference_steps=4, go_fast=False)) == (4, 4)
 
 
 def unet_inputs(unet: torch.nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -172,10 +228,10 @@ def test_the_shallow_path_is_the_unets_own_computation(engine: Engine) -> None:
     unet = engine.models["illustrious-xl"].txt2img.unet
     generator = torch.Generator().manual_seed(0)
     sample, text, added = unet_inputs(unet, generator)
-    cache = DeepFeatureCache(unet, lambda: 10, start=0.0, interval=2)
+    cache = DeepFeatureCache(unet, lambda: [True, True, False])
     with torch.no_grad(), cache.installed():
         full = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]
-        cache.calls = 2  # from step 1 on, one step in 2 is full: step 2 reuses
+        cache.calls = 2  # step 2 reuses
         shallow = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]
     assert cache.full_calls == 1
     assert torch.equal(full, shallow)

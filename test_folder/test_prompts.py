@@ -360,7 +360,7 @@ def test_long_weighted_prompt_in_every_mode_with_clip_skip(engine: Engine, mode:
 
 def test_go_fast_still_halves_the_batch_with_embeddings(engine: Engine) -> None:
     req = replace(BASE, prompt=LONG, num_inference_steps=5)
-    assert unet_batches(engine, req) == [2] * 3 + [1] * 2
+    assert unet_batches(engine, req) == [2] * 4 + [1]
 
 
 def test_metadata_keeps_the_prompt_as_written(engine: Engine) -> None:
