@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from engine.config import MAX_PROMPT_TOKENS
 from engine.errors import InputError
+from engine.metadata import BY_HASH, embedding_hash
 from engine.prompts import count_tokens
 from engine.request import LocalLora
 
@@ -112,6 +113,7 @@ class Embedding:
     vectors: tuple[torch.Tensor, torch.Tensor]
     triggers: tuple[str, ...]  # the host's trigger words
     tokens: tuple[str, ...]
+    digest: str = ""  # A1111's hash of the file (`TI hashes` in the output's metadata)
 
     def pattern(self) -> re.Pattern[str]:
         """Every way a prompt may call it: embedding:NAME[.ext] (ComfyUI), NAME (A1111), a trigger word;
@@ -138,11 +140,15 @@ def read_embedding(lora: LocalLora, pipe: StableDiffusionXLPipeline, model_id: s
             "(one CLIP window) are used here"
         )
     owner = "emb_" + hashlib.sha256(lora.key.encode()).hexdigest()[:16]
-    return Embedding(name, lora.name, vectors, lora.trained_words, tuple(token_names(owner, vectors[0].shape[0])))
+    tokens = tuple(token_names(owner, vectors[0].shape[0]))
+    return Embedding(name, lora.name, vectors, lora.trained_words, tokens, embedding_hash(lora.path, lora.key))
 
 
 def _name(lora: LocalLora) -> str:
-    """The file's name without its extension: what A1111 and ComfyUI call an embedding by."""
+    """The file's name without its extension: what A1111 and ComfyUI call an embedding by. One that
+    generation data found by its hash (`...by-hash/<hash>#NAME`) is called by the text's NAME."""
+    if lora.name.startswith(BY_HASH) and "#" in lora.name:
+        return lora.name.partition("#")[2]
     stem = Path(lora.file_name).name
     for extension in _EXTENSIONS:
         stem = stem.removesuffix(extension)

@@ -327,6 +327,7 @@ class Engine:
                     cfg_cutoff=cfg_cutoff,
                     deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
                     loras=tuple((lora.name, lora.scale, lora_hash(lora.path, lora.key)) for lora in loras),
+                    embeddings=tuple((e.name, e.source, e.digest) for e in embeddings),
                     ip_adapter=(IP_ADAPTER_NAME, req.ip_adapter_scale, len(req.ip_adapter_images))
                     if reference is not None
                     else None,

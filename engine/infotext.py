@@ -6,7 +6,8 @@ JSON-quoted when it holds a comma or colon (A1111's `infotext_utils.parse_genera
 reads it the same way; CivitAI's `Civitai resources` and Forge's `Hashes` JSON values are read
 whole). `<lora:NAME:weight>` tags leave the prompt as A1111 removes them and name LoRAs, found
 through the text's own `Lora` field (this project's outputs), `Civitai resources` (exact CivitAI
-version ids), or `Lora hashes` / `Hashes` (CivitAI's by-hash API), in that order.
+version ids), or `Lora hashes` / `Hashes` (CivitAI's by-hash API), in that order; embeddings the
+same way through `Embeddings`, `TI hashes` or `Civitai resources`.
 
 Cog fills every input's default before predict runs, so the text replaces only inputs still at
 their default; one sent with another value wins. Every field not used is logged in one line.
@@ -31,7 +32,7 @@ from engine.config import (
     UPSCALE_FACTORS,
 )
 from engine.errors import InputError
-from engine.metadata import A1111_CLIP_SKIP_OFFSET, a1111_name
+from engine.metadata import A1111_CLIP_SKIP_OFFSET, BY_HASH, a1111_name
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import from_a1111
 
@@ -256,6 +257,9 @@ def apply_generation_data(
     loras = _loras(reading)
     if loras:
         changes["loras"] = (*loras, *request.loras)
+    embeddings = _embeddings(reading)
+    if embeddings:
+        changes["embeddings"] = (*embeddings, *request.embeddings)
     unused = reading.unused()
     if unused:
         log.info("generation_data: not used: %s", "; ".join(unused))
@@ -352,7 +356,7 @@ def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
                     "generation_data names a LoRA that was sent as a data: URI, which the text cannot carry: "
                     "send it again as lora_weights and remove it from the text's Lora field"
                 )
-    elif versions := _civitai_loras(fields.get("Civitai resources")):
+    elif versions := _civitai_resources(fields.get("Civitai resources")):
         specs = tuple(LoraSpec(f"civitai.com/api/download/models/{vid}", weight) for vid, weight in versions)
         reading.used.update(k for k in ("Civitai resources", "Lora hashes") if k in fields)
         if len(tags) != len(specs):
@@ -369,19 +373,64 @@ def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
     return specs
 
 
-def _civitai_loras(resources: Any) -> list[tuple[int, float]]:
-    """(version id, weight) of each LoRA in `Civitai resources`."""
+def _civitai_resources(
+    resources: Any, kinds: tuple[str, ...] = ("lora", "lycoris", "locon")
+) -> list[tuple[int, float]]:
+    """(version id, weight) of each resource of these kinds in `Civitai resources`."""
     if not isinstance(resources, list):
         return []
     found = []
     for item in resources:
-        if not isinstance(item, dict) or str(item.get("type", "")).lower() not in ("lora", "lycoris", "locon"):
+        if not isinstance(item, dict) or str(item.get("type", "")).lower() not in kinds:
             continue
         vid = item.get("modelVersionId")
         if isinstance(vid, int) or (isinstance(vid, str) and vid.isdigit()):
             weight = item.get("weight", 1.0)
             found.append((int(vid), float(weight) if isinstance(weight, (int, float)) else 1.0))
     return found
+
+
+def _embeddings(reading: _Reading) -> tuple[str, ...]:
+    """The text's embeddings: this project's `Embeddings` field (the strings sent), else `TI hashes`
+    (A1111) / Forge's `Hashes` looked up on CivitAI and called by the text's names, else the
+    `embed` entries of `Civitai resources`."""
+    fields = reading.fields
+    if "Embeddings" in fields:
+        value = fields["Embeddings"]
+        try:
+            sources = value if isinstance(value, list) else json.loads(str(value))
+        except ValueError:
+            raise InputError("generation_data's Embeddings field is not the JSON list this model writes") from None
+        reading.used.update(k for k in ("Embeddings", "TI hashes") if k in fields)
+        if any(str(source).startswith("data:") for source in sources):
+            raise InputError(
+                "generation_data names an embedding that was sent as a data: URI, which the text cannot carry: "
+                "send it again in embeddings and remove it from the text's Embeddings field"
+            )
+        return tuple(str(source) for source in sources)
+    forge = fields.get("Hashes")
+    named = {
+        str(key)[len("embed:") :]: value
+        for key, value in (forge.items() if isinstance(forge, dict) else ())
+        if str(key).lower().startswith("embed:")
+    }
+    named.update(_pairs(fields.get("TI hashes")))
+    found = []
+    for name, digest in named.items():
+        digest = str(digest).lower()
+        if not re.fullmatch(r"[0-9a-f]{10,64}", digest):
+            reading.notes.append(f"TI hashes entry {name} (not a hash)")
+            continue
+        # A1111's embedding hash is the file's sha256 from its start: its first 10 digits are AutoV2.
+        found.append(f"{BY_HASH}{digest[:10]}#{quote(name)}")
+        log.info("generation_data: embedding %s is the CivitAI file with hash %s", name, digest[:10])
+    if found:
+        reading.used.update(k for k in ("TI hashes", "Hashes") if k in fields)
+        return tuple(found)
+    versions = _civitai_resources(fields.get("Civitai resources"), ("embed", "textualinversion"))
+    if versions:
+        reading.used.add("Civitai resources")
+    return tuple(f"civitai.com/api/download/models/{vid}" for vid, _ in versions)
 
 
 def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec:
@@ -403,4 +452,4 @@ def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec:
     reading.used.update(k for k in ("Lora hashes", "Hashes") if k in reading.fields)
     digest = str(digest).lower()
     log.info("generation_data: %s is the CivitAI file with hash %s", tag, digest)
-    return LoraSpec(f"civitai.com/api/v1/model-versions/by-hash/{digest}#{quote(tag.name)}", tag.weight)
+    return LoraSpec(f"{BY_HASH}{digest}#{quote(tag.name)}", tag.weight)

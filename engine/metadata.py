@@ -22,6 +22,8 @@ from engine.schedulers import a1111_sampler
 A1111_CLIP_SKIP_OFFSET = 2
 # The checkpoint file a single-file bake records in <model>/.baked (scripts/bake.py).
 BAKED_CHECKPOINT = "checkpoint.safetensors"
+# How a file found by its hash on CivitAI is named; `#NAME` after it is the name generation data gave.
+BY_HASH = "civitai.com/api/v1/model-versions/by-hash/"
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,9 @@ class GenerationParameters:
     deep_cache: str | None = None  # go_fast's feature reuse, e.g. "from 0.3, every 3 steps full"
     # (name as the user gave it, scale, A1111's hash of the file); names never hold a token.
     loras: tuple[tuple[str, float, str | None], ...] = ()
-    # Textual-inversion embeddings used: (the word a prompt calls it by, A1111's hash of the file).
-    embeddings: tuple[tuple[str, str | None], ...] = ()
+    # Textual-inversion embeddings used: (the word a prompt calls it by, what the user passed,
+    # A1111's hash of the file).
+    embeddings: tuple[tuple[str, str, str | None], ...] = ()
     control: str | None = None  # A1111's "ControlNet 0" value, when a ControlNet guided the image
     ip_adapter: tuple[str, float, int] | None = None  # (adapter, scale, reference images) when one was used
     # The built-in upscaler, in A1111's postprocessing keys; width and height stay the generated size,
@@ -79,9 +82,12 @@ class GenerationParameters:
             hashes = [(a1111_name(name), digest) for name, _, digest in self.loras if digest]
             if hashes:
                 fields.append(("Lora hashes", ", ".join(f"{name}: {digest}" for name, digest in hashes)))
-        hashed = [(a1111_name(word), digest) for word, digest in self.embeddings if digest]
-        if hashed:
-            fields.append(("TI hashes", ", ".join(f"{word}: {digest}" for word, digest in hashed)))
+        if self.embeddings:
+            # This project's own field: the strings sent, as JSON (one may hold a comma); A1111's after.
+            fields.append(("Embeddings", json.dumps([source for _, source, _ in self.embeddings])))
+            hashed = [(a1111_name(word), digest) for word, _, digest in self.embeddings if digest]
+            if hashed:
+                fields.append(("TI hashes", ", ".join(f"{word}: {digest}" for word, digest in hashed)))
         if self.control is not None:
             fields.append(("ControlNet 0", self.control))
         if self.ip_adapter is not None:
@@ -119,7 +125,7 @@ def a1111_name(name: str) -> str:
     """A LoRA's or embedding's name as A1111 writes it in `Lora hashes` / `TI hashes`: without the
     commas and colons that would split the field. A CivitAI by-hash reference made from a `<lora:NAME>` tag is named
     by its tag (after the `#`), as A1111 names it."""
-    if name.startswith("civitai.com/api/v1/model-versions/by-hash/") and "#" in name:
+    if name.startswith(BY_HASH) and "#" in name:
         name = name.partition("#")[2]
     return name.translate(str.maketrans("", "", ":,"))
 

@@ -28,6 +28,7 @@ from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import SCHEDULERS, from_a1111
 from test_folder.conftest import CogServer, decode_data_uri
 from test_folder.emulators import CivitaiVersion, civitai, civitai_hashes
+from test_folder.test_embeddings import sdxl_embedding
 from utils import read_parameters
 
 # Every Flux input that the tests below leave at its default (predict.py computes this set).
@@ -168,7 +169,7 @@ def test_embeddings_are_written_with_a1111s_ti_hash(tmp_path: Path) -> None:
     digest = embedding_hash(path, "test:emb")
     assert digest == hashlib.sha256(b"embedding bytes").hexdigest()[:12]
     assert digest[:10] == civitai_hashes(b"embedding bytes")["AutoV2"].lower()
-    text = params(embeddings=(("negativeXL_D", digest), ("easy,neg", digest))).to_a1111()
+    text = params(embeddings=(("negativeXL_D", "a", digest), ("easy,neg", "b", digest))).to_a1111()
     assert a1111_reading(text)["TI hashes"] == f"negativeXL_D: {digest}, easyneg: {digest}"
 
 
@@ -303,6 +304,34 @@ def test_a_lora_sent_as_data_uri_is_asked_for_again() -> None:
         apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
 
 
+def test_embeddings_come_from_ti_hashes_forge_hashes_or_civitai_resources() -> None:
+    digest = "fff5d51ab655"  # A1111's TI hash: the file's sha256 from its start, 12 digits
+    text = (
+        "a cat\nNegative prompt: negativeXL_D, bad hands\n"
+        f'Steps: 2, Sampler: Euler a, TI hashes: "negativeXL_D: {digest}", '
+        'Hashes: {"embed:badhands": "0123456789", "model": "x"}'
+    )
+    request = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert request.embeddings == (
+        "civitai.com/api/v1/model-versions/by-hash/0123456789#badhands",
+        "civitai.com/api/v1/model-versions/by-hash/fff5d51ab6#negativeXL_D",  # its AutoV2
+    )
+    resources = 'a cat\nSteps: 2, Sampler: Euler a, Civitai resources: [{"type":"embed","modelVersionId":7001}]'
+    request = apply_generation_data(GenerationRequest(prompt="", embeddings=("mine",)), resources, ALL_DEFAULT, TINY)
+    assert request.embeddings == ("civitai.com/api/download/models/7001", "mine")
+
+
+def test_this_projects_embeddings_field_reads_back_and_a_data_uri_is_asked_for_again() -> None:
+    used = (("neg", "civitai.com/api/download/models/7001", "0123456789ab"), ("x", "https://h/x, y.safetensors", None))
+    text = params(embeddings=used).to_a1111()
+    assert a1111_reading(text)["TI hashes"] == "neg: 0123456789ab"
+    request = apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+    assert request.embeddings == ("civitai.com/api/download/models/7001", "https://h/x, y.safetensors")
+    text = params(embeddings=(("n", "data: URI", "0123456789ab"),)).to_a1111()
+    with pytest.raises(InputError, match="embedding that was sent as a data: URI"):
+        apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+
+
 def test_at_most_four_loras_from_one_text() -> None:
     tags = " ".join(f"<lora:l{i}:1>" for i in range(5))
     hashes = ", ".join(f"l{i}: {i:012x}" for i in range(5))
@@ -337,6 +366,7 @@ def civitai_server(
         {
             100: [CivitaiVersion(1001, "Illustrious", lora_files["b"])],
             500: [CivitaiVersion(5001, "SDXL 1.0", lora_files["a"])],
+            700: [CivitaiVersion(7001, "SDXL 1.0", sdxl_embedding(weights_dir, seed=77))],
         }
     )
     with pytest.MonkeyPatch.context() as mp:
@@ -417,7 +447,7 @@ def test_an_outputs_own_metadata_reproduces_it_byte_for_byte(
     first, _ = run(
         server,
         prompt="a lighthouse, (dusk:1.2), film grain",
-        negative_prompt="blurry, text: watermark",
+        negative_prompt="blurry, text: watermark, embedding:lora-7001",
         num_inference_steps=3,
         scheduler="DPM++ 2M Karras",
         cfg_scale=5.5,
@@ -427,11 +457,39 @@ def test_an_outputs_own_metadata_reproduces_it_byte_for_byte(
         go_fast=go_fast,
         lora_weights=civ.url + "/models/100?modelVersionId=1001",
         lora_scale=0.7,
+        embeddings=["urn:air:sdxl:embedding:civitai:700@7001"],
     )
     text = read_parameters(io.BytesIO(first))
+    assert "TI hashes" in text
     assert ("Deep cache" in text) is go_fast
     hits = civ.total()
     again, body = run(server, prompt="", generation_data=text)
     assert again == first
     assert civ.total() == hits, "the LoRA came from the cache: no request"
     assert "not used" not in body["logs"]
+
+
+def test_a_ti_hash_calls_the_embedding_by_the_texts_name(
+    civitai_server: tuple[CogServer, object], weights_dir: Path
+) -> None:
+    server, civ = civitai_server
+    data = sdxl_embedding(weights_dir, seed=77)  # the file the emulated CivitAI serves as version 7001
+    digest = hashlib.sha256(data).hexdigest()[:12]  # A1111's TI hash
+    text = (
+        f'a cat\nNegative prompt: lowres, negWord\nSteps: 2, Sampler: Euler a, Seed: 5, TI hashes: "negWord: {digest}"'
+    )
+    with_ti, _ = run(server, prompt="", generation_data=text)
+    assert civ.hits[f"GET /api/v1/model-versions/by-hash/{digest[:10]}"] == 1
+    plain, _ = run(server, prompt="", generation_data=text.replace(f', TI hashes: "negWord: {digest}"', ""))
+    assert np.abs(pixels(with_ti) - pixels(plain)).max() > 0, "the embedding changed the image"
+    explicit, _ = run(
+        server,
+        prompt="a cat",
+        negative_prompt="lowres, embedding:lora-7001",
+        num_inference_steps=2,
+        seed=5,
+        go_fast=False,
+        embeddings=["urn:air:sdxl:embedding:civitai:700@7001"],
+    )
+    assert np.array_equal(pixels(with_ti), pixels(explicit))
+    assert a1111_reading(read_parameters(io.BytesIO(with_ti)))["TI hashes"] == f"negWord: {digest}"
