@@ -219,7 +219,7 @@ def apply_generation_data(
     changes: dict[str, Any] = {}
     if not request.prompt.strip():
         changes["prompt"] = info.prompt
-    else:
+    elif info.prompt.strip():
         reading.notes.append("the prompt (the prompt input was sent)")
     if info.negative_prompt and "negative_prompt" in defaulted:
         changes["negative_prompt"] = info.negative_prompt
