@@ -360,11 +360,11 @@ def kohya_module(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor) -> d
 @pytest.mark.parametrize(
     ("state", "raw", "message"),
     [
-        # a text-encoder module with a 1-D up factor: diffusers' rank lookup indexes its second axis
+        # a diffusers-layout LoRA whose lora_A is a 0-d tensor: diffusers' loader indexes its axes
         (
             {
-                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(4, 32),
-                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(32),
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.tensor(1.0),
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(64, 4),
             },
             "IndexError",
             "could not be read",
