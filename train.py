@@ -42,7 +42,8 @@ def train(
         description="The word or phrase that stands for the subject or style (e.g. TOK, CYBRPNK); write it in your prompts. Matched in captions in any letter case; [trigger] in a caption is replaced by it. Empty: no trigger word",
     ),
     autocaption: bool = Input(
-        default=True, description="Caption images that have no .txt file with the baked captioning model"
+        default=True,
+        description="Caption images that have no .txt file: Danbooru tags (WD tagger) for illustrious-xl, a sentence (BLIP) for sdxl",
     ),
     autocaption_prefix: Optional[str] = Input(
         default=None, description="Text put before every automatic caption, e.g. 'a photo of TOK,'"

@@ -15,6 +15,12 @@ DEFAULT_MODEL = "illustrious-xl"
 SAFETY_CHECKER_DIR = "safety-checker"
 # The captioning model (BLIP) that `cog train` uses for autocaption; predict never loads it.
 CAPTIONER_DIR = "captioner"
+# cog train's Danbooru-tag captioner for models prompted in tags (training/tagger.py): SmilingWolf's
+# WD ViT tagger v3 (ONNX), with the thresholds its authors' demo uses.
+TAGGER_DIR = "tagger"
+TAGGER_MODELS = ("illustrious-xl",)
+TAGGER_GENERAL_THRESHOLD = 0.35
+TAGGER_CHARACTER_THRESHOLD = 0.85
 
 # Flux's aspect table at 1 megapixel, width x height. Sizes scale with a model's native
 # resolution (1024 px for SDXL), so the table is exact on real weights.

@@ -7,7 +7,9 @@ The result is `weights/<model-id>/` (a diffusers folder that
 `StableDiffusionXLPipeline.from_pretrained` loads) for every model id, plus
 `weights/safety-checker/`, `weights/captioner/` (a BLIP captioner for `cog train`'s
 autocaption, random weights: its captions are gibberish, the code path is the real one),
-`weights/upscaler/` (Swin2SR x4 in the real-world model's configuration, see build_upscaler) and
+`weights/tagger/` (a stand-in for the WD tagger: an ONNX graph of the same input and output
+whose few tags follow the image's mean colour, see build_tagger), `weights/upscaler/` (Swin2SR
+x4 in the real-world model's configuration, see build_upscaler) and
 `weights/ip-adapter/` (an IP-Adapter Plus file in the original key layout with its CLIP image
 encoder, sized for the UNet's cross-attention). The
 tokenizers use the real CLIP BPE vocabulary shipped inside the open-clip-torch wheel, so prompts tokenize exactly as on
@@ -75,6 +77,7 @@ from engine.config import (
     IP_ADAPTER_WEIGHT_NAME,
     MODEL_IDS,
     SAFETY_CHECKER_DIR,
+    TAGGER_DIR,
     UPSCALER_DIR,
     weights_root,
 )
@@ -536,6 +539,57 @@ def _as_baked(model: torch.nn.Module, shape: Shape) -> torch.nn.Module:
     return model.to(torch.float16) if shape is FULL else model
 
 
+# The tiny tagger's tags: (name, selected_tags.csv category, weights on the mean B, G, R, bias).
+# Its output is sigmoid(weights . mean colour + bias), so each tag's confidence is known for a
+# given image: a rating tag that must be left out, colour tags, an emoticon whose `_` stays, and a
+# character tag above and one below the character threshold.
+TINY_TAGS = (
+    ("general", 9, (0.0, 0.0, 0.0), 5.0),
+    ("red_theme", 0, (-0.05, -0.05, 0.1), -2.0),
+    ("blue_theme", 0, (0.1, -0.05, -0.05), -2.0),
+    ("white_background", 0, (0.05 / 3, 0.05 / 3, 0.05 / 3), -8.0),
+    ("^_^", 0, (0.0, 0.0, 0.0), 1.0),
+    ("hatsune_miku", 4, (0.0, 0.0, 0.0), 1.0),
+    ("kagamine_rin", 4, (0.0, 0.0, 0.0), 3.0),
+)
+TINY_TAGGER_SIDE = 32
+
+
+def build_tagger(folder: Path) -> None:
+    """model.onnx (NHWC BGR 0-255 in, one sigmoid confidence per tag out, as wd-vit-tagger-v3) and
+    its selected_tags.csv."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.array([t[2] for t in TINY_TAGS], dtype=np.float32).T  # 3 x tags
+    bias = np.array([t[3] for t in TINY_TAGS], dtype=np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+        helper.make_node("MatMul", ["mean", "weights"], ["logits"]),
+        helper.make_node("Add", ["logits", "bias"], ["scores"]),
+        helper.make_node("Sigmoid", ["scores"], ["output"]),
+    ]
+    side = TINY_TAGGER_SIDE
+    graph = helper.make_graph(
+        nodes,
+        "tiny-wd-tagger",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", side, side, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(TINY_TAGS)])],
+        [
+            numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+            numpy_helper.from_array(weights, "weights"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, folder / "model.onnx")
+    rows = ["tag_id,name,category,count"] + [f"{i},{t[0]},{t[1]},1" for i, t in enumerate(TINY_TAGS)]
+    (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n")
+
+
 def _ip_adapter_folder(shape: Shape) -> Callable[[Path], None]:
     """The adapter file beside its image encoder's folder, the layout load_ip_adapter reads."""
     encoder, adapter = build_ip_adapter(shape)
@@ -573,6 +627,7 @@ def build_all(root: Path, force: bool = False, shape: Shape = TINY) -> list[Path
         IP_ADAPTER_DIR: lambda: _ip_adapter_folder(shape),
         CONTROLNET_DIR: lambda: _pretrained(_as_baked(build_controlnet(shape), shape)),
         DEPTH_ESTIMATOR_DIR: lambda: _pretrained(*build_depth_estimator()),
+        TAGGER_DIR: lambda: build_tagger,
     }
     for name, make in folders.items():
         target = root / name

@@ -32,7 +32,7 @@ from engine.request import GenerationRequest, LoraSpec
 from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import HfRepo, file_host, hugging_face, point_hub_client_at
-from training import trainer
+from training import tagger, trainer
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
 from training.optimizers import build_optimizer
 from training.request import OPTIMIZERS, TrainingRequest
@@ -308,7 +308,7 @@ def test_flux_trainer_json_every_input_honoured_through_cog(train_server: CogSer
     assert status == 200 and body["status"] == "succeeded", body.get("error")
     logs = body["logs"]
     for line in (
-        "autocaption: 3 caption(s)",  # img0 brings its .txt
+        "autocaption (WD tagger): 3 caption(s)",  # img0 brings its .txt; Illustrious gets tags
         "optimizer: adamw8bit asked for, 8-bit optimizers need a CUDA GPU: running adamw (32-bit) instead",
         "layers_to_optimize_regex: LoRA on 32 of 88 attention layers",
         "gradient checkpointing: on (asked for)",
@@ -375,7 +375,7 @@ def test_cog_train_returns_the_tar(cog_trained: dict) -> None:
         assert {"lora.safetensors", "embeddings.pti", "special_params.json"} <= set(tar.getnames())
     logs = cog_trained["logs"]
     assert "step 3/3, loss" in logs and "it/s" in logs
-    assert "autocaption: 3 caption(s)" in logs, "img0 brings its own caption; the baked BLIP writes the rest"
+    assert "autocaption (WD tagger): 3 caption(s)" in logs, "img0 brings its own caption; the tagger writes the rest"
 
 
 def test_cog_predict_uses_the_tar_with_its_trigger_word(cog_trained: dict, cog_server: CogServer) -> None:
@@ -771,3 +771,37 @@ def test_the_kohya_lora_and_a1111_embedding_give_the_tars_image(
     a, b, c = (np.asarray(r[0].image, dtype=np.int16) for r in (from_tar, elsewhere, plain))
     assert np.abs(a - c).max() > 5
     assert np.array_equal(a, b), "the same LoRA and tokens, in other tools' layouts"
+
+
+def test_autocaption_writes_tags_for_illustrious_and_sentences_for_sdxl(
+    weights_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    files = {**dataset(), "set/red.png": encoded(Image.new("RGB", (64, 64), (255, 0, 0)))}
+    archive = make_zip(tmp_path / "red.zip", files)  # _small writes its own in.zip
+    no_tagger = tmp_path / "no-tagger"
+    no_tagger.mkdir()
+    for name in ("illustrious-xl", "captioner"):
+        (no_tagger / name).symlink_to(weights_dir / name)
+    captions = {}
+    for key, model, root in (("tags", "illustrious-xl", weights_dir), ("sdxl", "sdxl", weights_dir)):
+        request = replace(_small(tmp_path), input_images=archive, autocaption=True, model=model, steps=1)
+        result = train(replace(request, autocaption_prefix="a photo of"), root, tmp_path / key)
+        with tarfile.open(result.tar) as tar:
+            captions[key] = tar.extractfile("captions/set/red.txt").read().decode()  # type: ignore[union-attr]
+    assert captions["tags"] == "TOK, a photo of kagamine rin, red theme, ^_^\n", "character, then general by confidence"
+    assert "red theme" not in captions["sdxl"] and captions["sdxl"].startswith("TOK, a photo of ")
+    assert "autocaption (WD tagger): 4 caption(s)" in caplog.text and "autocaption: 4 caption(s)" in caplog.text
+    train(replace(_small(tmp_path), input_images=archive, autocaption=True, steps=1), no_tagger, tmp_path / "x")
+    assert "no WD tagger is baked (weights/tagger): illustrious-xl gets natural-language captions" in caplog.text
+
+
+def test_the_tagger_reads_images_as_its_authors_feed_it(weights_dir: Path) -> None:
+    """White behind transparency and around a non-square image; BGR; rating tags left out."""
+    images = [Image.new("RGBA", (20, 20), (0, 0, 0, 0)), Image.new("RGB", (40, 8), (0, 0, 255))]
+    see_through, wide_blue = tagger.tag_captions(weights_dir, images)
+    assert see_through == "kagamine rin, white background, ^_^"
+    tags = wide_blue.split(", ")
+    assert "blue theme" in tags and "red theme" not in tags, "blue read as blue: BGR as the model expects"
+    assert "white background" in tags, "padded with white to a square, not stretched"
+    assert "general" not in see_through.split(", "), "the rating tag is not a caption tag"

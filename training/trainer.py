@@ -52,6 +52,8 @@ from engine.config import (
     CUSTOM_MODEL_ID,
     MODEL_IDS,
     REFERENCE_RESOLUTION,
+    TAGGER_DIR,
+    TAGGER_MODELS,
     TRAIN_CHECKPOINTING_BELOW_GIB,
     TRAIN_EMBEDDING_LEARNING_RATE,
     TRAIN_EMBEDDING_NORM_PULL,
@@ -70,7 +72,7 @@ from engine.devices import DeviceSettings, current
 from engine.errors import InputError, WeightsMissingError
 from engine.logs import quiet_library_noise
 from engine.request import reduced_seed
-from training import export, hub
+from training import export, hub, tagger
 from training.captioner import autocaption
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive, trigger_pattern
 from training.optimizers import build_optimizer
@@ -510,8 +512,7 @@ def _train(
 ) -> TrainingResult:
     device = settings.device
     trigger = request.trigger
-    uncaptioned = [i.image for i in images if i.caption is None]
-    automatic = autocaption(weights, uncaptioned, device) if request.autocaption and uncaptioned else None
+    automatic = _autocaptions(request, weights, [i.image for i in images if i.caption is None], device)
     pipe = StableDiffusionXLPipeline.from_pretrained(
         folder, dtype=precision.weights, device_map=str(device), local_files_only=True, use_safetensors=True
     )
@@ -591,6 +592,24 @@ def _train(
         tar = _write_tar(stage, out_dir)
         url, error = _upload(request, stage, trigger, record)
     return TrainingResult(tar, before, after, request.steps / elapsed, url, error)
+
+
+def _autocaptions(
+    request: TrainingRequest, weights: Path, images: list[Image.Image], device: torch.device
+) -> list[str] | None:
+    """Captions for the images without a .txt: Danbooru tags for a model prompted in tags
+    (TAGGER_MODELS), natural language (BLIP) for the others. None when autocaption is off."""
+    if not request.autocaption or not images:
+        return None
+    if request.model in TAGGER_MODELS:
+        if tagger.is_baked(weights):
+            return tagger.tag_captions(weights, images)
+        log.info(
+            "autocaption: no WD tagger is baked (weights/%s): %s gets natural-language captions instead of tags",
+            TAGGER_DIR,
+            request.model,
+        )
+    return autocaption(weights, images, device)
 
 
 def _made(folder: Path) -> Path:
