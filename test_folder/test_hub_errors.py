@@ -45,6 +45,7 @@ def test_a_hub_failure_says_the_hub_failed_after_bounded_logged_retries(
     store: LoraStore, hub: Loopback, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
     hub.faults[where] = [Reply(503) for _ in range(TRIES)]
+    hub.faults[where.replace("GET", "HEAD", 1)] = [Reply(503) for _ in range(10)]  # the hub is down
     caplog.set_level(logging.INFO)
     with pytest.raises(WeightsError) as err:
         store.fetch("hf://acme/style", 1.0, Credentials())
