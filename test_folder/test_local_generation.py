@@ -229,11 +229,14 @@ def test_the_shallow_path_is_the_unets_own_computation(engine: Engine) -> None:
     generator = torch.Generator().manual_seed(0)
     sample, text, added = unet_inputs(unet, generator)
     cache = DeepFeatureCache(unet, lambda: [True, True, False])
+    downsampled: list[int] = []  # the first down block's downsampler feeds only the deep part
+    hook = unet.down_blocks[0].downsamplers[0].register_forward_pre_hook(lambda *_: downsampled.append(1))
     with torch.no_grad(), cache.installed():
         full = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]
         cache.calls = 2  # step 2 reuses
         shallow = unet(sample, 500, text, added_cond_kwargs=added, return_dict=False)[0]
-    assert cache.full_calls == 1
+    hook.remove()
+    assert cache.full_calls == 1 and len(downsampled) == 1
     assert torch.equal(full, shallow)
     assert unet.forward.__func__ is type(unet).forward, "the plain forward is back"
 
