@@ -574,6 +574,11 @@ def test_a_failed_upload_is_reported_and_the_tar_still_returned(
     assert "Check that hf_token has write access" in result.hf_upload_error
     assert result.hf_upload_error in caplog.text and "the trained tar is returned all the same" in caplog.text
     assert wrong not in caplog.text and wrong not in result.hf_upload_error
+    # A hub that cannot be reached (a network error, not an HTTP answer) is reported the same way.
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # closed above
+    again = train(_small(tmp_path, hf_repo_id="alice/grid-lora", hf_token=wrong), weights_dir, tmp_path / "out2")
+    assert again.tar.is_file() and again.hf_upload_error is not None
+    assert "upload to Hugging Face repository alice/grid-lora failed: ConnectError" in again.hf_upload_error
 
 
 def test_skip_training_packages_a_hub_lora_as_the_output(

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 
 from engine.config import DEFAULT_HF_ENDPOINT
@@ -103,9 +103,10 @@ def upload(folder: Path, repo_id: str, token: str) -> str:
             repo_type="model",
             commit_message="Upload LoRA trained with cog train",
         )
-    except (HfHubHTTPError, OSError, ValueError) as exc:
+    except Exception as exc:  # any failure (HTTP, network, disk) is reported with the tar, never raised past it
         raise InputError(
-            f"upload to Hugging Face repository {repo_id} failed: {scrub(str(exc), token)[:400]}. "
+            f"upload to Hugging Face repository {repo_id} failed: {type(exc).__name__}: "
+            f"{scrub(str(exc), token)[:400]}. "
             "Check that hf_token has write access to it (huggingface.co/settings/tokens)"
         ) from None
     return str(url)
@@ -138,9 +139,10 @@ def fetch_pretrained(url: str, token: str | None, dest: Path) -> tuple[str, Path
         raise InputError(
             f"skip_training_and_use_pretrained_hf_lora_url: {filename} at revision {revision} is not in {repo_id}"
         ) from None
-    except (HfHubHTTPError, OSError) as exc:
+    except Exception as exc:  # HTTP, network (httpx2 errors are no OSError) or disk
         raise InputError(
-            f"skip_training_and_use_pretrained_hf_lora_url could not be downloaded: {scrub(str(exc), token)[:300]}"
+            f"skip_training_and_use_pretrained_hf_lora_url could not be downloaded ({type(exc).__name__}: "
+            f"{scrub(str(exc), token)[:300]}): check the URL, or try again"
         ) from None
     try:
         with safe_open(path, "pt") as f:
