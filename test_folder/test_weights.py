@@ -205,9 +205,7 @@ def test_unreachable_hub_says_so(store: LoraStore, monkeypatch: pytest.MonkeyPat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    with pytest.raises(
-        WeightsError, match="acme/style after 5 tries: Hugging Face could not be reached"
-    ):
+    with pytest.raises(WeightsError, match="acme/style after 5 tries: Hugging Face could not be reached"):
         store.fetch("hf://acme/style", 1.0, Credentials())
 
 
