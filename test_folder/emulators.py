@@ -253,6 +253,7 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
                     "type": "Model",
                     "primary": True,
                     "metadata": {"format": "SafeTensor"},
+                    "sizeKB": len(v.data) / 1024,
                     "hashes": civitai_hashes(v.data),
                     "downloadUrl": f"{base}/api/download/models/{v.id}",
                 },

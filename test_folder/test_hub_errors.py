@@ -1,6 +1,7 @@
 """Hugging Face LoRAs against the loopback hub: a hub failure is called one, retries are bounded
 and logged (conftest sets a zero backoff: no real sleep), 401/403/404 keep their own messages, and
-a file over LORA_MAX_FILE_BYTES is refused from the hub's metadata before any byte moves."""
+a file over LORA_MAX_FILE_BYTES is refused from the hub's metadata before any byte moves (CivitAI's
+API states sizes too)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import config
-from test_folder.emulators import HfRepo, Loopback, Reply, hugging_face, point_hub_client_at
+from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, hugging_face, point_hub_client_at
 from weights import Credentials, Downloader, LoraStore, WeightsError
 
 TOKEN = "hf_hub_errors_secret_3141"
@@ -108,3 +109,19 @@ def test_a_file_over_the_size_cap_is_refused_from_the_hubs_metadata(
         store.fetch("hf://acme/style", 1.0, Credentials())
     assert hub.hits[FILE] == 0, "not a byte of the file was asked for"
     assert not list(store.files.iterdir())
+
+
+def test_a_civitai_file_over_the_size_cap_is_refused_from_the_apis_size(
+    tmp_path: Path, lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = len(lora_files["a"])
+    civ = civitai({10: [CivitaiVersion(1010, "SDXL 1.0", lora_files["a"])]})
+    monkeypatch.setenv("CIVITAI_ENDPOINT", civ.url)
+    monkeypatch.setenv("LORA_MAX_FILE_BYTES", str(size - 1))
+    store = LoraStore(tmp_path / "cache", Downloader("python"))
+    try:
+        with pytest.raises(WeightsError, match=f"civitai version 1010 is {size} bytes, over the {size - 1}-byte limit"):
+            store.fetch("https://civitai.com/models/10?modelVersionId=1010", 1.0, Credentials())
+        assert civ.hits["GET /api/download/models/1010"] == 0, "the download was never asked for"
+    finally:
+        civ.close()

@@ -7,6 +7,7 @@ another base model (SD 1.5, Flux ...) is refused before any download.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,17 @@ def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> 
     url = files[0].get("downloadUrl") or f"{civitai_endpoint()}/api/download/models/{vid}"
     name = f"civitai version {vid}"
     words = tuple(str(w).strip() for w in version.get("trainedWords") or [] if str(w).strip())
+    size_kb = files[0].get(
+        "sizeKB"
+    )  # the API states the size in KiB (a float): room is made, or the file refused, first
+    size = math.ceil(size_kb * 1024) if isinstance(size_kb, int | float) and size_kb > 0 else None
+    if size is not None:
+        downloader.check_size(size, name)
 
     def fetch(dest: Path) -> None:
         downloader.download(url, dest, headers, name, "CivitAI")
 
-    return Resolved(f"civitai:{vid}", fetch, trained_words=words, file_name=str(files[0].get("name") or ""))
+    return Resolved(f"civitai:{vid}", fetch, trained_words=words, file_name=str(files[0].get("name") or ""), size=size)
 
 
 def _wrong_base(display: str, bases: str) -> WeightsError:
