@@ -14,6 +14,7 @@ from typing import Optional
 from cog import BaseModel, Input, Path, Secret
 
 from engine.config import weights_root
+from engine.server_files import server_file
 from training.request import TrainingRequest
 from training.trainer import train as run_training
 
@@ -26,6 +27,15 @@ class TrainingOutput(BaseModel):
     weights: Path
     hf_repo_url: Optional[str] = None  # set when the upload to hf_repo_id succeeded
     hf_upload_error: Optional[str] = None  # why the upload failed; the tar is returned all the same
+
+
+def _archive(value: Optional[Path | str]) -> Optional[Path]:
+    """input_images, read only when the caller sent it: coglet passes a URL or data: URI as a cog
+    Path to its own temporary file, any other string as sent, i.e. a path on this server, which
+    `engine/server_files.py` refuses before it is opened (the rule predict.py's image inputs follow)."""
+    if value is None or isinstance(value, Path):
+        return value
+    return Path(server_file(str(value), "input_images", "the archive as an https URL or a data: URI"))
 
 
 def _secret(value: Optional[Secret]) -> Optional[str]:
@@ -55,8 +65,8 @@ def train(
     learning_rate: float = Input(
         default=1e-4,
         ge=0,
-        le=1e-2,
-        description="LoRA learning rate (SDXL LoRAs usually train at 1e-4; Flux's 4e-4 is tuned for Flux)",
+        le=1,
+        description="LoRA learning rate (SDXL LoRAs usually train at 1e-4; Flux's 4e-4 is tuned for Flux). prodigy sets its own step size and ignores it, so a prodigy form's 1 is accepted",
     ),
     batch_size: int = Input(default=1, ge=1, le=8, description="Images per step"),
     resolution: str = Input(
@@ -124,7 +134,7 @@ def train(
 ) -> TrainingOutput:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     request = TrainingRequest(
-        input_images=input_images,
+        input_images=_archive(input_images),
         trigger_word=trigger_word,
         autocaption=autocaption,
         autocaption_prefix=autocaption_prefix or "",

@@ -203,7 +203,7 @@ TRAIN_MAX_STEPS = 6000
 TRAIN_DEFAULT_RANK = 16  # Flux's default; on SDXL's attention a rank-16 LoRA holds a subject or style in 46 MB (fp16)
 TRAIN_MAX_RANK = 128
 TRAIN_DEFAULT_LEARNING_RATE = 1e-4  # the usual SDXL LoRA rate (Flux's 4e-4 is tuned for Flux)
-TRAIN_MAX_LEARNING_RATE = 1e-2
+TRAIN_MAX_LEARNING_RATE = 1.0
 # The pivotal-tuning embeddings learn at their own rate, as in cog-sdxl (ti_lr).
 TRAIN_EMBEDDING_LEARNING_RATE = 3e-4
 TRAIN_MAX_BATCH_SIZE = 8

@@ -415,6 +415,20 @@ def test_cog_train_refuses_bad_inputs(train_server: CogServer) -> None:
     assert "InputError: input_images holds no images" in body["error"]
 
 
+def test_cog_train_never_reads_a_server_path(train_server: CogServer, tmp_path: Path) -> None:
+    """input_images as a server path (an archive that exists, one that does not, a system file) gets
+    one refusal before any file is opened, as predict's image inputs do (issue 24)."""
+    archive = tmp_path / "set.zip"
+    archive.write_bytes(base64.b64decode(zip_data_uri(dataset()).split(",", 1)[1]))
+    errors = set()
+    for path in (str(archive), str(tmp_path / "missing.zip"), "/etc/passwd"):
+        status, body = train_server.predict({"input_images": path, "steps": 1}, path="/trainings")
+        assert status == 200 and body["status"] == "failed", body
+        errors.add(body["error"].replace(path, "PATH"))
+    assert len(errors) == 1, errors
+    assert "input_images is a path on the server" in errors.pop()
+
+
 def _tar(path: Path, add: Callable[[tarfile.TarFile], None]) -> Path:
     with tarfile.open(path, "w") as tar:
         add(tar)
