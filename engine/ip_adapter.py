@@ -129,8 +129,9 @@ class IpAdapter:
             )
 
 
-class _ScaledValues(torch.nn.Module):
-    """An adapter's value projection times the request's scale, which it holds as a tensor.
+class _ScaledValues(torch.nn.Linear):
+    """An adapter's value projection (its own weight, same state-dict keys) times the request's
+    scale, which it holds as a tensor.
 
     diffusers' IP processors multiply their attention output by `processor.scale`, a Python float
     that torch.compile specialises on: every new ip_adapter_scale was a new graph of every compiled
@@ -139,13 +140,13 @@ class _ScaledValues(torch.nn.Module):
     afresh at each call. The processors' own scale stays 1."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.linear = linear
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias = linear.weight, linear.bias  # the loaded parameters, not copies
         weight = linear.weight
         self.register_buffer("scale", torch.ones((), dtype=weight.dtype, device=weight.device), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear(tokens) * self.scale
+        return super().forward(tokens) * self.scale
 
 
 def _scaled_values(processors: Iterable[Any]) -> list[_ScaledValues]:

@@ -310,7 +310,7 @@ def test_the_scale_on_the_values_is_diffusers_scale_on_the_output(engine: Engine
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 64, attn.to_q.in_features, generator=gen)
     text = torch.randn(2, 77, attn.to_k.in_features, generator=gen)
-    ip = torch.randn(2, processor.num_tokens[0], values.linear.in_features, generator=gen)
+    ip = torch.randn(2, processor.num_tokens[0], values.in_features, generator=gen)
     with torch.no_grad():
         for scale in (0.3, 1.0, 1.5):
             values.scale.fill_(scale)
