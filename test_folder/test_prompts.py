@@ -248,6 +248,18 @@ def test_a1111_weights_scale_hidden_states_by_one_constant_per_encoder(engine: E
         assert torch.allclose(weighted[..., half].mean(), plain[..., half].mean(), rtol=1e-5)
 
 
+def test_compel_syntax_keeps_compels_math(engine: Engine) -> None:
+    """A Compel prompt gives what Compel itself builds from it, on both encoders, pooled included."""
+    prompts = engine.models[BASE.model].prompts
+    text = "a (lighthouse)1.3 at dusk, fog--"
+    embeds, pooled = prompts.encode(text, 0)
+    first, second = prompts.compels()
+    own_second, own_pooled = second.build_conditioning_tensor(text)
+    assert torch.equal(embeds, torch.cat([first.build_conditioning_tensor(text), own_second], dim=-1))
+    assert torch.equal(pooled, own_pooled)
+    assert not torch.equal(embeds, prompts.encode("a (lighthouse:1.3) at dusk, [[fog]]", 0)[0])
+
+
 def test_plain_prompt_of_any_length_reaches_the_encoder_as_written(engine: Engine) -> None:
     prompts = engine.models[BASE.model].prompts
     text = 'a "C++ programmer" and an A+ student, ' + LONG
