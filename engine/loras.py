@@ -351,8 +351,11 @@ class LoraSet:
             raise ValueError(f"none of its modules exist in this model (e.g. {missing[0]})")
         if missing:
             log.warning("LoRA %s: %d modules not in this model were skipped", name, len(missing))
-        kinds = sorted({type(u).__name__ if isinstance(u, Adapter) else "LoRA" for u in layers.values()})
-        log.info("LoRA %s holds %s weights", name, ", ".join(kinds))
+        kinds = {
+            f"{u.kind}{' with DoRA' if u.dora_scale is not None else ''}" if isinstance(u, Adapter) else "LoRA"
+            for u in layers.values()
+        }
+        log.info("LoRA %s holds %s weights", name, ", ".join(sorted(kinds)))
         return layers
 
     def _module_names(self, modules: list[str]) -> dict[str, tuple[str, str]]:

@@ -16,7 +16,20 @@ from engine.adapters.loha import LoHa
 from engine.adapters.lokr import LoKr
 from engine.adapters.lora import LoRA
 
-__all__ = ["KOHYA_PREFIXES", "Adapter", "FormatError", "Full", "LoHa", "LoKr", "LoRA", "identify", "read_modules"]
+__all__ = [
+    "KOHYA_PREFIXES",
+    "Adapter",
+    "FormatError",
+    "Full",
+    "LoHa",
+    "LoKr",
+    "LoRA",
+    "identify",
+    "is_adapter_key",
+    "is_kohya",
+    "read_modules",
+    "refusal",
+]
 
 TYPES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, Full)
 # kohya-ss / LyCORIS module names: the model part, then the module path with "_" for ".".
@@ -73,9 +86,10 @@ def read_module(tensors: dict[str, torch.Tensor]) -> dict[str, Adapter]:
     if unknown:
         raise FormatError(f"it holds keys of no known LoRA type ({', '.join(unknown[:3])})")
     kinds = [t for t in TYPES if any(s in tensors for s in t.marks)]
-    if len(kinds) != 1:
-        names = " and ".join(t.kind for t in kinds) or "none"
-        raise FormatError(f"a module's keys name {names} at once")
+    if not kinds:
+        raise FormatError(f"a module holds no factors, only {', '.join(sorted(tensors))}")
+    if len(kinds) > 1:
+        raise FormatError(f"a module's keys name {' and '.join(t.kind for t in kinds)} at once")
     kind = kinds[0]
     out: dict[str, Adapter] = {}
     if kind is Full:
