@@ -64,6 +64,8 @@ def embedding_files(weights_dir: Path) -> dict[str, bytes]:
     return {
         "negxl.safetensors": sdxl_embedding(weights_dir, 1),
         "other.safetensors": sdxl_embedding(weights_dir, 2),
+        "long.safetensors": sdxl_embedding(weights_dir, 3, count=75),
+        "too-long.safetensors": sdxl_embedding(weights_dir, 4, count=76),
         **misfits(weights_dir),
     }
 
@@ -184,6 +186,16 @@ def test_wrong_files_are_refused_by_name_before_any_token_goes_in(
     with pytest.raises(InputError, match=message):
         engine.generate(replace(BASE, embeddings=(url(hosts, name),)))
     assert same_state(text_state(engine), before)
+
+
+def test_the_token_cap_counts_every_vector(engine: Engine, hosts: dict) -> None:
+    """A name is a few tokens as written and all of its vectors once in: the cap counts the latter."""
+    before = text_state(engine)
+    with pytest.raises(InputError, match=r"negative_prompt is 531 CLIP tokens once its embeddings are in \(each use"):
+        engine.generate(replace(BASE, embeddings=(url(hosts, "long"),), negative_prompt=", ".join(["long"] * 7)))
+    assert same_state(text_state(engine), before)
+    with pytest.raises(InputError, match=r"too-long\.safetensors holds 76 vectors per encoder: between 1 and 75"):
+        engine.generate(replace(BASE, embeddings=(url(hosts, "too-long"),)))
 
 
 def test_an_unused_embedding_is_a_warning_and_never_loaded(
