@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import shutil
-import tempfile
 from typing import TYPE_CHECKING, Any, Optional
 
 from cog import BasePredictor, Input, Path, Secret
@@ -21,7 +19,7 @@ from engine.generator import Engine
 from engine.infotext import apply_generation_data
 from engine.request import Credentials, GenerationRequest, cfg_from_flux, loras_from_flux
 from engine.server_files import server_file
-from utils import load_image, save_image
+from utils import OutputFolders, load_image, save_image
 from weights import lora_store
 
 if TYPE_CHECKING:
@@ -46,7 +44,7 @@ class Predictor(BasePredictor):
         """Load every baked model from the weights root, with the LoRA store; no network is used."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
         self.engine = Engine.load(weights_root(), loras=lora_store())
-        self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
+        self.outputs = OutputFolders()
 
     def predict(
         self,
@@ -216,9 +214,7 @@ class Predictor(BasePredictor):
         if generation_data:
             request = apply_generation_data(request, generation_data, defaulted, self.engine.models)
         results = self.engine.generate(request)
-        # Cog has sent the previous prediction's files by now: clear them so disk use stays flat.
-        shutil.rmtree(self.output_dir, ignore_errors=True)
-        self.output_dir.mkdir()
+        folder = self.outputs.new()
         outputs = [
             Path(
                 save_image(
@@ -226,13 +222,13 @@ class Predictor(BasePredictor):
                     r.parameters.to_a1111(),
                     output_format,
                     output_quality,
-                    self.output_dir / f"out-{i}.{output_format}",
+                    folder / f"out-{i}.{output_format}",
                 )
             )
             for i, r in enumerate(results)
         ]
         if results[0].control_map is not None:  # PNG: lossless, so a canny map stays black and white
-            path = self.output_dir / "control-map.png"
+            path = folder / "control-map.png"
             results[0].control_map.save(path, "PNG")
             outputs.append(Path(path))
         return outputs

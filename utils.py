@@ -1,5 +1,6 @@
-"""Image files at the predictor's edge: reading input images, and writing outputs with their
-generation parameters embedded (and reading them back). Nothing else belongs here.
+"""Image files at the predictor's edge: reading input images, writing outputs with their
+generation parameters embedded (and reading them back), and the folders outputs are written to.
+Nothing else belongs here.
 
 PNG carries A1111's `parameters` text chunk; JPEG and WebP carry the same text in EXIF
 UserComment, where A1111, ComfyUI loaders and CivitAI look for it.
@@ -7,7 +8,9 @@ UserComment, where A1111, ComfyUI loaders and CivitAI look for it.
 
 from __future__ import annotations
 
+import shutil
 import struct
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -88,3 +91,24 @@ def read_parameters(path: Path) -> str | None:
     if isinstance(comment, bytes) and comment.startswith(UNICODE_PREFIX):
         return comment[len(UNICODE_PREFIX) :].decode("utf-16-be")
     return comment
+
+
+class OutputFolders:
+    """A new folder for each prediction's files, so writing one prediction's outputs never touches
+    a file the runtime may still be sending. coglet runs one prediction at a time and sends a
+    prediction's files before it takes the next, so only folders older than the previous
+    prediction's are removed: disk use stays flat without trusting the upload of the last one."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="outputs-"))
+        self.keep = keep  # this prediction's folder and the previous one
+        self.count = 0
+
+    def new(self) -> Path:
+        """This prediction's empty folder; the folders before the last `keep - 1` are removed."""
+        self.count += 1
+        folder = self.root / f"{self.count:09d}"
+        folder.mkdir()
+        for old in sorted(self.root.iterdir())[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder

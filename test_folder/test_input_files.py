@@ -15,13 +15,13 @@ from PIL import Image
 from engine.config import INPUT_IMAGE_MAX_SIDE
 from engine.errors import InputError
 from test_folder.conftest import REPO_ROOT
-from utils import load_image
+from utils import OutputFolders, load_image
 
 # A fresh interpreter reads one file and prints its peak RSS growth in MiB and the size it kept.
 _PEAK_SCRIPT = """
 import resource, sys
 sys.path.insert(0, sys.argv[2])
-from utils import load_image
+from utils import OutputFolders, load_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 image = load_image(sys.argv[1], "image")
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, *image.size)
@@ -113,3 +113,18 @@ def test_damaged_files_are_read_or_refused_never_crash(tmp_path: Path) -> None:
             load_image(path, "image").convert("RGB")
         except InputError as exc:
             assert str(path) not in str(exc)
+
+
+def test_each_prediction_writes_a_new_folder_and_the_previous_one_stays() -> None:
+    """The runtime may still send the previous prediction's files: its folder is kept whole, and
+    only older ones are removed, so disk use stays flat over many predictions."""
+    folders = OutputFolders()
+    first = folders.new()
+    (first / "out-0.png").write_bytes(b"first")
+    second = folders.new()
+    assert second != first and not any(second.iterdir())
+    assert (first / "out-0.png").read_bytes() == b"first"
+    for _ in range(5):
+        last = folders.new()
+    assert not first.exists()
+    assert sorted(folders.root.iterdir()) == sorted([last.parent / f"{folders.count - 1:09d}", last])
