@@ -166,37 +166,31 @@ def _processors_listed_once(unet: torch.nn.Module) -> Iterator[None]:
     `load_ip_adapter` converts the adapter with a loop that reads `unet.attn_processors`, a walk
     over every module of the UNet (4 ms at SDXL size), once or twice for each of its 140 attention
     layers: 0.86 s of setup at SDXL size on a CPU, 0.30 s with the listing kept (measured). The
-    listing is kept until a processor is set through `set_attn_processor`, for this UNet only, and
-    the class's own property is back when the block ends (setup loads on one thread)."""
+    listing is kept until a processor is set through `set_attn_processor`. No library class is
+    changed: this one UNet is given a subclass of its own class for the block, and its own class
+    back after it (setup loads on one thread)."""
     cls = type(unet)
-    library = cls.attn_processors  # the property object, found on the class or a base
-    own = "attn_processors" in cls.__dict__
     kept: list[dict[str, Any]] = []
 
-    def listing(self: torch.nn.Module) -> dict[str, Any]:
-        if self is not unet:
-            return library.fget(self)
-        if not kept:
-            kept.append(library.fget(self))
-        return dict(kept[0])
+    class ListedOnce(cls):  # type: ignore[misc, valid-type]
+        @property
+        def attn_processors(self) -> dict[str, Any]:
+            if not kept:
+                kept.append(cls.attn_processors.fget(self))
+            return dict(kept[0])
 
-    def set_attn_processor(*args: Any, **kwargs: Any) -> None:
-        kept.clear()
-        try:
-            cls.set_attn_processor(unet, *args, **kwargs)  # lists the processors before setting them
-        finally:
+        def set_attn_processor(self, *args: Any, **kwargs: Any) -> None:
             kept.clear()
+            try:
+                cls.set_attn_processor(self, *args, **kwargs)  # lists the processors before setting them
+            finally:
+                kept.clear()
 
-    cls.attn_processors = property(listing)
-    unet.set_attn_processor = set_attn_processor
+    unet.__class__ = ListedOnce
     try:
         yield
     finally:
-        del unet.set_attn_processor
-        if own:
-            cls.attn_processors = library
-        else:
-            del cls.attn_processors
+        unet.__class__ = cls
 
 
 def _conditional_half_after_cutoff(
