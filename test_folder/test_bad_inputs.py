@@ -170,7 +170,7 @@ FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("extra-lora-one-word", {"extra_lora": "mylora"}, "cannot tell where LoRA"),
     ("lora-data-bad-base64", {"lora_weights": "data:application/octet-stream;base64,@@@"}, "not valid base64"),
     ("lora-data-not-safetensors", {"lora_weights": data_uri(b"not a safetensors file")}, "not a valid .safetensors"),
-    ("lora-data-no-lora-keys", {"lora_weights": data_uri(_not_a_lora())}, "holds no LoRA weights"),
+    ("lora-data-checkpoint", {"lora_weights": data_uri(_not_a_lora())}, "is a full checkpoint"),
     # server paths (one refusal whatever they name: engine/server_files.py) and schemes not read
     ("lora-etc-passwd", {"lora_weights": "/etc/passwd"}, "the LoRA is a path on the server"),
     ("lora-missing-local", {"lora_weights": "./nowhere.safetensors"}, "the LoRA is a path on the server"),
@@ -191,10 +191,10 @@ FAILED_CASES: list[tuple[str, dict[str, Any], str]] = [
 
 
 def _lora_file_cases(tmp: Path) -> list[tuple[str, dict[str, Any], str]]:
-    """LoRA files diffusers cannot load for this model, sent as data: URIs."""
+    """LoRA files this predictor refuses for this model, sent as data: URIs."""
     return [
         ("lora-loha", {"lora_weights": data_uri(loha_file(tmp / "loha.safetensors").read_bytes())}, "LoHa"),
-        ("lora-sd15", {"lora_weights": data_uri(sd15_like_lora(tmp / "sd15.safetensors").read_bytes())}, "not fit"),
+        ("lora-sd15", {"lora_weights": data_uri(sd15_like_lora(tmp / "sd15.safetensors").read_bytes())}, "for SD 1.5"),
     ]
 
 
