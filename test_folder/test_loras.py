@@ -349,9 +349,9 @@ def test_switching_many_times_replaces_no_module_and_keeps_parameters_flat(
 def test_unsupported_formats_are_refused_by_name(engine: Engine, store: LoraStore, hosts: dict) -> None:
     """A LoHa module missing three of its four factors, and a LoRA for SD 1.5 (every format and
     refusal is in test_lora_formats.py)."""
-    with pytest.raises(InputError, match="damaged .* a LyCORIS LoHa module has no hada_w1_b"):
+    with pytest.raises(InputError, match=r"damaged .* a LyCORIS LoHa module has no hada_w1_b"):
         engine.generate(with_loras((hosts["files"].url + "/loha.safetensors", 1.0)))
-    with pytest.raises(InputError, match="is a LoRA for SD 1.5 .*768-wide"):
+    with pytest.raises(InputError, match=r"is a LoRA for SD 1\.5 .*768-wide"):
         engine.generate(with_loras((hosts["files"].url + "/sd15.safetensors", 1.0)))
     assert engine.models["illustrious-xl"].loras.active == ()
 
