@@ -34,7 +34,7 @@ from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import HfRepo, file_host, hugging_face, point_hub_client_at
 from training import tagger, trainer
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
-from training.optimizers import build_optimizer
+from training.optimizers import build_optimizer, refuse_where_it_cannot_run
 from training.request import OPTIMIZERS, TrainingRequest
 from training.trainer import TrainingResult, train
 from weightstore.cache import LoraStore
@@ -738,6 +738,19 @@ def test_the_min_snr_weight_is_finite_at_zero_terminal_snr() -> None:
         weights = trainer._snr_weights(scheduler, t)
         assert torch.isfinite(weights).all() and abs(weights[-1].item() - last) < 1e-6
         assert (weights >= 0).all() and (weights <= 1).all()
+
+
+def test_eight_bit_optimizers_are_refused_by_name_on_apple_silicon() -> None:
+    """Issue 25: on MPS an 8-bit name fails before any work, naming what to send; on CUDA and on
+    this CPU every name passes (the CPU runs the 32-bit one and says so)."""
+    for name in ("adamw8bit", "adam8bit", "lion8bit"):
+        with pytest.raises(InputError, match=rf"optimizer {name} needs bitsandbytes on a CUDA GPU.*MPS"):
+            refuse_where_it_cannot_run(name, "mps")
+    for name in OPTIMIZERS:
+        refuse_where_it_cannot_run(name, "cuda")
+        refuse_where_it_cannot_run(name, "cpu")
+        if not name.endswith("8bit"):
+            refuse_where_it_cannot_run(name, "mps")
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from engine.errors import InputError
+
 log = logging.getLogger(__name__)
 
 # 8-bit names -> (bitsandbytes class, the 32-bit name run where 8-bit cannot)
@@ -47,6 +49,18 @@ def _thirty_two_bit(name: str, groups: list[dict[str, Any]]) -> torch.optim.Opti
 
         return Prodigy([{**g, "lr": PRODIGY_LEARNING_RATE} for g in groups], lr=PRODIGY_LEARNING_RATE)
     raise ValueError(f"unknown optimizer {name}")  # request.validate refused it before
+
+
+def refuse_where_it_cannot_run(name: str, device_type: str) -> None:
+    """On Apple Silicon an 8-bit name is refused before any work: bitsandbytes has no MPS kernels,
+    and a Mac user picks the optimizer themselves. Elsewhere without CUDA (a CPU test run) the
+    32-bit optimizer of the same name runs, and build_optimizer logs that."""
+    if device_type == "mps" and name in _EIGHT_BIT:
+        fallback = _EIGHT_BIT[name][1]
+        raise InputError(
+            f"optimizer {name} needs bitsandbytes on a CUDA GPU, which Apple Silicon (MPS) lacks: "
+            f"send optimizer {fallback!r} (its 32-bit version) or another of Flux's names"
+        )
 
 
 def build_optimizer(name: str, groups: list[dict[str, Any]], eight_bit_here: bool) -> torch.optim.Optimizer:

@@ -75,7 +75,7 @@ from engine.request import reduced_seed
 from training import export, hub, tagger
 from training.captioner import autocaption
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive, trigger_pattern
-from training.optimizers import build_optimizer
+from training.optimizers import build_optimizer, refuse_where_it_cannot_run
 from training.request import TrainingRequest, buckets, nearest_bucket
 from training.tracking import WandbRun
 
@@ -470,6 +470,8 @@ def train(
     if request.skip_training_and_use_pretrained_hf_lora_url is not None:
         return _package_pretrained(request, out_dir)
     folder = _model_folder(weights, request.model)
+    settings = current()  # the engine's device choice (engine/devices.py)
+    refuse_where_it_cannot_run(request.optimizer_name, settings.device.type)
     trigger = request.trigger
     targets = _lora_targets(folder, request.layers_to_optimize_regex)
     # Reference-scale sides: enough for every bucket on a real model, more than enough on the tiny one.
@@ -482,7 +484,6 @@ def train(
     if request.wandb_api_key is None and (request.wandb_run or request.wandb_entity or request.wandb_sample_prompts):
         log.info("wandb_run, wandb_entity and wandb_sample_prompts are used only with wandb_api_key: not logging")
     quiet_library_noise()
-    settings = current()  # the engine's device choice (engine/devices.py)
     precision = _precision(settings)
     tracker = (
         WandbRun(
