@@ -186,6 +186,8 @@ def _processors_listed_once(unet: torch.nn.Module) -> Iterator[None]:
             finally:
                 kept.clear()
 
+    # diffusers names the class in its messages, and engine/logs.py drops one of them by that name.
+    ListedOnce.__name__ = ListedOnce.__qualname__ = cls.__name__
     unet.__class__ = ListedOnce
     try:
         yield
