@@ -214,6 +214,13 @@ def point_hub_client_at(hub: Loopback, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
 
+def point_clients_at(hub: Loopback, civitai: Loopback, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hugging Face and CivitAI clients talk to these emulators, with no machine tokens."""
+    point_hub_client_at(hub, monkeypatch)
+    monkeypatch.setenv("CIVITAI_ENDPOINT", civitai.url)
+    monkeypatch.delenv("CIVITAI_API_TOKEN", raising=False)
+
+
 @dataclass
 class CivitaiVersion:
     id: int

@@ -21,7 +21,16 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
 from test_folder.conftest import CogServer, decode_data_uri
-from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, civitai, file_host, hugging_face, trained_tar
+from test_folder.emulators import (
+    CivitaiVersion,
+    HfRepo,
+    Loopback,
+    civitai,
+    file_host,
+    hugging_face,
+    point_clients_at,
+    trained_tar,
+)
 from test_folder.test_server import FLUX_JSON
 from weights import Downloader, LoraStore, WeightsError
 
@@ -83,11 +92,7 @@ def hosts(embedding_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) ->
         }
     )
     files = file_host({f"emb/{name}": data for name, data in embedding_files.items()})
-    monkeypatch.setenv("HF_ENDPOINT", hf.url)
-    monkeypatch.setenv("CIVITAI_ENDPOINT", civ.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+    point_clients_at(hf, civ, monkeypatch)
     yield {"hf": hf, "civitai": civ, "files": files}
     for server in (hf, civ, files):
         server.close()

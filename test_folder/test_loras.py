@@ -22,7 +22,17 @@ from engine.errors import InputError, LoraLoadError
 from engine.generator import Engine
 from engine.loras import LoraSet
 from engine.request import Credentials, GenerationRequest, LocalLora, LoraSpec
-from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, file_host, hugging_face, trained_tar
+from test_folder.emulators import (
+    CivitaiVersion,
+    HfRepo,
+    Loopback,
+    Reply,
+    civitai,
+    file_host,
+    hugging_face,
+    point_clients_at,
+    trained_tar,
+)
 from weights import Downloader, LoraStore, WeightsError, parse_lora
 
 HF_TOKEN = "hf_secret_token_abc123"
@@ -125,12 +135,8 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
             "acme-badpivot/trained_model.tar": trained_tar(b, embeddings=misfit_embeddings(lora_files["pti"])),
         }
     )
-    monkeypatch.setenv("HF_ENDPOINT", hf.url)
-    monkeypatch.setenv("CIVITAI_ENDPOINT", civ.url)
+    point_clients_at(hf, civ, monkeypatch)
     monkeypatch.setenv("REPLICATE_ENDPOINT", files.url)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for name in ("HF_TOKEN", "CIVITAI_API_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
     yield {"hf": hf, "civitai": civ, "files": files}
     for server in (hf, civ, files):
         server.close()
