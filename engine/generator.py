@@ -66,6 +66,76 @@ class GeneratedImage:
     control_map: Image.Image | None = None  # the map that guided it, when return_control_map asked
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A request once checked and its files fetched: the model (moved in, its LoRAs applied), the
+    output size, the control map, the LoRAs and embeddings, one seed per output."""
+
+    model: BaseModel
+    width: int
+    height: int
+    control_map: Image.Image | None
+    controlled: bool  # the ControlNet guides the images (a map at strength > 0)
+    loras: list[LocalLora]
+    embeddings: list[Embedding]
+    seeds: list[int]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the pipeline call made, and what of it the images' metadata records."""
+
+    images: list[Image.Image]
+    cfg_cutoff: float | None  # go_fast's guidance cutoff, when it applied
+    ip_adapter: bool  # the reference images guided the images (scale > 0)
+    control: str | None  # the ControlNet unit's text, when it guided them
+
+
+def _log_guidance(req: GenerationRequest, prepared: _Prepared, deep: DeepFeatureCache, control: str | None) -> None:
+    """After the pipeline call: whether the ControlNet ran, and how often go_fast ran the whole UNet."""
+    if prepared.controlled:
+        cached = f"; whole in {deep.full_calls} of {deep.calls} steps (go_fast)" if req.go_fast else ""
+        log.info("ControlNet: %s%s", control, cached)
+    elif prepared.control_map is not None:
+        log.info("ControlNet: strength 0, not run (the plain pipeline made the image)")
+    if req.go_fast:
+        log.info(
+            "go_fast: the whole UNet ran in %d of %d steps, %s",
+            deep.full_calls,
+            deep.calls,
+            "the others reused its deep features"
+            if deep.full_calls < deep.calls
+            else f"no deep features reused (under {GO_FAST_DEEP_CACHE_MIN_STEPS} steps, or none below sigma "
+            f"{GO_FAST_DEEP_CACHE_MAX_SIGMA:g})",
+        )
+
+
+def _parameters(
+    req: GenerationRequest, prepared: _Prepared, outcome: _Outcome, seed: int, image: Image.Image
+) -> GenerationParameters:
+    """What one output was made with, as its metadata (engine/metadata.py) writes it."""
+    return GenerationParameters(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        steps=req.num_inference_steps,
+        sampler=req.scheduler,
+        cfg_scale=req.cfg_scale,
+        seed=seed,
+        width=image.width,
+        height=image.height,
+        model=req.model,
+        model_hash=prepared.model.model_hash,
+        clip_skip=req.clip_skip,
+        denoising_strength=req.prompt_strength if req.image is not None else None,
+        cfg_cutoff=outcome.cfg_cutoff,
+        deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
+        loras=tuple((lora.name, lora.scale, lora_hash(lora.path, lora.key)) for lora in prepared.loras),
+        embeddings=tuple((e.name, e.source, e.digest) for e in prepared.embeddings),
+        ip_adapter=(IP_ADAPTER_NAME, req.ip_adapter_scale, len(req.ip_adapter_images)) if outcome.ip_adapter else None,
+        control=outcome.control,
+    )
+
+
 def _swap(residency: str, root: Path, model_ids: list[str], device: torch.device) -> bool:
     """Whether idle models must wait in CPU RAM; "auto" compares weights on disk with GPU memory:
     every model, and the safety checker and optional artifacts baked beside them (on the GPU too)."""
@@ -222,9 +292,15 @@ class Engine:
         return True
 
     def generate(self, req: GenerationRequest) -> list[GeneratedImage]:
-        """Run one request; images flagged by the safety checker are dropped one by one, and the
-        kept ones upscaled when the request asks."""
-        # Everything that can be refused is checked before a model moves or a LoRA is downloaded.
+        """Run one request: prepare it (checks, files, model, LoRAs, seeds), run its pipeline call, and
+        finish the images (metadata, the safety checker dropping flagged ones, the upscaler)."""
+        prepared = self._prepare(req)
+        outcome = self._run(req, prepared)
+        return self._finish(req, prepared, outcome)
+
+    def _prepare(self, req: GenerationRequest) -> _Prepared:
+        """Everything that can be refused, checked before a model moves or a LoRA is downloaded; then
+        the files fetched, the model moved in (swap mode) with the request's LoRAs, and the seeds."""
         model = self._checked_model(req)
         ref = reference_size(
             req.aspect_ratio,
@@ -243,27 +319,15 @@ class Engine:
             self._move_in(model)
         model.loras.apply(loras)
         seeds = self._seeds(req)
-
         controlled = control_map is not None and req.control_strength > 0  # strength 0 is the plain pipeline
-        pipe, extra = self._pipeline_for(model, req, width, height, control_map if controlled else None)
-        pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
-        cfg_cutoff = GO_FAST_GUIDANCE_MIN_SIGMA if req.go_fast and keeps_cfg_cutoff(pipe) else None
-        if req.go_fast and cfg_cutoff is None:
-            log.info("go_fast: guidance stays on every step (inpaint with a control image); deep features are reused")
+        return _Prepared(model, width, height, control_map, controlled, loras, embeddings, seeds)
+
+    def _run(self, req: GenerationRequest, prepared: _Prepared) -> _Outcome:
+        """The pipeline call, with what this request puts in for that call only: the reference
+        images, go_fast's deep-feature cache, the ControlNet's hook, the embeddings."""
+        model = prepared.model
+        pipe, extra, cfg_cutoff = self._pipeline(req, prepared)
         on_step = StepCallback(cfg_cutoff)
-        mode = "inpaint" if req.mask is not None else "img2img" if req.image is not None else "txt2img"
-        log.info(
-            "%s: %s, %dx%d, %d output(s), %d steps, %s, cfg %g, go_fast %s",
-            mode,
-            req.model,
-            width,
-            height,
-            req.num_outputs,
-            req.num_inference_steps,
-            req.scheduler,
-            req.cfg_scale,
-            req.go_fast,
-        )
         deep = DeepFeatureCache(pipe.unet, lambda: whole_steps(noise_levels(pipe)))
         # Scale 0 is no IP-Adapter at all: the plain UNet, not the IP processors adding nothing.
         reference = model.ip_adapter if req.ip_adapter_images and req.ip_adapter_scale > 0 else None
@@ -272,11 +336,16 @@ class Engine:
                 extra.update(stack.enter_context(reference.used(pipe, req)))
             if req.go_fast:
                 stack.enter_context(deep.installed())
-            if controlled:
+            if prepared.controlled:
                 last_skips = len(pipe.unet.up_blocks[-1].resnets)
                 stack.enter_context(guided(pipe.controlnet, deep if req.go_fast else None, last_skips))
             prompt, negative = stack.enter_context(
-                used(pipe, embeddings, model.loras.rewrite(req.prompt), model.loras.rewrite(req.negative_prompt))
+                used(
+                    pipe,
+                    prepared.embeddings,
+                    model.loras.rewrite(req.prompt),
+                    model.loras.rewrite(req.negative_prompt),
+                )
             )
             start = time.perf_counter()
             images = pipe(
@@ -284,58 +353,52 @@ class Engine:
                 num_inference_steps=req.num_inference_steps,
                 guidance_scale=req.cfg_scale,
                 num_images_per_prompt=req.num_outputs,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                generator=[torch.Generator("cpu").manual_seed(s) for s in prepared.seeds],
                 clip_skip=req.clip_skip or None,
                 callback_on_step_end=on_step,
                 callback_on_step_end_tensor_inputs=on_step.tensor_inputs(pipe),
                 **extra,
             ).images
             log.info("generated %d image(s) in %.2fs", len(images), time.perf_counter() - start)
-        control = unit_text(req) if controlled else None
-        if controlled:
-            cached = f"; whole in {deep.full_calls} of {deep.calls} steps (go_fast)" if req.go_fast else ""
-            log.info("ControlNet: %s%s", control, cached)
-        elif control_map is not None:
-            log.info("ControlNet: strength 0, not run (the plain pipeline made the image)")
-        if req.go_fast:
-            log.info(
-                "go_fast: the whole UNet ran in %d of %d steps, %s",
-                deep.full_calls,
-                deep.calls,
-                "the others reused its deep features"
-                if deep.full_calls < deep.calls
-                else f"no deep features reused (under {GO_FAST_DEEP_CACHE_MIN_STEPS} steps, or none below sigma "
-                f"{GO_FAST_DEEP_CACHE_MAX_SIGMA:g})",
-            )
+        control = unit_text(req) if prepared.controlled else None
+        _log_guidance(req, prepared, deep, control)
+        return _Outcome(images, cfg_cutoff, reference is not None, control)
 
+    def _pipeline(self, req: GenerationRequest, prepared: _Prepared) -> tuple[Any, dict[str, Any], float | None]:
+        """The mode's pipeline with the request's scheduler, its arguments, and go_fast's guidance
+        cutoff (None when guidance stays on every step); logs what is about to run."""
+        model = prepared.model
+        control_map = prepared.control_map if prepared.controlled else None
+        pipe, extra = self._pipeline_for(model, req, prepared.width, prepared.height, control_map)
+        pipe.scheduler = make_scheduler(req.scheduler, model.scheduler_config)
+        cfg_cutoff = GO_FAST_GUIDANCE_MIN_SIGMA if req.go_fast and keeps_cfg_cutoff(pipe) else None
+        if req.go_fast and cfg_cutoff is None:
+            log.info("go_fast: guidance stays on every step (inpaint with a control image); deep features are reused")
+        mode = "inpaint" if req.mask is not None else "img2img" if req.image is not None else "txt2img"
+        log.info(
+            "%s: %s, %dx%d, %d output(s), %d steps, %s, cfg %g, go_fast %s",
+            mode,
+            req.model,
+            prepared.width,
+            prepared.height,
+            req.num_outputs,
+            req.num_inference_steps,
+            req.scheduler,
+            req.cfg_scale,
+            req.go_fast,
+        )
+        return pipe, extra, cfg_cutoff
+
+    def _finish(self, req: GenerationRequest, prepared: _Prepared, outcome: _Outcome) -> list[GeneratedImage]:
+        """Each image with the parameters that made it; those the safety checker flags dropped (when
+        the request keeps it on), and the kept ones upscaled when the request asks."""
         results = [
             GeneratedImage(
                 image,
-                GenerationParameters(
-                    prompt=req.prompt,
-                    negative_prompt=req.negative_prompt,
-                    steps=req.num_inference_steps,
-                    sampler=req.scheduler,
-                    cfg_scale=req.cfg_scale,
-                    seed=seeds[i],
-                    width=image.width,
-                    height=image.height,
-                    model=req.model,
-                    model_hash=model.model_hash,
-                    clip_skip=req.clip_skip,
-                    denoising_strength=req.prompt_strength if req.image is not None else None,
-                    cfg_cutoff=cfg_cutoff,
-                    deep_cache=DEEP_CACHE_LABEL if req.go_fast else None,
-                    loras=tuple((lora.name, lora.scale, lora_hash(lora.path, lora.key)) for lora in loras),
-                    embeddings=tuple((e.name, e.source, e.digest) for e in embeddings),
-                    ip_adapter=(IP_ADAPTER_NAME, req.ip_adapter_scale, len(req.ip_adapter_images))
-                    if reference is not None
-                    else None,
-                    control=control,
-                ),
-                control_map if req.return_control_map else None,
+                _parameters(req, prepared, outcome, seed, image),
+                prepared.control_map if req.return_control_map else None,
             )
-            for i, image in enumerate(images)
+            for seed, image in zip(prepared.seeds, outcome.images, strict=True)
         ]
         kept = self._drop_flagged(results) if req.safety_checker else results
         return self._upscaled(kept, req.upscale)
