@@ -47,7 +47,7 @@ serve: weights
 	PATH="$(CURDIR)/$(BIN):$$PATH" COG_PREDICT_TYPE_STUB=predict.py:Predictor PORT=$(PORT) \
 		$(BIN)/python -m cog.server.http --host $(HOST)
 
-# The same runtime in training mode: POST {"input": {...}} to /trainings (see README, "Training").
+# The same runtime in training mode: POST {"input": {...}} to /trainings (docs/training.md).
 serve-train: weights
 	PATH="$(CURDIR)/$(BIN):$$PATH" COG_TRAIN_TYPE_STUB=train.py:train PORT=$(PORT) \
 		$(BIN)/python -m cog.server.http --host $(HOST) --x-mode train

@@ -6,7 +6,7 @@ of the UNet and of the ControlNet at the given latent, and what go_fast's schedu
 (on go_fast's cached steps both run only up to their first down block). With --weights DIR (full-size
 weights from `scripts/build_tiny_weights.py --full-size --out DIR`, or real ones): the engine's
 own requests, plain / canny / depth, go_fast off and on, and torch.cuda.max_memory_allocated.
-Prints Markdown tables for the README.
+Prints Markdown tables for docs/performance.md.
 
 Usage: python scripts/benchmark_controlnet.py [--latent 32] [--rounds 3] [--weights DIR --steps 30]
 """

@@ -1,5 +1,5 @@
 """LoRA benchmark: switching on the tiny model and at real SDXL shapes, and UNet step time with
-fused LoRAs; prints a Markdown table for the README.
+fused LoRAs; prints a Markdown table for docs/performance.md.
 
 - Switching, through the engine's LoraSet: first load (parse + fuse), a warm switch A -> B (both
   parsed before), a scale-only change, and for comparison the naive switch from A to B

@@ -1,7 +1,7 @@
 """Training speed of `cog train`: steps/s, total time and peak GPU memory, per model, batch size and
 optimizer, and whether the fixed probe's loss fell.
 
-For the README's Training numbers on a GPU host, with real weights or real-size random ones
+For the training numbers of docs/performance.md on a GPU host, with real weights or real-size random ones
 (`scripts/build_tiny_weights.py --full-size`). The images are synthetic (ten patterned squares at
 the training resolution); nothing is downloaded. A batch that runs out of memory is reported as
 such and the next one still runs. On a CPU host with tiny weights, `--optimizer` with every name
