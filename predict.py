@@ -20,7 +20,7 @@ from engine.infotext import apply_generation_data
 from engine.request import Credentials, GenerationRequest, cfg_from_flux, loras_from_flux
 from engine.server_files import server_file
 from utils import OutputFolders, load_image, save_image
-from weights import lora_store
+from weights import lora_store, lora_warm_max_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,9 +41,10 @@ def _image(value: Path | str | None, input_name: str) -> Image.Image | None:
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        """Load every baked model from the weights root, with the LoRA store; no network is used."""
+        """Load every baked model from the weights root, with the LoRA store and the deployment's
+        budget of parsed LoRAs (LORA_WARM_MAX_BYTES); no network is used."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-        self.engine = Engine.load(weights_root(), loras=lora_store())
+        self.engine = Engine.load(weights_root(), loras=lora_store(), warm_max_bytes=lora_warm_max_bytes())
         self.outputs = OutputFolders()
 
     def predict(

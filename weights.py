@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import config
 from engine.request import Credentials
+from weightstore import config
 from weightstore.cache import LoraStore
-from weightstore.endpoints import hf_endpoint
+from weightstore.config import hf_endpoint, lora_warm_max_bytes
 from weightstore.errors import WeightsError
 from weightstore.huggingface import download_hf_file
 from weightstore.redact import display_url
@@ -38,6 +38,7 @@ __all__ = [
     "download_hf_file",
     "hf_endpoint",
     "lora_store",
+    "lora_warm_max_bytes",
     "parse_lora",
 ]
 

@@ -1,4 +1,9 @@
-"""The one place for defaults: model ids, the aspect table, schedulers, limits and deploy-time settings."""
+"""The engine's settings: model ids, the aspect table, limits, and the deploy-time overrides it reads.
+
+Each override is read from the environment only here, and only when it is needed (tests change
+them between calls). The LoRA store's settings live in weightstore/config.py and training's in
+training/config.py; docs/deploy.md lists every environment variable.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,6 @@ MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
 CUSTOM_MODEL_ID = "custom"
 DEFAULT_MODEL = "illustrious-xl"
 SAFETY_CHECKER_DIR = "safety-checker"
-# The captioning model (BLIP) that `cog train` uses for autocaption; predict never loads it.
-CAPTIONER_DIR = "captioner"
-# cog train's Danbooru-tag captioner for models prompted in tags (training/tagger.py): SmilingWolf's
-# WD ViT tagger v3 (ONNX), with the thresholds its authors' demo uses.
-TAGGER_DIR = "tagger"
-TAGGER_MODELS = ("illustrious-xl",)
-TAGGER_GENERAL_THRESHOLD = 0.35
-TAGGER_CHARACTER_THRESHOLD = 0.85
 
 # Flux's aspect table at 1 megapixel, width x height. Sizes scale with a model's native
 # resolution (1024 px for SDXL), so the table is exact on real weights.
@@ -153,91 +150,11 @@ MAX_CFG_SCALE = 20.0  # cfg_scale's bound (its `le` in predict.py), which genera
 GENERATION_DATA_MAX_LORAS = 4
 OUTPUT_FORMATS: tuple[str, ...] = ("webp", "jpg", "png")
 
-
-def weights_root() -> Path:
-    """Where baked weights live: $WEIGHTS_DIR, else ./weights in the repo."""
-    return Path(os.environ.get("WEIGHTS_DIR") or REPO_ROOT / "weights")
-
-
-# LoRA cache and downloads. Each is overridable by the environment variable of the same name,
-# read in weightstore/. LORA_DOWNLOADER (auto, pget, python) picks how bytes move; auto takes pget
-# when it is on PATH.
-LORA_CACHE_DIR = "/tmp/lora-cache"
-LORA_CACHE_MAX_BYTES = 20 * 2**30
-LORA_CACHE_MIN_FREE_BYTES = 2 * 2**30
-LORA_MAX_FILE_BYTES = 2 * 2**30
 # Parsed LoRAs (their factors, pinned CPU memory on CUDA) kept so a switch back or a scale change
 # reads no file, one budget for every model of the process; the least recently used go first, the
-# request's own never. Read by engine/warm.py; overridable by LORA_WARM_MAX_BYTES. A rank-32 SDXL
-# LoRA takes about 0.1-0.2 GB.
-LORA_WARM_MAX_BYTES = 4 * 2**30
-# Read timeout of one HTTP request, and the bound on one whole pget run, in seconds.
-LORA_DOWNLOAD_TIMEOUT = 60
-LORA_DOWNLOAD_TOTAL_TIMEOUT = 1800
-# Tries for a download or an API call on connection errors, timeouts, truncation and 5xx.
-DOWNLOAD_RETRIES = 5
-DOWNLOAD_BACKOFF_SECONDS = 0.5  # the first wait between tries; it doubles each time
-# The bake downloads base weights (single files of 7 GB) with these bounds instead.
-BAKE_MAX_FILE_BYTES = 64 * 2**30
-BAKE_DOWNLOAD_TOTAL_TIMEOUT = 4 * 3600
-# How long "owner/repo" (HF main) or a CivitAI model page keeps pointing at what it resolved to.
-LORA_ALIAS_TTL_SECONDS = 24 * 3600
-DEFAULT_HF_ENDPOINT = "https://huggingface.co"
-DEFAULT_CIVITAI_ENDPOINT = "https://civitai.com"
-DEFAULT_REPLICATE_ENDPOINT = "https://replicate.com"
-# CivitAI base models this predictor can apply LoRAs for.
-SDXL_FAMILY_BASES = (
-    "SDXL 1.0",
-    "SDXL 0.9",
-    "SDXL Lightning",
-    "SDXL Turbo",
-    "SDXL Hyper",
-    "Illustrious",
-    "Pony",
-    "NoobAI",
-)
-
-# Training (train.py, training/). Inputs follow Replicate's Flux LoRA trainer; the bounds are ours.
-TRAIN_DEFAULT_STEPS = 1000
-TRAIN_MAX_STEPS = 6000
-TRAIN_DEFAULT_RANK = 16  # Flux's default; on SDXL's attention a rank-16 LoRA holds a subject or style in 46 MB (fp16)
-TRAIN_MAX_RANK = 128
-TRAIN_DEFAULT_LEARNING_RATE = 1e-4  # the usual SDXL LoRA rate (Flux's 4e-4 is tuned for Flux)
-TRAIN_MAX_LEARNING_RATE = 1.0
-# The pivotal-tuning embeddings learn at their own rate, as in cog-sdxl (ti_lr).
-TRAIN_EMBEDDING_LEARNING_RATE = 3e-4
-TRAIN_MAX_BATCH_SIZE = 8
-TRAIN_DEFAULT_RESOLUTION = "512,768,1024"  # Flux's: SDXL's size conditioning tells the scales apart
-# Bucket sides (at reference scale): multiples of 64 between these, aspect ratios 1:2 to 2:1.
-TRAIN_RESOLUTION_MIN = 256
-TRAIN_RESOLUTION_MAX = 1536
-TRAIN_BUCKET_MULTIPLE = 64
-TRAIN_BUCKET_MAX_ASPECT = 2.0
-TRAIN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections
-TRAIN_PIVOTAL_TOKENS = 2  # new tokens per trigger word, <s0><s1>, as in cog-sdxl
-TRAIN_MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (Hang et al. 2023)
-TRAIN_WARMUP_FRACTION = 0.1  # linear LR warm-up over this share of the steps, at most 100 steps
-TRAIN_WARMUP_MAX_STEPS = 100
-TRAIN_LOG_SECONDS = 10.0  # one progress line at most this often (first and last step always)
-TRAIN_TRIGGER_MAX_TOKENS = 4  # a trigger word the tokenizer splits into more pieces is refused
-TRAIN_TRIGGER_MAX_CHARS = 64
-# Pivotal tuning's safeguards (diffusers' advanced SDXL script, cog-sdxl): the new tokens learn for
-# this share of the steps only, and after each step their rows are pulled this share of the way
-# (in log scale) back to the vocabulary's mean row norm, so a trigger cannot outshout every word.
-TRAIN_EMBEDDING_TRAIN_FRACTION = 0.5
-TRAIN_EMBEDDING_NORM_PULL = 0.1
-# Below this much GPU memory, gradient checkpointing is turned on even when not asked for.
-TRAIN_CHECKPOINTING_BELOW_GIB = 40
-# wandb sample images: steps and guidance of each (at the model's native size).
-TRAIN_SAMPLE_STEPS = 28
-TRAIN_SAMPLE_GUIDANCE = 5.0
-# The training archive: fewer images than this cannot teach a subject; 10-20 work well.
-TRAIN_MIN_IMAGES = 4
-TRAIN_MAX_IMAGES = 1000
-TRAIN_MAX_ARCHIVE_ENTRIES = 5000
-TRAIN_MAX_ARCHIVE_BYTES = 4 * 2**30  # total uncompressed size (a zip bomb stops here)
-TRAIN_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-TRAIN_CAPTION_MAX_TOKENS = 40  # autocaption length bound
+# request's own never (engine/warm.py). A rank-32 SDXL LoRA takes about 0.1-0.2 GB. Engine.load
+# takes another budget from its caller (predict.py passes the deployment's, docs/deploy.md).
+WARM_MAX_BYTES = 4 * 2**30
 
 # Upscaler (engine/upscale.py): Swin2SR real-world x4 (transformers), baked into weights/<UPSCALER_DIR>,
 # run on each kept output after the safety checker. "2x" is the x4 result reduced by half with
@@ -259,3 +176,31 @@ UPSCALE_MAX_PIXELS = 4096 * 4096
 # Training's captioner is not among them.
 SETUP_SIDE_DIRS = (SAFETY_CHECKER_DIR, UPSCALER_DIR, IP_ADAPTER_DIR, CONTROLNET_DIR, DEPTH_ESTIMATOR_DIR)
 SETUP_DIRS = (*MODEL_IDS, *SETUP_SIDE_DIRS)
+
+
+# Deploy-time overrides, read when asked for: the environment variable of each setting's name
+# (docs/deploy.md). Requests name files by path only inside LOCAL_FILES_DIR, unset by default.
+LOCAL_FILES_ENV = "LOCAL_FILES_DIR"
+
+
+def weights_root() -> Path:
+    """Where baked weights live: $WEIGHTS_DIR, else ./weights in the repo."""
+    return Path(os.environ.get("WEIGHTS_DIR") or REPO_ROOT / "weights")
+
+
+def torch_device() -> str:
+    return os.environ.get("TORCH_DEVICE") or TORCH_DEVICE
+
+
+def model_residency() -> str:
+    return os.environ.get("MODEL_RESIDENCY") or MODEL_RESIDENCY
+
+
+def unet_compile() -> str:
+    return os.environ.get("UNET_COMPILE") or UNET_COMPILE
+
+
+def local_files_dir() -> Path | None:
+    """The one folder whose files requests may name by path (engine/server_files.py), or None (the default)."""
+    value = os.environ.get(LOCAL_FILES_ENV)
+    return Path(value).expanduser().resolve() if value else None

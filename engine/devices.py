@@ -28,7 +28,7 @@ from importlib.metadata import version
 
 import torch
 
-from engine.config import TORCH_DEVICE
+from engine.config import torch_device
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def choose(available: Available, override: str | None) -> DeviceSettings:
 
 def current() -> DeviceSettings:
     """The choice for this process: what it has, and $TORCH_DEVICE (default config.TORCH_DEVICE)."""
-    return choose(Available.detect(), os.environ.get("TORCH_DEVICE") or TORCH_DEVICE)
+    return choose(Available.detect(), torch_device())
 
 
 def settings_for(device: torch.device) -> DeviceSettings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -26,13 +25,13 @@ from engine.config import (
     GO_FAST_GUIDANCE_MIN_SIGMA,
     IP_ADAPTER_DIR,
     MODEL_IDS,
-    MODEL_RESIDENCY,
     RESIDENCY_HEADROOM_BYTES,
     SAFETY_CHECKER_DIR,
     SETUP_SIDE_DIRS,
-    UNET_COMPILE,
     UPSCALE_FACTORS,
     UPSCALER_NAME,
+    model_residency,
+    unet_compile,
 )
 from engine.control import Control, guided, keeps_cfg_cutoff, pipeline_kwargs, preprocessor_name, unit_text
 from engine.deepcache import DeepFeatureCache
@@ -49,6 +48,7 @@ from engine.schedulers import make_scheduler
 from engine.sizes import reference_size, scale_to_model
 from engine.steps import StepCallback, noise_levels, whole_steps
 from engine.upscale import Upscaler, check_upscale
+from engine.warm import PROCESS_WARM
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,15 @@ class Engine:
         dtype: torch.dtype | None = None,
         residency: str | None = None,
         compile: str | None = None,
+        warm_max_bytes: int | None = None,
     ) -> Engine:
         """Load from the weights root only; fail fast, naming the fix, when something is missing.
-        `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up."""
+        `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up;
+        `warm_max_bytes` sets the process's budget of parsed LoRAs (default config.WARM_MAX_BYTES)."""
         start = time.perf_counter()
         cap_malloc_arenas()  # before anything is loaded: glibc fixes its arena limit early
+        if warm_max_bytes is not None:
+            PROCESS_WARM.max_bytes = warm_max_bytes
         quiet_library_noise()
         settings = settings_for(device) if device is not None else current()
         device = settings.device
@@ -239,7 +243,7 @@ class Engine:
                 "`make weights`, or bake the real ones into the image (see README, 'Weights')."
             )
         present = [*MODEL_IDS, *([CUSTOM_MODEL_ID] if (root / CUSTOM_MODEL_ID).is_dir() else [])]
-        swap = _swap(residency or os.environ.get("MODEL_RESIDENCY") or MODEL_RESIDENCY, root, present, device)
+        swap = _swap(residency or model_residency(), root, present, device)
         cpu = torch.device("cpu")
         models = {
             model_id: BaseModel(model_id, root / model_id, device if not swap or i == 0 else cpu, dtype)
@@ -258,7 +262,7 @@ class Engine:
         log.info("loaded the safety checker in %.1fs", time.perf_counter() - checker_start)
         upscaler = Upscaler.load_if_baked(root, device, dtype)
         engine = cls(models, safety, loras, swap, upscaler=upscaler, control=Control.load(root, device, dtype))
-        wanted = compile_wanted(compile or os.environ.get("UNET_COMPILE") or UNET_COMPILE, device)
+        wanted = compile_wanted(compile or unet_compile(), device)
         compiled = wanted and engine.compile("inductor")
         baked = [name for name in (*SETUP_SIDE_DIRS, CUSTOM_MODEL_ID) if name != SAFETY_CHECKER_DIR]
         log.info("%s", setup_line(settings, compiled, [name for name in baked if (root / name).is_dir()]))

@@ -10,7 +10,7 @@ across switches.
 
 Files are parsed through diffusers' own conversions (kohya/SGM names, text encoders, alphas and
 metadata) into per-weight factors, without injecting PEFT layers. The last few parsed LoRAs of
-every model stay in memory within one LORA_WARM_MAX_BYTES for the process (engine/warm.py), so
+every model stay in memory within one byte budget for the process (engine/warm.py), so
 switching back and forth or changing a scale reads no file. A parse that fails touches no weight;
 a merge that fails or is cancelled (Cog's cancel is a BaseException) copies every written weight
 back, and no trained token is left behind; a cancel during that restore leaves the set claiming

@@ -18,15 +18,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.config import LOCAL_FILES_ENV, local_files_dir
 from engine.errors import InputError
-
-LOCAL_FILES_ENV = "LOCAL_FILES_DIR"
-
-
-def local_files_dir() -> Path | None:
-    """The one folder whose files requests may name by path, or None (the default)."""
-    value = os.environ.get(LOCAL_FILES_ENV)
-    return Path(value).expanduser().resolve() if value else None
 
 
 def server_file(path: str, what: str, send_instead: str, error: Callable[[str], Exception] = InputError) -> Path:

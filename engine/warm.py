@@ -1,19 +1,18 @@
 """Parsed LoRAs kept warm: one least-recently-used cache and one byte budget for the whole process.
 
 Every base model's `LoraSet` sees the cache through its own `ModelWarm` view (keyed by the LoRA's
-cache key, as a dict), so switching back and forth reads no file; the budget
-(LORA_WARM_MAX_BYTES) bounds the sum over all models, not each model's share, so a process with
-three models never holds three budgets' worth.
+cache key, as a dict), so switching back and forth reads no file; the budget (WARM_MAX_BYTES, or
+what `Engine.load` was given) bounds the sum over all models, not each model's share, so a
+process with three models never holds three budgets' worth.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
 from typing import Protocol, TypeVar
 
-from engine.config import LORA_WARM_MAX_BYTES
+from engine.config import WARM_MAX_BYTES
 
 
 class Sized(Protocol):
@@ -28,20 +27,9 @@ T = TypeVar("T", bound=Sized)
 class WarmCache:
     """(model id, LoRA key) -> parsed LoRA, most recently used last, within one byte budget."""
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+    def __init__(self, max_bytes: int = WARM_MAX_BYTES) -> None:
         self.entries: OrderedDict[tuple[str, str], Sized] = OrderedDict()
-        self._max_bytes = max_bytes
-
-    @property
-    def max_bytes(self) -> int:
-        """The budget given, else LORA_WARM_MAX_BYTES from the environment when asked, else the default."""
-        if self._max_bytes is not None:
-            return self._max_bytes
-        return int(os.environ.get("LORA_WARM_MAX_BYTES") or LORA_WARM_MAX_BYTES)
-
-    @max_bytes.setter
-    def max_bytes(self, value: int | None) -> None:
-        self._max_bytes = value
+        self.max_bytes = max_bytes
 
     @property
     def nbytes(self) -> int:

@@ -45,7 +45,7 @@ from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
 from test_folder.lora_factory import diffusers_lora, kohya_lora
 from utils import save_image
-from weights import lora_store
+from weights import lora_store, lora_warm_max_bytes
 
 # Issue 24's bar over a long mixed soak: no upward trend between these predictions, and no point
 # after the first of them more than TREND_MAX_RISE above its value there.
@@ -248,7 +248,7 @@ def _served(server: Any, inputs: dict[str, Any]) -> list[bytes]:
 
 def soak_engine(args: argparse.Namespace, out: Path) -> tuple[list[tuple[int, float]], int, bool]:
     """The mix through one engine in this process; samples of this process's RSS."""
-    engine = Engine.load(weights_root(), loras=lora_store())
+    engine = Engine.load(weights_root(), loras=lora_store(), warm_max_bytes=lora_warm_max_bytes())
     loras = args.lora or made_loras(engine, out)
     probe = GenerationRequest(
         prompt="a red bicycle leaning on a blue wall",

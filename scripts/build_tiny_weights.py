@@ -68,7 +68,6 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import (
-    CAPTIONER_DIR,
     CONTROL_MODES,
     CONTROLNET_DIR,
     DEPTH_ESTIMATOR_DIR,
@@ -77,11 +76,11 @@ from engine.config import (
     IP_ADAPTER_WEIGHT_NAME,
     MODEL_IDS,
     SAFETY_CHECKER_DIR,
-    TAGGER_DIR,
     UPSCALER_DIR,
     weights_root,
 )
 from scripts.bake import index_added_tokens
+from training.config import CAPTIONER_DIR, TAGGER_DIR
 
 MODEL_SEEDS = {"illustrious-xl": 1, "sdxl": 2}
 CLIP_VOCAB_SIZE = 49408

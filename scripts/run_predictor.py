@@ -28,7 +28,7 @@ from cog import Path as CogPath
 from cog import Secret
 from cog.input import FieldInfo
 
-from engine.server_files import LOCAL_FILES_ENV
+from engine.config import LOCAL_FILES_ENV
 from predict import Predictor
 
 

@@ -142,6 +142,7 @@ def test_declared_literals_equal_the_engine_constants() -> None:
     """The engine's tables and limits, and the literals cog reads, are one contract kept by this test."""
     from engine import config as c
     from engine.schedulers import SCHEDULERS
+    from training import config as t
 
     read = {"predict": _static("predict"), "train": _static("train")}
     predict, train = "predict", "train"
@@ -173,14 +174,14 @@ def test_declared_literals_equal_the_engine_constants() -> None:
         (predict, "ip_adapter_scale", "default"): c.IP_ADAPTER_DEFAULT_SCALE,
         (predict, "ip_adapter_scale", "le"): c.IP_ADAPTER_MAX_SCALE,
         (train, "model", "default"): c.DEFAULT_MODEL,
-        (train, "steps", "default"): c.TRAIN_DEFAULT_STEPS,
-        (train, "steps", "le"): c.TRAIN_MAX_STEPS,
-        (train, "lora_rank", "default"): c.TRAIN_DEFAULT_RANK,
-        (train, "lora_rank", "le"): c.TRAIN_MAX_RANK,
-        (train, "learning_rate", "default"): c.TRAIN_DEFAULT_LEARNING_RATE,
-        (train, "learning_rate", "le"): c.TRAIN_MAX_LEARNING_RATE,
-        (train, "batch_size", "le"): c.TRAIN_MAX_BATCH_SIZE,
-        (train, "resolution", "default"): c.TRAIN_DEFAULT_RESOLUTION,
+        (train, "steps", "default"): t.TRAIN_DEFAULT_STEPS,
+        (train, "steps", "le"): t.TRAIN_MAX_STEPS,
+        (train, "lora_rank", "default"): t.TRAIN_DEFAULT_RANK,
+        (train, "lora_rank", "le"): t.TRAIN_MAX_RANK,
+        (train, "learning_rate", "default"): t.TRAIN_DEFAULT_LEARNING_RATE,
+        (train, "learning_rate", "le"): t.TRAIN_MAX_LEARNING_RATE,
+        (train, "batch_size", "le"): t.TRAIN_MAX_BATCH_SIZE,
+        (train, "resolution", "default"): t.TRAIN_DEFAULT_RESOLUTION,
     }
     for (kind, name, key), value in expected_values.items():
         declared = getattr(read[kind][name], key)
@@ -195,7 +196,7 @@ def test_declared_literals_equal_the_engine_constants() -> None:
         (predict, "ip_adapter_image"): f"Up to {c.IP_ADAPTER_MAX_IMAGES};",
         (predict, "embeddings"): f"up to {c.MAX_EMBEDDINGS}, ",
         (predict, "upscale"): f"Refused past {c.UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels",
-        (train, "input_images"): f"at least {c.TRAIN_MIN_IMAGES} ",
+        (train, "input_images"): f"at least {t.TRAIN_MIN_IMAGES} ",
     }
     for (kind, name), text in expected_text.items():
         assert text in (read[kind][name].description or ""), f"{kind}.{name}"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import config
 from test_folder.emulators import CivitaiVersion, HfRepo, Loopback, Reply, civitai, hugging_face, point_hub_client_at
 from weights import Credentials, Downloader, LoraStore, WeightsError
+from weightstore import config
 
 TOKEN = "hf_hub_errors_secret_3141"
 COMMIT = HfRepo({}).commit

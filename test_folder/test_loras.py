@@ -237,7 +237,7 @@ def test_warm_switches_read_no_file(
     assert np.array_equal(pixels(engine, with_loras((b, 1.0))), first_b)
     assert reads == [a, b], "warm switches and a scale change read no file"
     assert np.abs(half_a - first_a).max() > 5
-    monkeypatch.setenv("LORA_WARM_MAX_BYTES", "0")
+    monkeypatch.setattr(loras.warm.cache, "max_bytes", 0)
     assert np.array_equal(pixels(engine, with_loras((a, 0.5))), half_a)
     assert list(loras.warm) == [loras.active[0][0]], "over budget, only the active LoRA stays parsed"
     assert np.array_equal(pixels(engine, with_loras((b, 1.0))), first_b)
@@ -274,7 +274,7 @@ def test_host_copies_are_of_the_weights_merged_now_and_not_pinned(
 def test_one_warm_budget_for_the_whole_process(
     engine: Engine, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Parsed LoRAs of every model count against one LORA_WARM_MAX_BYTES: a budget that fits one
+    """Parsed LoRAs of every model count against one budget (WARM_MAX_BYTES): a budget that fits one
     parsed LoRA keeps only the one the last request used, whichever model it was for."""
     ill, sdxl = engine.models["illustrious-xl"].loras, engine.models["sdxl"].loras
     assert ill.warm.cache is sdxl.warm.cache, "one cache for the process"
@@ -282,7 +282,7 @@ def test_one_warm_budget_for_the_whole_process(
     a = hosts["files"].url + "/a.safetensors"
     pixels(engine, with_loras((a, 1.0)))
     [key] = list(ill.warm)
-    monkeypatch.setenv("LORA_WARM_MAX_BYTES", str(ill.warm[key].nbytes))
+    monkeypatch.setattr(ill.warm.cache, "max_bytes", ill.warm[key].nbytes)
     pixels(engine, replace(with_loras((a, 1.0)), model="sdxl"))
     assert list(sdxl.warm) == [key] and list(ill.warm) == [], "the other model's parsed copy was evicted"
     assert ill.warm.cache.nbytes <= ill.warm.cache.max_bytes

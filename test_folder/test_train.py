@@ -25,7 +25,6 @@ from PIL import Image
 from safetensors.torch import load as load_file_bytes
 from safetensors.torch import load_file
 
-from engine.config import TRAIN_EMBEDDING_NORM_PULL
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
@@ -33,6 +32,7 @@ from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import HfRepo, file_host, hugging_face, point_hub_client_at
 from training import tagger, trainer
+from training.config import TRAIN_EMBEDDING_NORM_PULL
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
 from training.optimizers import build_optimizer, refuse_where_it_cannot_run
 from training.request import OPTIMIZERS, TrainingRequest

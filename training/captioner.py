@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
-from engine.config import CAPTIONER_DIR, TRAIN_CAPTION_MAX_TOKENS
 from engine.devices import default_dtype
 from engine.errors import WeightsMissingError
+from training.config import CAPTIONER_DIR, TRAIN_CAPTION_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 

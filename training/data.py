@@ -22,8 +22,9 @@ from typing import IO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.config import (
-    INPUT_IMAGE_MAX_PIXELS,
+from engine.config import INPUT_IMAGE_MAX_PIXELS
+from engine.errors import InputError
+from training.config import (
     TRAIN_IMAGE_EXTENSIONS,
     TRAIN_MAX_ARCHIVE_BYTES,
     TRAIN_MAX_ARCHIVE_ENTRIES,
@@ -31,7 +32,6 @@ from engine.config import (
     TRAIN_MIN_IMAGES,
     TRAIN_RESOLUTION_MAX,
 )
-from engine.errors import InputError
 
 log = logging.getLogger(__name__)
 

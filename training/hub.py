@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -19,8 +18,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 
-from engine.config import DEFAULT_HF_ENDPOINT
 from engine.errors import InputError
+from weightstore.config import hf_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +34,6 @@ _LORA_URL = re.compile(r"^/([^/]+/[^/]+)/(?:resolve|blob)/([^/]+)/(.+\.safetenso
 def _quiet_http() -> None:
     """huggingface_hub's HTTP client (httpx2) logs every request line at INFO: not the user's business."""
     logging.getLogger("httpx2").setLevel(logging.WARNING)
-
-
-def _endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
 
 
 def scrub(text: str, *secrets: str | None) -> str:
@@ -94,7 +89,7 @@ def upload(folder: Path, repo_id: str, token: str) -> str:
     Returns the repository's URL; raises InputError with the Hub's reason (token scrubbed).
     """
     _quiet_http()
-    api = HfApi(endpoint=_endpoint(), token=token)
+    api = HfApi(endpoint=hf_endpoint(), token=token)
     try:
         url = api.create_repo(repo_id, repo_type="model", exist_ok=True, private=False)
         api.upload_folder(
@@ -115,7 +110,7 @@ def upload(folder: Path, repo_id: str, token: str) -> str:
 def fetch_pretrained(url: str, token: str | None, dest: Path) -> tuple[str, Path]:
     """Download a LoRA .safetensors named by its Hub URL into dest; returns (repo id, file)."""
     parts = urlsplit(url)
-    hosts = {"huggingface.co", urlsplit(_endpoint()).netloc}
+    hosts = {"huggingface.co", urlsplit(hf_endpoint()).netloc}
     match = _LORA_URL.match(unquote(parts.path)) if parts.netloc in hosts else None
     if parts.scheme not in ("http", "https") or match is None:
         raise InputError(
@@ -127,7 +122,12 @@ def fetch_pretrained(url: str, token: str | None, dest: Path) -> tuple[str, Path
     try:
         path = Path(
             hf_hub_download(
-                repo_id, filename, revision=revision, token=token or False, cache_dir=dest / "hub", endpoint=_endpoint()
+                repo_id,
+                filename,
+                revision=revision,
+                token=token or False,
+                cache_dir=dest / "hub",
+                endpoint=hf_endpoint(),
             )
         )
     except RepositoryNotFoundError:

@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import (
-    DEFAULT_MODEL,
+from engine.config import DEFAULT_MODEL
+from engine.errors import InputError
+from training.config import (
     TRAIN_BUCKET_MAX_ASPECT,
     TRAIN_BUCKET_MULTIPLE,
     TRAIN_DEFAULT_LEARNING_RATE,
@@ -24,7 +25,6 @@ from engine.config import (
     TRAIN_RESOLUTION_MIN,
     TRAIN_TRIGGER_MAX_CHARS,
 )
-from engine.errors import InputError
 
 # Flux's optimizer names (ai-toolkit's), in the order its description lists them.
 OPTIMIZERS = ("prodigy", "adam8bit", "adamw8bit", "lion8bit", "adam", "adamw", "lion", "adagrad", "adafactor")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.config import TAGGER_CHARACTER_THRESHOLD, TAGGER_DIR, TAGGER_GENERAL_THRESHOLD
+from training.config import TAGGER_CHARACTER_THRESHOLD, TAGGER_DIR, TAGGER_GENERAL_THRESHOLD
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
-from engine.config import (
-    CUSTOM_MODEL_ID,
-    MODEL_IDS,
-    REFERENCE_RESOLUTION,
+from engine.config import CUSTOM_MODEL_ID, MODEL_IDS, REFERENCE_RESOLUTION
+from engine.devices import DeviceSettings, current
+from engine.errors import InputError, WeightsMissingError
+from engine.logs import quiet_library_noise
+from engine.request import reduced_seed
+from training import export, hub, tagger
+from training.captioner import autocaption
+from training.config import (
     TAGGER_DIR,
     TAGGER_MODELS,
     TRAIN_CHECKPOINTING_BELOW_GIB,
@@ -68,12 +72,6 @@ from engine.config import (
     TRAIN_WARMUP_FRACTION,
     TRAIN_WARMUP_MAX_STEPS,
 )
-from engine.devices import DeviceSettings, current
-from engine.errors import InputError, WeightsMissingError
-from engine.logs import quiet_library_noise
-from engine.request import reduced_seed
-from training import export, hub, tagger
-from training.captioner import autocaption
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive, trigger_pattern
 from training.optimizers import build_optimizer, refuse_where_it_cannot_run
 from training.request import TrainingRequest, buckets, nearest_bucket

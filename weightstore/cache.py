@@ -44,12 +44,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine import config
 from engine.request import Credentials, LocalLora
+from weightstore import config
 from weightstore.errors import WeightsError, disk_full, is_disk_full
 from weightstore.refs import LoraRef, Resolved, parse_lora
 from weightstore.resolve import credential_for, embeddings_of, resolve
-from weightstore.transfer import Downloader, env_number
+from weightstore.transfer import Downloader
 from weightstore.validate import validate_safetensors
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,15 @@ class LoraStore:
     """`fetch(source, scale, credentials)` -> a local LoRA file, from the cache when possible."""
 
     def __init__(self, root: Path | None = None, downloader: Downloader | None = None) -> None:
-        self.root = Path(root or os.environ.get("LORA_CACHE_DIR") or config.LORA_CACHE_DIR)
+        self.root = Path(root or config.lora_cache_dir())
         self.files = self.root / "files"
         self.locks = self.root / "locks"
         self.files.mkdir(parents=True, exist_ok=True)
         self.locks.mkdir(exist_ok=True)
         self.downloader = downloader or Downloader.from_env()
-        self.max_bytes = int(env_number("LORA_CACHE_MAX_BYTES", config.LORA_CACHE_MAX_BYTES))
-        self.min_free = int(env_number("LORA_CACHE_MIN_FREE_BYTES", config.LORA_CACHE_MIN_FREE_BYTES))
-        self.alias_ttl = env_number("LORA_ALIAS_TTL_SECONDS", config.LORA_ALIAS_TTL_SECONDS)
+        self.max_bytes = config.lora_cache_max_bytes()
+        self.min_free = config.lora_cache_min_free_bytes()
+        self.alias_ttl = config.lora_alias_ttl_seconds()
         with self._index() as index:
             salt = self.root / "salt"
             if not salt.exists():

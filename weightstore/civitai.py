@@ -8,14 +8,12 @@ another base model (SD 1.5, Flux ...) is refused before any download.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from engine import config
-from weightstore.endpoints import civitai_endpoint
+from weightstore import config
 from weightstore.errors import WeightsError
 from weightstore.refs import LoraRef, Resolved
 from weightstore.transfer import Downloader, check_response, retrying
@@ -23,7 +21,7 @@ from weightstore.transfer import Downloader, check_response, retrying
 
 def civitai_token(token: str | None) -> str | None:
     """The caller's token, else the deployment's CIVITAI_API_TOKEN, else none."""
-    return token or os.environ.get("CIVITAI_API_TOKEN") or None
+    return token or config.deployment_civitai_token()
 
 
 def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> Resolved:
@@ -56,7 +54,7 @@ def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> 
     if not files or (files[0].get("metadata") or {}).get("format") not in (None, "SafeTensor"):
         raise WeightsError(f"{ref.display} has no .safetensors model file on CivitAI: pick a SafeTensor version")
     vid = version["id"]
-    url = files[0].get("downloadUrl") or f"{civitai_endpoint()}/api/download/models/{vid}"
+    url = files[0].get("downloadUrl") or f"{config.civitai_endpoint()}/api/download/models/{vid}"
     name = f"civitai version {vid}"
     words = tuple(str(w).strip() for w in version.get("trainedWords") or [] if str(w).strip())
     size_kb = files[0].get(
@@ -82,7 +80,7 @@ def _get(path: str, headers: dict[str, str], name: str, downloader: Downloader, 
     """The API's JSON answer; `missing` is the message for a 404, when there is a better one."""
 
     def once() -> Any:
-        resp = requests.get(civitai_endpoint() + path, headers=headers, timeout=(10, 30))
+        resp = requests.get(config.civitai_endpoint() + path, headers=headers, timeout=(10, 30))
         if resp.status_code == 404 and missing:
             raise WeightsError(missing)
         check_response(resp, name, "CivitAI")

@@ -33,7 +33,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.hf_api import ModelInfo
 
-from weightstore.endpoints import hf_endpoint
+from weightstore.config import deployment_hf_token, hf_endpoint
 from weightstore.errors import WeightsError
 from weightstore.refs import LoraRef, Resolved
 from weightstore.transfer import Downloader, HttpStatusError, Transient, retrying, server_failed
@@ -46,7 +46,7 @@ SERVICE = "Hugging Face"
 
 def hf_token(token: str | None) -> str | None:
     """The caller's token, else the deployment's HF_TOKEN, else none."""
-    return token or os.environ.get("HF_TOKEN") or None
+    return token or deployment_hf_token()
 
 
 def resolve_hf(ref: LoraRef, token: str | None, downloader: Downloader) -> Resolved:

@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from engine.server_files import server_file
-from weightstore.endpoints import civitai_endpoint, hf_endpoint, host_of, replicate_endpoint
+from weightstore.config import civitai_endpoint, hf_endpoint, replicate_endpoint
 from weightstore.errors import WeightsError
 from weightstore.redact import display_url, split_credentials
 
@@ -123,6 +123,11 @@ def _local_ref(s: str) -> LoraRef:
     return LoraRef("local", path.name, f"local:{path}", path=path)
 
 
+def _host_of(url: str) -> str:
+    """A URL's host name in lower case, without the user:password@ it may carry."""
+    return urlsplit(url).netloc.rsplit("@", 1)[-1].lower()
+
+
 def _url_ref(url: str) -> LoraRef:
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1].lower()
@@ -130,10 +135,10 @@ def _url_ref(url: str) -> LoraRef:
     segments = [p for p in path.split("/") if p]
     if not host or any(c in host for c in " \\"):
         raise WeightsError(f"the LoRA URL {display_url(url)} has no valid host name")
-    is_hf = host in ("huggingface.co", host_of(hf_endpoint())) or host.endswith(".huggingface.co")
+    is_hf = host in ("huggingface.co", _host_of(hf_endpoint())) or host.endswith(".huggingface.co")
     if is_hf and len(segments) >= 2 and segments[0] not in ("api", "datasets", "spaces"):
         return _hf_ref(segments, display_url(url))
-    if host in ("civitai.com", host_of(civitai_endpoint())) or host.endswith(".civitai.com"):
+    if host in ("civitai.com", _host_of(civitai_endpoint())) or host.endswith(".civitai.com"):
         ref = _civitai_ref(url, segments)
         if ref is None:
             raise WeightsError(

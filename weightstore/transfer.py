@@ -10,7 +10,6 @@ to 0, so they never really wait.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -22,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from engine import config
+from weightstore import config
 from weightstore.errors import WeightsError
 from weightstore.redact import scrub, scrub_http_logs
 
@@ -32,18 +31,9 @@ T = TypeVar("T")
 DOWNLOADERS = ("auto", "pget", "python")
 
 
-def env_number(name: str, default: float) -> float:
-    """A deploy-time number from the environment variable of that name, else the default."""
-    value = os.environ.get(name)
-    try:
-        return float(value) if value else default
-    except ValueError:
-        raise WeightsError(f"{name}={value!r} is not a number") from None
-
-
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one download; `from_env` reads the LORA_* variables the README lists."""
+    """Bounds on one download; `from_env` takes the deployment's (weightstore/config.py)."""
 
     max_bytes: int = config.LORA_MAX_FILE_BYTES
     timeout: float = config.LORA_DOWNLOAD_TIMEOUT
@@ -54,10 +44,10 @@ class Limits:
     @classmethod
     def from_env(cls) -> Limits:
         return cls(
-            max_bytes=int(env_number("LORA_MAX_FILE_BYTES", config.LORA_MAX_FILE_BYTES)),
-            timeout=env_number("LORA_DOWNLOAD_TIMEOUT", config.LORA_DOWNLOAD_TIMEOUT),
-            total_timeout=env_number("LORA_DOWNLOAD_TOTAL_TIMEOUT", config.LORA_DOWNLOAD_TOTAL_TIMEOUT),
-            backoff=env_number("LORA_RETRY_BACKOFF_SECONDS", config.DOWNLOAD_BACKOFF_SECONDS),
+            max_bytes=config.lora_max_file_bytes(),
+            timeout=config.lora_download_timeout(),
+            total_timeout=config.lora_download_total_timeout(),
+            backoff=config.retry_backoff_seconds(),
         )
 
 
@@ -154,7 +144,7 @@ class Downloader:
 
     @classmethod
     def from_env(cls) -> Downloader:
-        return cls(os.environ.get("LORA_DOWNLOADER") or "auto")
+        return cls(config.lora_downloader())
 
     def download(self, url: str, dest: Path, headers: dict[str, str], name: str, service: str) -> None:
         """pget when installed and no header is needed (it takes none), else one Python stream;
