@@ -44,7 +44,7 @@ class Predictor(BasePredictor):
         """Load every baked model from the weights root, with the LoRA store and the deployment's
         budget of parsed LoRAs (LORA_WARM_MAX_BYTES); no network is used."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-        self.engine = Engine.load(weights_root(), loras=lora_store(), warm_max_bytes=lora_warm_max_bytes())
+        self.engine = Engine.load(weights_root(), lora_source=lora_store(), warm_max_bytes=lora_warm_max_bytes())
         self.outputs = OutputFolders()
 
     def predict(

@@ -192,21 +192,21 @@ def _log_trigger_words(lora: LocalLora, prompt: str) -> None:
 
 class Engine:
     """Every baked model and the safety checker, with the ControlNet, IP-Adapter and upscaler when
-    they are baked, on one device. LoRA files come from the `loras` source its caller hands in
+    they are baked, on one device. LoRA files come from the `lora_source` its caller hands in
     (predict.py builds the store of weights.py); without one, a request naming a LoRA is refused."""
 
     def __init__(
         self,
         models: dict[str, BaseModel],
         safety: SafetyChecker,
-        loras: LoraSource | None = None,
+        lora_source: LoraSource | None = None,
         swap: bool = False,
         upscaler: Upscaler | None = None,
         control: Control | None = None,
     ) -> None:
         self.models = models
         self.safety = safety
-        self.loras = loras
+        self.lora_source = lora_source
         self.swap = swap  # idle models wait in CPU RAM; the requested one is moved in
         self.upscaler = upscaler  # None when not baked: requests with upscale are refused
         self.control = control or Control(None)  # without one, control images are refused
@@ -218,7 +218,7 @@ class Engine:
     def load(
         cls,
         root: Path,
-        loras: LoraSource | None = None,
+        lora_source: LoraSource | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         residency: str | None = None,
@@ -261,7 +261,7 @@ class Engine:
         safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
         log.info("loaded the safety checker in %.1fs", time.perf_counter() - checker_start)
         upscaler = Upscaler.load_if_baked(root, device, dtype)
-        engine = cls(models, safety, loras, swap, upscaler=upscaler, control=Control.load(root, device, dtype))
+        engine = cls(models, safety, lora_source, swap, upscaler=upscaler, control=Control.load(root, device, dtype))
         wanted = compile_wanted(compile or unet_compile(), device)
         compiled = wanted and engine.compile("inductor")
         baked = [name for name in (*SETUP_SIDE_DIRS, CUSTOM_MODEL_ID) if name != SAFETY_CHECKER_DIR]
@@ -321,7 +321,7 @@ class Engine:
         embeddings = self._fetch_embeddings(req, model)
         if self.swap:
             self._move_in(model)
-        model.loras.apply(loras)
+        model.lora_set.apply(loras)
         seeds = self._seeds(req)
         controlled = control_map is not None and req.control_strength > 0  # strength 0 is the plain pipeline
         return _Prepared(model, width, height, control_map, controlled, loras, embeddings, seeds)
@@ -347,8 +347,8 @@ class Engine:
                 used(
                     pipe,
                     prepared.embeddings,
-                    model.loras.rewrite(req.prompt),
-                    model.loras.rewrite(req.negative_prompt),
+                    model.lora_set.rewrite(req.prompt),
+                    model.lora_set.rewrite(req.negative_prompt),
                 )
             )
             start = time.perf_counter()
@@ -454,9 +454,9 @@ class Engine:
         before it moves; they go into its encoders only for the pipeline call (engine/embeddings.py)."""
         if not req.embeddings:
             return []
-        if self.loras is None:
+        if self.lora_source is None:
             raise InputError("this engine was started without a LoRA store: embeddings cannot be used here")
-        files = {f.key: f for f in self.loras.fetch_all([(s, 1.0) for s in req.embeddings], req.credentials)}
+        files = {f.key: f for f in self.lora_source.fetch_all([(s, 1.0) for s in req.embeddings], req.credentials)}
         embeddings = [read_embedding(f, model.txt2img, model.model_id) for f in files.values()]
         called: dict[str, Embedding] = {}
         for embedding in embeddings:
@@ -473,10 +473,10 @@ class Engine:
         """Local files for the request's LoRAs; two names for one file are merged once, at the sum of their scales."""
         if not req.loras:
             return []
-        if self.loras is None:
+        if self.lora_source is None:
             raise InputError("this engine was started without a LoRA store: LoRAs cannot be used here")
         fetched: dict[str, LocalLora] = {}
-        for lora in self.loras.fetch_all([(spec.source, spec.scale) for spec in req.loras], req.credentials):
+        for lora in self.lora_source.fetch_all([(spec.source, spec.scale) for spec in req.loras], req.credentials):
             if lora.key in fetched:
                 same = fetched[lora.key]
                 lora = replace(same, scale=same.scale + lora.scale)

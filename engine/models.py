@@ -73,7 +73,7 @@ class BaseModel:
             pipe.set_progress_bar_config(disable=True)
         self.device = device
         self.ip_adapter: IpAdapter | None = None  # set by load_ip_adapter when the adapter is baked
-        self.loras = LoraSet(self.txt2img, model_id)  # on the shared modules: all three pipelines see it
+        self.lora_set = LoraSet(self.txt2img, model_id)  # on the shared modules: all three pipelines see it
         self.prompts = PromptEncoder(self.txt2img)
         self.scheduler_config = dict(self.txt2img.scheduler.config)
         self.native_resolution = self.txt2img.default_sample_size * self.txt2img.vae_scale_factor

@@ -150,7 +150,7 @@ def main() -> None:
     table.add(f"raw safetensors read to GPU, every file setup loads, {size_gb:.1f} GB (s)", f"{raw_s:.2f}")
 
     setup_s, engine = _timed(
-        lambda: Engine.load(args.weights, loras=lora_store(), compile="off", warm_max_bytes=lora_warm_max_bytes())
+        lambda: Engine.load(args.weights, lora_source=lora_store(), compile="off", warm_max_bytes=lora_warm_max_bytes())
     )
     table.add("Engine.load, both models + checker + the optional folders built, uncompiled (s)", f"{setup_s:.2f}")
     table.add("setup / raw read", f"{setup_s / raw_s:.2f}x")
@@ -217,8 +217,8 @@ def main() -> None:
             f"{min(times):.3f} / {statistics.median(times):.3f}, {min(times) / plain:.3f}x",
         )
     # Warm switches: both LoRAs parsed and cached; only the fused weights change.
-    loras = engine.models[req.model].loras
-    fetched = engine.loras.fetch_all([(str(lora_a), 0.8), (str(lora_b), 0.8)], Credentials())
+    loras = engine.models[req.model].lora_set
+    fetched = engine.lora_source.fetch_all([(str(lora_a), 0.8), (str(lora_b), 0.8)], Credentials())
     switches: dict[str, list[float]] = {"A -> B": [], "B -> A": [], "scale only": [], "to none": []}
     for _ in range(args.runs):
         loras.apply([fetched[0]])
@@ -253,7 +253,7 @@ def main() -> None:
 def _memory_rows(engine: Engine, plain: GenerationRequest, size: int, table: Table) -> None:
     """What holds the peak (CUDA only): the weights resident now, a plain request's peak above them,
     and the VAE decode's own share of it (the fp16-fix VAE decodes in fp16, with no fp32 copy)."""
-    engine.models[plain.model].loras.apply([])
+    engine.models[plain.model].lora_set.apply([])
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated()
     table.add("GPU memory held by the resident weights, no LoRA (GiB)", f"{resident / 2**30:.1f}")

@@ -248,7 +248,7 @@ def _served(server: Any, inputs: dict[str, Any]) -> list[bytes]:
 
 def soak_engine(args: argparse.Namespace, out: Path) -> tuple[list[tuple[int, float]], int, bool]:
     """The mix through one engine in this process; samples of this process's RSS."""
-    engine = Engine.load(weights_root(), loras=lora_store(), warm_max_bytes=lora_warm_max_bytes())
+    engine = Engine.load(weights_root(), lora_source=lora_store(), warm_max_bytes=lora_warm_max_bytes())
     loras = args.lora or made_loras(engine, out)
     probe = GenerationRequest(
         prompt="a red bicycle leaning on a blue wall",

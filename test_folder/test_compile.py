@@ -55,7 +55,7 @@ def compiled(weights_dir: Path, lora_paths: dict[str, Path], graphs: list) -> It
         return gm.forward
 
     torch._dynamo.reset()
-    engine = Engine.load(weights_dir, loras=LocalFiles(lora_paths), compile="off")
+    engine = Engine.load(weights_dir, lora_source=LocalFiles(lora_paths), compile="off")
     engine.compile(counting)
     yield engine
     torch._dynamo.reset()
@@ -89,7 +89,7 @@ def test_compiled_unet_never_recompiles_after_setup(
     ]
     assert len(blocks) > 4 and all(b._compiled_call_impl is not None for b in blocks), "the warm-up fell back to eager"
     warmed = len(graphs)
-    eager = Engine.load(weights_dir, loras=LocalFiles(lora_paths), compile="off")
+    eager = Engine.load(weights_dir, lora_source=LocalFiles(lora_paths), compile="off")
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 200, 3), dtype=np.uint8))
     requests = [
         BASE,

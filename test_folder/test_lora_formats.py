@@ -279,7 +279,7 @@ def test_lycoris_types_that_are_no_weight_difference_are_refused_by_name(
 ) -> None:
     state = refused_state(pipe, cls, **options)
     path = write(tmp_path, cls.__name__, state)
-    loras = engine.models[MODEL].loras
+    loras = engine.models[MODEL].lora_set
     with pytest.raises(InputError, match=f"is a LyCORIS {named} file, a type this predictor does not apply"):
         engine.generate(with_file(path))
     assert not loras.merged and loras.active == ()
@@ -390,7 +390,7 @@ def test_loader_errors_become_the_projects_own(
     with pytest.raises(InputError, match=message) as err:
         engine.generate(with_file(path))
     assert raw in str(err.value) or raw == "FormatError"
-    assert not engine.models[MODEL].loras.merged
+    assert not engine.models[MODEL].lora_set.merged
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 

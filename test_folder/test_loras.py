@@ -225,7 +225,7 @@ def test_warm_switches_read_no_file(
 ) -> None:
     """A -> B -> A and a scale change parse each file once; evicted (budget 0), A is read again."""
     a, b = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/b.safetensors"
-    loras = engine.models["illustrious-xl"].loras
+    loras = engine.models["illustrious-xl"].lora_set
     loras.warm.clear()
     reads: list[str] = []
     real = LoraSet._parse
@@ -250,7 +250,7 @@ def test_host_copies_are_of_the_weights_merged_now_and_not_pinned(
 ) -> None:
     """W0 is kept on the CPU only while its weight is merged: a switch lets the copies of weights
     it restores go, and back on the base none is left (they were kept for every weight ever touched)."""
-    loras = engine.models["illustrious-xl"].loras
+    loras = engine.models["illustrious-xl"].lora_set
     a, te = hosts["files"].url + "/a.safetensors", hosts["files"].url + "/te.safetensors"
 
     def held() -> tuple[set[tuple[str, str]], int]:
@@ -276,7 +276,7 @@ def test_one_warm_budget_for_the_whole_process(
 ) -> None:
     """Parsed LoRAs of every model count against one budget (WARM_MAX_BYTES): a budget that fits one
     parsed LoRA keeps only the one the last request used, whichever model it was for."""
-    ill, sdxl = engine.models["illustrious-xl"].loras, engine.models["sdxl"].loras
+    ill, sdxl = engine.models["illustrious-xl"].lora_set, engine.models["sdxl"].lora_set
     assert ill.warm.cache is sdxl.warm.cache, "one cache for the process"
     ill.warm.cache.entries.clear()
     a = hosts["files"].url + "/a.safetensors"
@@ -293,7 +293,7 @@ def test_a_lora_switch_never_recompiles(engine: Engine, lora_files: dict, tmp_pa
     """Weights change in place, so a compiled block keeps its one graph across base -> A -> B ->
     a scale change -> base, and sees each set of weights (it matches the eager block every time)."""
     pipe = engine.models["illustrious-xl"].txt2img
-    loras = engine.models["illustrious-xl"].loras
+    loras = engine.models["illustrious-xl"].lora_set
     (tmp_path / "a.safetensors").write_bytes(lora_files["a"])
     (tmp_path / "te.safetensors").write_bytes(lora_files["te"])
     a = LocalLora("compile-a", tmp_path / "a.safetensors", 1.0, "A")
@@ -331,7 +331,7 @@ def test_loras_never_leak_into_the_other_model(engine: Engine, store: LoraStore,
     sdxl_base = pixels(engine, sdxl)
     pixels(engine, with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
     assert np.array_equal(pixels(engine, sdxl), sdxl_base)
-    assert engine.models["sdxl"].loras.active == () and not engine.models["sdxl"].loras.merged
+    assert engine.models["sdxl"].lora_set.active == () and not engine.models["sdxl"].lora_set.merged
 
 
 def test_switching_many_times_replaces_no_module_and_keeps_parameters_flat(
@@ -347,7 +347,7 @@ def test_switching_many_times_replaces_no_module_and_keeps_parameters_flat(
         engine.generate(replace(with_loras((a if i % 2 else b, 1.0)), num_inference_steps=1))
         assert {name: id(m) for name, m in pipe.unet.named_modules()} == modules
         assert {name: id(p) for name, p in pipe.unet.named_parameters()} == params
-    assert len(engine.models["illustrious-xl"].loras.active) == 1
+    assert len(engine.models["illustrious-xl"].lora_set.active) == 1
     assert all(names == [] for names in pipe.get_list_adapters().values()), "no PEFT adapter is injected"
     assert np.array_equal(pixels(engine, BASE), baseline)
 
@@ -359,7 +359,7 @@ def test_unsupported_formats_are_refused_by_name(engine: Engine, store: LoraStor
         engine.generate(with_loras((hosts["files"].url + "/loha.safetensors", 1.0)))
     with pytest.raises(InputError, match=r"is a LoRA for SD 1\.5 .*768-wide"):
         engine.generate(with_loras((hosts["files"].url + "/sd15.safetensors", 1.0)))
-    assert engine.models["illustrious-xl"].loras.active == ()
+    assert engine.models["illustrious-xl"].lora_set.active == ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +638,7 @@ def test_a_loader_failure_is_reported_as_what_it_is(
     with pytest.raises(LoraLoadError, match=message) as err:
         engine.generate(with_loras((hosts["files"].url + "/a.safetensors", 1.0)))
     assert "another base model" not in str(err.value)
-    assert not engine.models["illustrious-xl"].loras.merged, "every written weight is copied back"
+    assert not engine.models["illustrious-xl"].lora_set.merged, "every written weight is copied back"
     monkeypatch.undo()
     assert np.array_equal(pixels(engine, BASE), baseline)
 
@@ -658,7 +658,7 @@ def test_a_cancel_during_a_lora_load_leaves_nothing_behind(
     with pytest.raises(Cancelled):
         engine.generate(with_loras((te, 1.0)))
     monkeypatch.undo()
-    assert not engine.models["illustrious-xl"].loras.merged, "no half-merged weight is left"
+    assert not engine.models["illustrious-xl"].lora_set.merged, "no half-merged weight is left"
     assert np.array_equal(pixels(engine, BASE), baseline)
     assert np.array_equal(pixels(engine, with_loras((te, 1.0))), expected), "the same LoRA applies again"
     assert np.array_equal(pixels(engine, BASE), baseline)
@@ -676,7 +676,7 @@ def test_a_cancel_during_the_restore_leaves_the_set_truthful(
     """A merge fails half-way (a cancel, or the GPU's memory), and a cancel lands in the middle of
     the restore that undoes it: the set must not claim the base while weights are still merged,
     so the next plain request restores what is left and runs on the base."""
-    loras = engine.models["illustrious-xl"].loras
+    loras = engine.models["illustrious-xl"].lora_set
     fail_after(monkeypatch, 5, fault)
     real = LoraSet._restore
     calls: list[tuple[str, str]] = []
@@ -705,14 +705,14 @@ def test_pivotal_tokens_never_leak_when_the_second_encoder_refuses_them(
     with pytest.raises(InputError, match="embeddings that do not fit illustrious-xl"):
         engine.generate(replace(BASE, prompt="a photo of TOK", loras=(LoraSpec("acme/badpivot", 1.0),)))
     assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == sizes
-    assert not engine.models["illustrious-xl"].loras.merged
+    assert not engine.models["illustrious-xl"].lora_set.merged
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
 def test_checks_run_before_a_swapped_model_moves(
     weights_dir: Path, store: LoraStore, hosts: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    swapping = Engine.load(weights_dir, loras=store, residency="swap")
+    swapping = Engine.load(weights_dir, lora_source=store, residency="swap")
     moves: list[str] = []
     real = swapping._move_in
     monkeypatch.setattr(swapping, "_move_in", lambda model: (moves.append(model.model_id), real(model)))

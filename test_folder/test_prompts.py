@@ -457,8 +457,8 @@ def test_compel_weights_do_not_depend_on_an_earlier_text_encoder_lora(
     engine = Engine.load(weights_dir)  # a fresh one, whose first weighted prompt comes with the LoRA
     model = engine.models[req.model]
     (tmp_path / "te.safetensors").write_bytes(lora_files["te"])
-    model.loras.apply([LocalLora("te", tmp_path / "te.safetensors", 1.0, "te")])
+    model.lora_set.apply([LocalLora("te", tmp_path / "te.safetensors", 1.0, "te")])
     with_lora = model.prompts.kwargs(req.prompt, "", 0)  # what the TE-LoRA request gives its pipeline
-    model.loras.apply([])
+    model.lora_set.apply([])
     assert not torch.equal(with_lora["prompt_embeds"], model.prompts.kwargs(req.prompt, "", 0)["prompt_embeds"])
     assert np.array_equal(pixels(engine, req), expected)
