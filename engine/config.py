@@ -89,7 +89,7 @@ UNET_COMPILE = "auto"
 COMPILE_WARMUP_ASPECTS: tuple[str, ...] = ("1:1", "16:9")
 COMPILE_WARMUP_STEPS = 10
 # Graphs torch may keep for the blocks' shared forward before it gives up and runs it eager
-# (torch's default is 8; the warm-up makes 8, see engine/compiling.py).
+# (torch's default is 8; the warm-up makes 10 on the tiny model, see engine/compiling.py).
 COMPILE_RECOMPILE_LIMIT = 32
 
 # IP-Adapter (engine/ip_adapter.py): "look like this reference image". The SDXL Plus adapter with
