@@ -1,12 +1,12 @@
 """LoRAs fused into a base model's weights: exact restores, warm switches, no module ever replaced.
 
 A request's LoRAs are merged into the weights they touch (W = W0 + sum of scale * up @ down, one
-matrix product accumulated in fp32 and rounded once), so a LoRA request runs the plain modules at
-base speed. Before a weight is first written, an exact copy of W0 is kept in CPU memory for as
-long as the weight is merged; when the set or a scale changes, weights are copied back from it,
-never restored by subtracting, so a request without LoRAs after any sequence of LoRA requests is
-bit-identical to a fresh process. Weights are written in place (`param.data`), so a torch.compile graph stays valid
-across switches.
+matrix product of the factors in the weight's dtype, accumulated in fp32 and rounded once into the
+weight), so a LoRA request runs the plain modules at base speed. Before a weight is first
+written, an exact copy of W0 is kept in CPU memory for as long as the weight is merged; when the
+set or a scale changes, weights are copied back from it, never restored by subtracting, so a
+request without LoRAs after any sequence of LoRA requests is bit-identical to a fresh process.
+Weights are written in place (`param.data`), so a torch.compile graph stays valid across switches.
 
 Files are parsed through diffusers' own conversions (kohya/SGM names, text encoders, alphas and
 metadata) into per-weight factors, without injecting PEFT layers. The last few parsed LoRAs of
@@ -419,10 +419,12 @@ class LoraSet:
         return self.params[key]
 
     def _write(self, key: tuple[str, str], terms: list[tuple[Update, float]]) -> None:
-        """W = W0 + sum of scale * scaling * up @ down, as one matrix product that `addmm` accumulates
-        in fp32 and rounds once into the weight's dtype, with no temporary of the weight's size (in
-        bf16 it equals rounding the exact sum once). One LoRA's factors go in as they are, its scale
-        as addmm's alpha; several are stacked along the rank, each up scaled in fp32 first. A
+        """W = W0 + sum of scale * scaling * up @ down, as one `addmm` into the weight, with no
+        temporary of the weight's size. The factors are rounded into the weight's dtype first: one
+        LoRA's as the file stores them, its scale as addmm's alpha; several stacked along the rank,
+        each up times its scale in fp32 before that rounding. addmm then accumulates the product and
+        W0 in fp32 and rounds once (on the CPU in bf16 and fp16 the result equals the exact sum of W0
+        and the rounded factors' product, rounded once; on CUDA the reduction is cuBLAS's). A
         weight that holds W0 now is its own W0 (bit for bit), so no saved copy moves to the device."""
         param = self._weight(key)
         if key not in self.originals:
