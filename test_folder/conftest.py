@@ -32,6 +32,17 @@ from test_folder.lora_factory import (  # noqa: E402
     pivotal_embeddings,
     sd15_like_lora,
 )
+from test_folder.process_state import capture, restore  # noqa: E402
+
+# The process as the session found it, before any module ran (test_folder/process_state.py).
+_SESSION_START = capture()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_process_state() -> None:
+    """Every module starts from the session's first state: library caches empty, dynamo's config
+    and the random generators as they were, whatever modules ran before it in this process."""
+    restore(_SESSION_START)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,7 +63,10 @@ def lora_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the tiny weights, so tests never depend on or touch ./weights."""
+    """A private copy of the tiny weights, so tests never depend on or touch ./weights. A pytest
+    started by a test (test_module_order.py) reads its parent's copy, named in TEST_TINY_WEIGHTS."""
+    if handed := os.environ.get("TEST_TINY_WEIGHTS"):
+        return Path(handed)
     root = tmp_path_factory.mktemp("weights")
     build_all(root)
     return root

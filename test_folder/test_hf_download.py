@@ -37,7 +37,8 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
 def test_public_file(hub: Loopback, tmp_path: Path) -> None:
     path = download_hf_file("acme/public-lora", "lora.safetensors", tmp_path)
     assert path == tmp_path / "lora.safetensors" and path.read_bytes() == PUBLIC
-    assert hub.total() >= 1
+    file = "/acme/public-lora/resolve/main/lora.safetensors"
+    assert hub.hits == {f"HEAD {file}": 1, f"GET {file}": 1}, "one look at the file, one download"
     assert list(tmp_path.iterdir()) == [path], "nothing but the file is left behind"
 
 

@@ -175,7 +175,7 @@ def test_lora_string_errors_through_cog_are_the_projects_own(
     for raw in ("ConnectError", "ConnectionError", "InvalidURL", "InvalidSchema", "LocalEntryNotFoundError", "urllib3"):
         assert raw not in body["error"]
     assert "hf_unreachable_secret" not in body["error"] + body["logs"]
-    assert server.get("/health-check")["status"] in ("READY", "BUSY"), "the server is still up"
+    assert server.wait_ready(timeout=30)["status"] == "READY", "the server is still up and takes the next request"
 
 
 def test_civitai_trigger_words_are_logged(lora_server: tuple[CogServer, dict]) -> None:
@@ -229,4 +229,4 @@ def test_a_cancel_during_a_download_leaves_nothing_behind(
     _, body = png(server, lora_weights=url)  # the same LoRA, right after
     assert "LoRA cache miss" in body["logs"], "the cancelled download left no entry behind"
     assert not [p for p in server_cache.rglob(".part-*")], "nor a half-written file"
-    assert server.get("/health-check")["status"] in ("READY", "BUSY"), "the server is still up"
+    assert server.wait_ready(timeout=30)["status"] == "READY", "the server is still up and takes the next request"
