@@ -53,14 +53,15 @@ class IpAdapter:
                 self.shares = True
                 return
         self.shares = False
-        with _processors_listed_once(self.unet):
-            pipe.load_ip_adapter(
-                str(folder),
-                subfolder="",
-                weight_name=IP_ADAPTER_WEIGHT_NAME,
-                image_encoder_folder=IP_ADAPTER_ENCODER_DIR,
-                local_files_only=True,
-            )
+        # diffusers' own load, unchanged: it lists the UNet's processors (a walk of every module) about
+        # 146 times at SDXL size, 0.6-1 s of setup on a CPU, once per process (the models share it).
+        pipe.load_ip_adapter(
+            str(folder),
+            subfolder="",
+            weight_name=IP_ADAPTER_WEIGHT_NAME,
+            image_encoder_folder=IP_ADAPTER_ENCODER_DIR,
+            local_files_only=True,
+        )
         self.image_encoder = pipe.image_encoder
         self.feature_extractor = pipe.feature_extractor
         self.projection = self.unet.encoder_hid_proj
@@ -157,42 +158,6 @@ def _scaled_values(processors: Iterable[Any]) -> list[_ScaledValues]:
             processor.to_v_ip = torch.nn.ModuleList(_ScaledValues(linear) for linear in processor.to_v_ip)
             wrapped.extend(processor.to_v_ip)
     return wrapped
-
-
-@contextlib.contextmanager
-def _processors_listed_once(unet: torch.nn.Module) -> Iterator[None]:
-    """While diffusers loads the adapter, this UNet's `attn_processors` comes from one walk.
-
-    `load_ip_adapter` converts the adapter with a loop that reads `unet.attn_processors`, a walk
-    over every module of the UNet (4 ms at SDXL size), once or twice for each of its 140 attention
-    layers: 0.86 s of setup at SDXL size on a CPU, 0.30 s with the listing kept (measured). The
-    listing is kept until a processor is set through `set_attn_processor`. No library class is
-    changed: this one UNet is given a subclass of its own class for the block, and its own class
-    back after it (setup loads on one thread)."""
-    cls = type(unet)
-    kept: list[dict[str, Any]] = []
-
-    class ListedOnce(cls):  # type: ignore[misc, valid-type]
-        @property
-        def attn_processors(self) -> dict[str, Any]:
-            if not kept:
-                kept.append(cls.attn_processors.fget(self))
-            return dict(kept[0])
-
-        def set_attn_processor(self, *args: Any, **kwargs: Any) -> None:
-            kept.clear()
-            try:
-                cls.set_attn_processor(self, *args, **kwargs)  # lists the processors before setting them
-            finally:
-                kept.clear()
-
-    # diffusers names the class in its messages, and engine/logs.py drops one of them by that name.
-    ListedOnce.__name__ = ListedOnce.__qualname__ = cls.__name__
-    unet.__class__ = ListedOnce
-    try:
-        yield
-    finally:
-        unet.__class__ = cls
 
 
 def _conditional_half_after_cutoff(
