@@ -61,6 +61,8 @@ DEEP_CACHE_LABEL = (
 
 @dataclass(frozen=True)
 class GeneratedImage:
+    """One output and what made it (its metadata)."""
+
     image: Image.Image
     parameters: GenerationParameters
     control_map: Image.Image | None = None  # the map that guided it, when return_control_map asked
@@ -552,6 +554,7 @@ class Engine:
         return upscaled
 
     def _drop_flagged(self, results: list[GeneratedImage]) -> list[GeneratedImage]:
+        """The outputs the safety checker passes, each flagged one logged by its seed; none kept is an error."""
         flags = self.safety.flags([r.image for r in results])
         kept = [r for r, flagged in zip(results, flags, strict=True) if not flagged]
         for r, flagged in zip(results, flags, strict=True):
