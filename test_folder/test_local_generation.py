@@ -39,6 +39,12 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
+def changed_share(a: Image.Image, b: Image.Image) -> float:
+    """The share of pixels that differ in any channel: a setting that changes how the whole image is
+    denoised changes nearly all of them, where a stray rounding would change a few."""
+    return float((np.abs(pixels(a) - pixels(b)).max(axis=-1) > 0).mean())
+
+
 def one(engine: Engine, req: GenerationRequest) -> Image.Image:
     [result] = engine.generate(req)
     return result.image
@@ -88,11 +94,11 @@ def test_schedulers_run_and_differ(engine: Engine, scheduler: str) -> None:
     base = one(engine, replace(BASE, num_inference_steps=3))
     other = one(engine, replace(BASE, num_inference_steps=3, scheduler=scheduler))
     assert other.size == base.size
-    assert max_diff(base, other) > 0
+    assert changed_share(base, other) > 0.9
 
 
 def test_clip_skip_changes_the_image(engine: Engine) -> None:
-    assert max_diff(one(engine, BASE), one(engine, replace(BASE, clip_skip=2))) > 0
+    assert changed_share(one(engine, BASE), one(engine, replace(BASE, clip_skip=2))) > 0.9
 
 
 def test_clip_skip_too_deep_is_refused(engine: Engine) -> None:
@@ -249,7 +255,7 @@ def test_img2img_uses_the_image_and_its_proportions(engine: Engine) -> None:
     assert abs(out.width / out.height - 2) < 0.1
     assert max_diff(out, one(engine, req)) == 0
     assert max_diff(out, one(engine, replace(req, image=blue))) > 10
-    assert max_diff(out, one(engine, replace(req, prompt_strength=0.9))) > 0
+    assert changed_share(out, one(engine, replace(req, prompt_strength=0.9))) > 0.9
 
 
 def test_inpaint_repaints_only_the_mask(engine: Engine) -> None:
