@@ -177,6 +177,16 @@ def _same_vae(a: BaseModel, b: BaseModel) -> bool:
     )
 
 
+def _load_ip_adapters(root: Path, models: list[BaseModel]) -> None:
+    """The baked IP-Adapter into every model, loaded once and shared; without its folder, say so."""
+    if not (root / IP_ADAPTER_DIR).is_dir():
+        log.info("IP-Adapter not baked (no %s folder in the weights): ip_adapter_image is refused", IP_ADAPTER_DIR)
+        return
+    shared: IpAdapter | None = None
+    for model in models:
+        shared = model.load_ip_adapter(root / IP_ADAPTER_DIR, shared)
+
+
 def _log_trigger_words(lora: LocalLora, prompt: str) -> None:
     """Flux users forget trigger words more than anything else: say which the host lists and
     which of them the prompt holds."""
@@ -252,12 +262,7 @@ class Engine:
             for i, model_id in enumerate(sorted(present, key=lambda m: m != DEFAULT_MODEL))
         }
         _share_identical_vaes(list(models.values()))
-        if (root / IP_ADAPTER_DIR).is_dir():
-            shared: IpAdapter | None = None
-            for model in models.values():
-                shared = model.load_ip_adapter(root / IP_ADAPTER_DIR, shared)
-        else:
-            log.info("IP-Adapter not baked (no %s folder in the weights): ip_adapter_image is refused", IP_ADAPTER_DIR)
+        _load_ip_adapters(root, list(models.values()))
         log.info("models %s", "swapped in on demand from CPU RAM" if swap else f"all resident on {device}")
         checker_start = time.perf_counter()
         safety = SafetyChecker(root / SAFETY_CHECKER_DIR, device, dtype)
