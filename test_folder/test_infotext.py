@@ -125,12 +125,29 @@ def test_a1111_clip_skip_reads_as_layers_beyond_the_penultimate(a1111: str, ours
     assert apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY).clip_skip == ours
 
 
+# A1111's sampler and "Schedule type" for each scheduler ("Automatic": the sampler's own default,
+# which is Karras for DPM++ 2M and Exponential for DPM++ 2M SDE, so the plain ones say Uniform).
+A1111_NAMES = {
+    "Euler a": ("Euler a", "Automatic"),
+    "Euler": ("Euler", "Automatic"),
+    "DPM++ 2M": ("DPM++ 2M", "Uniform"),
+    "DPM++ 2M Karras": ("DPM++ 2M", "Karras"),
+    "DPM++ 2M SDE": ("DPM++ 2M SDE", "Uniform"),
+    "DPM++ 2M SDE Karras": ("DPM++ 2M SDE", "Karras"),
+    "DDIM": ("DDIM", "Automatic"),
+    "UniPC": ("UniPC", "Automatic"),
+}
+
+
+def test_every_scheduler_has_its_a1111_names() -> None:
+    assert set(A1111_NAMES) == set(SCHEDULERS)
+
+
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_each_scheduler_is_written_with_a1111s_names_and_reads_back(scheduler: str) -> None:
     text = params(sampler=scheduler).to_a1111()
     read = a1111_reading(text)
-    assert read["Sampler"] in ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC")
-    assert read.get("Schedule type", "Automatic") in ("Automatic", "Karras", "Uniform")
+    assert (read["Sampler"], read.get("Schedule type", "Automatic")) == A1111_NAMES[scheduler]
     assert apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY).scheduler == scheduler
 
 
