@@ -54,7 +54,7 @@ class IpAdapter:
                 return
         self.shares = False
         # diffusers' own load, unchanged: it lists the UNet's processors (a walk of every module) about
-        # 146 times at SDXL size, 0.6-1 s of setup on a CPU, once per process (the models share it).
+        # 146 times at SDXL size, 0.4-1 s of setup on a CPU, once per process (the models share it).
         pipe.load_ip_adapter(
             str(folder),
             subfolder="",
