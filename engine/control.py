@@ -40,7 +40,10 @@ from engine.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-NOT_BAKED = "this image was built without {what}: control_image cannot be used here (see README, 'ControlNet')"
+NOT_BAKED = (
+    "this image was built without {what}: control_image cannot be used here "
+    "(see docs/guidance-and-conditioning.md, 'ControlNet')"
+)
 
 
 class Control:

@@ -16,8 +16,9 @@ import sys
 # (the list it prints is empty); load_ip_adapter calls unet.to(dtype=unet.dtype) once per model.
 _EMPTY_FP32_WARNING = "There are modules in UNet2DConditionModel that should be kept in float32: []."
 # Importing diffusers' pipelines names transformers' CLIP, Siglip and BLIP image processors, whose
-# default backend needs torchvision (the image has none: README, "Upscale"); transformers falls back
-# to the PIL classes, which this project uses anyway, and warns once per name at import.
+# default backend needs torchvision (the image has none: docs/guidance-and-conditioning.md,
+# "Upscale"); transformers falls back to the PIL classes, which this project uses anyway, and
+# warns once per name at import.
 _TORCHVISION_FALLBACK = "requires torchvision (not installed); falling back to"
 
 

@@ -6,7 +6,7 @@ shows. Tiles start on the window grid the whole image would use (Swin's attentio
 tile sees the same windows as the untiled run and differs from it only near its inner edges, where
 the ramp gives it little weight. An image that fits one tile is the untiled result, exactly.
 
-spandrel (the usual loader of Real-ESRGAN-class models) is not used: see README, "Upscale".
+spandrel (the usual loader of Real-ESRGAN-class models) is not used: see docs/guidance-and-conditioning.md, "Upscale".
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 compile, memory.
 
 Builds the full-size random weights first when the folder is empty (see build_tiny_weights.py
---full-size), then drives the real engine. Prints a Markdown table for the README.
+--full-size), then drives the real engine. Prints a Markdown table for docs/performance.md.
 `--tiny` runs the same script on the tiny weights (on the CPU too), to check it before GPU time
 is spent on it; its numbers mean nothing.
 
