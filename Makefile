@@ -6,10 +6,15 @@ PORT ?= 5000
 HOST ?= 127.0.0.1
 WEIGHTS_DIR ?= weights
 export WEIGHTS_DIR
-# glibc's malloc arenas capped for every process started here, the Cog server's worker included,
-# so a long-lived server's memory stays flat (docs/reliability.md); cog.yaml sets it in the image.
+# glibc's malloc arenas capped and its mmap threshold fixed, and the CPU kernel caches of oneDNN and
+# ideep bounded, for every process started here, the Cog server's worker included, so a long-lived
+# server's memory stays flat (docs/reliability.md); cog.yaml sets the same in the image, and setup
+# sets any that is missing itself (engine/allocator.py).
 MALLOC_ARENA_MAX ?= 2
-export MALLOC_ARENA_MAX
+MALLOC_MMAP_THRESHOLD_ ?= 1048576
+ONEDNN_PRIMITIVE_CACHE_CAPACITY ?= 64
+LRU_CACHE_CAPACITY ?= 64
+export MALLOC_ARENA_MAX MALLOC_MMAP_THRESHOLD_ ONEDNN_PRIMITIVE_CACHE_CAPACITY LRU_CACHE_CAPACITY
 # Apple Silicon: an operation MPS lacks runs on the CPU instead of failing; PyTorch reads this at
 # import, so it is set before Python starts (docs/apple-silicon.md). No effect without MPS.
 PYTORCH_ENABLE_MPS_FALLBACK ?= 1

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.allocator import cap_malloc_arenas
+from engine.allocator import settle_process_memory
 from engine.compiling import compile_blocks, compile_wanted, uncompile_blocks, warm_up
 from engine.config import (
     CUSTOM_MODEL_ID,
@@ -241,7 +241,7 @@ class Engine:
         `compile` (auto, on, off; default $UNET_COMPILE) compiles the UNets and warms them up;
         `warm_max_bytes` sets the process's budget of parsed LoRAs (default config.WARM_MAX_BYTES)."""
         start = time.perf_counter()
-        cap_malloc_arenas()  # before anything is loaded: glibc fixes its arena limit early
+        settle_process_memory()  # before anything is loaded or run: glibc and oneDNN read their limits early
         if warm_max_bytes is not None:
             PROCESS_WARM.max_bytes = warm_max_bytes
         quiet_library_noise()

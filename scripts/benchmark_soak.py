@@ -12,7 +12,8 @@ passed as data: URIs, so no network is needed.
 
 `--server` runs the same kind of mix through the real Cog server (`python -m cog.server.http`,
 as `make serve`) and reads the resident memory of its worker process, where predictions run on
-coglet's threads (the glibc arenas those threads take are what grew: docs/reliability.md). The
+coglet's threads, and the CPU time that process spent (what grew, and what bounding it costs:
+docs/reliability.md). The
 ControlNet strength and the IP-Adapter scale vary per request. `--long` is the bar of issue 24:
 1,000 predictions, memory read every 10, and the trend over predictions 200 to 800 checked
 (at most 0.03 MiB per prediction, never more than 4% above its value at 200).
@@ -54,11 +55,20 @@ TREND_MAX_SLOPE_MIB = 0.03
 TREND_MAX_RISE = 0.04
 PROMPTS = ["a lighthouse at dusk", "a cat in a hat, watercolor", "portrait of TOK, studio light"]
 LORA_INPUTS = (("lora_weights", "lora_scale"), ("extra_lora", "extra_lora_scale"))
+# What the worker's memory depends on (cog.yaml, Makefile; setup sets any that is unset: engine/allocator.py).
+MEMORY_VARIABLES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+MEMORY_VARIABLES += ("LRU_CACHE_CAPACITY",)
 
 
 def rss_mib(pid: int | str = "self") -> float:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (less swayed by other load than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def trend(samples: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -229,13 +239,16 @@ def soak_server(args: argparse.Namespace, out: Path) -> tuple[list[tuple[int, fl
         first = _served(server, probe)
         samples = [(0, rss_mib(pid))]
         print(f"worker {pid} after setup and the first probe: RSS {samples[0][1]:.0f} MiB")
+        cpu = cpu_seconds(pid)
         images = 0
         for i, inputs in enumerate(server_inputs(args.n, loras, args.steps, args.seed), 1):
             images += len(_served(server, inputs))
             if i % args.every == 0 or i == args.n:
                 samples.append((i, rss_mib(pid)))
                 print(f"{i:5d} predictions, {images:5d} images: worker RSS {samples[-1][1]:.0f} MiB", flush=True)
+        cpu = cpu_seconds(pid) - cpu
         last = _served(server, probe)
+    print(f"worker CPU time over the mix: {cpu:.1f}s, {cpu / max(args.n, 1):.3f}s per prediction")
     return samples, images, first == last
 
 
@@ -286,7 +299,7 @@ def main() -> None:
         args.n, args.every = max(args.n, 1000), 10
 
     start = time.perf_counter()
-    print(f"MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '(unset)')}")
+    print(" ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in MEMORY_VARIABLES))
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         loop = time.perf_counter()
         samples, images, same = (soak_server if args.server else soak_engine)(args, Path(tmp))

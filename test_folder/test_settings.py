@@ -16,6 +16,9 @@ CONFIG_MODULES = {"engine/config.py", "weightstore/config.py", "training/config.
 # Variables a library reads for itself, looked at where the code deals with that library.
 LIBRARY_VARIABLES = {
     ("engine/allocator.py", "MALLOC_ARENA_MAX"),  # glibc's: setup caps the arenas only when it is unset
+    ("engine/allocator.py", "MALLOC_MMAP_THRESHOLD_"),  # glibc's: setup fixes the threshold only when unset
+    ("engine/allocator.py", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"),  # oneDNN's: setup bounds it only when unset
+    ("engine/allocator.py", "LRU_CACHE_CAPACITY"),  # ideep's (torch's oneDNN wrapper): the same
     ("engine/devices.py", "PYTORCH_ENABLE_MPS_FALLBACK"),  # torch's: setup's log line shows it on MPS
     ("training/tracking.py", "WANDB_DIR"),  # wandb's: unset, each run writes into a folder of its own
 }
