@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import os
 import random
@@ -63,6 +64,11 @@ MEMORY_VARIABLES += ("LRU_CACHE_CAPACITY",)
 def rss_mib(pid: int | str = "self") -> float:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def print_probe(files: list[bytes]) -> None:
+    """The probe's digest: the same across runs and settings when memory settings leave pixels alone."""
+    print("probe sha256:", hashlib.sha256(b"".join(files)).hexdigest()[:16])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -248,6 +254,7 @@ def soak_server(args: argparse.Namespace, out: Path) -> tuple[list[tuple[int, fl
                 print(f"{i:5d} predictions, {images:5d} images: worker RSS {samples[-1][1]:.0f} MiB", flush=True)
         cpu = cpu_seconds(pid) - cpu
         last = _served(server, probe)
+    print_probe(first)
     print(f"worker CPU time over the mix: {cpu:.1f}s, {cpu / max(args.n, 1):.3f}s per prediction")
     return samples, images, first == last
 
@@ -280,6 +287,7 @@ def soak_engine(args: argparse.Namespace, out: Path) -> tuple[list[tuple[int, fl
             samples.append((i, rss_mib()))
             print(f"{i:5d} predictions, {images:5d} images: RSS {samples[-1][1]:.0f} MiB", flush=True)
     last = encoded(engine, probe, "png", out)
+    print_probe(first)
     return samples, images, first == last
 
 
