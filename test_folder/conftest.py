@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
@@ -193,6 +194,13 @@ def cog_server(weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def decode_data_uri(uri: str) -> tuple[str, bytes]:
     header, payload = uri.split(",", 1)
     return header.removeprefix("data:").split(";")[0], base64.b64decode(payload)
+
+
+def changed_share(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
+    """The share of pixels that differ in any channel: a change to how the whole image is denoised
+    changes nearly all of them, where a stray rounding would change a few."""
+    difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    return float((difference.max(axis=-1) > 0).mean())
 
 
 def image_data_uri(image: Image.Image, fmt: str = "PNG") -> str:

@@ -27,6 +27,7 @@ from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec, cfg_from_flux, loras_from_flux
 from engine.schedulers import make_scheduler
 from engine.steps import first_unguided_step, noise_levels, whole_steps
+from test_folder.conftest import changed_share
 
 BASE = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=2, seed=7)
 
@@ -37,12 +38,6 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 def max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
-
-
-def changed_share(a: Image.Image, b: Image.Image) -> float:
-    """The share of pixels that differ in any channel: a setting that changes how the whole image is
-    denoised changes nearly all of them, where a stray rounding would change a few."""
-    return float((np.abs(pixels(a) - pixels(b)).max(axis=-1) > 0).mean())
 
 
 def one(engine: Engine, req: GenerationRequest) -> Image.Image:
