@@ -20,7 +20,7 @@ from safetensors.torch import save
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest, LoraSpec
-from test_folder.conftest import CogServer, decode_data_uri
+from test_folder.conftest import CogServer, changed_share, decode_data_uri
 from test_folder.emulators import (
     CivitaiVersion,
     HfRepo,
@@ -151,7 +151,7 @@ def test_every_way_to_call_it_is_the_same_tokens(engine: Engine, hosts: dict) ->
     trigger = replace(BASE, embeddings=(page,), negative_prompt="blurry, bad_hands_xl")
     assert np.array_equal(pixels(engine, trigger), by_name), "the same vectors under CivitAI's trigger word"
     weighted = replace(BASE, embeddings=source, negative_prompt="blurry, (negxl:1.3)")
-    assert np.abs(pixels(engine, weighted) - by_name).max() > 0, "A1111 weights apply to its vectors"
+    assert changed_share(pixels(engine, weighted), by_name) > 0.9, "A1111 weights apply to its vectors"
 
 
 @pytest.mark.parametrize("form", ["hf", "hf-url", "civitai-version", "air", "data"])
@@ -258,7 +258,7 @@ def test_beside_a_pivotal_lora_only_the_embedding_leaves(engine: Engine, hosts: 
         pipe = engine.models["illustrious-xl"].txt2img
         with_lora = len(pipe.tokenizer)
         both = pixels(engine, replace(tok, embeddings=(url(hosts, "negxl"),)))
-        assert np.abs(both - alone).max() > 0
+        assert changed_share(both, alone) > 0.9
         assert len(pipe.tokenizer) == with_lora, "the LoRA's tokens stay, the embedding's are gone"
         assert np.array_equal(pixels(engine, tok), alone)
     finally:

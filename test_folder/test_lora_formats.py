@@ -28,6 +28,7 @@ from engine.errors import InputError
 from engine.generator import Engine
 from engine.loras import check_format
 from engine.request import GenerationRequest, LoraSpec
+from test_folder.conftest import changed_share
 from test_folder.emulators import file_host, trained_tar
 from test_folder.lora_factory import (
     LYCORIS_TARGETS,
@@ -432,7 +433,7 @@ def test_cog_sdxl_tars_load_with_their_tokens_through_every_tar_form(
             literal = pixels(engine, replace(BASE, prompt="a photo of <s0><s1> at dusk", loras=spec))
             assert np.array_equal(with_token, literal), form
         untrained = pixels(engine, replace(tok, loras=(LoraSpec(str(same), 1.0),)))
-        assert np.abs(with_token - untrained).max() > 0, "TOK is the tar's tokens, not the word"
+        assert changed_share(with_token, untrained) > 0.9, "TOK is the tar's tokens, not the word"
     finally:
         host.close()
     assert np.array_equal(pixels(engine, BASE), baseline)

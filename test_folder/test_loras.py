@@ -22,6 +22,7 @@ from engine.errors import InputError, LoraLoadError
 from engine.generator import Engine
 from engine.loras import LoraSet
 from engine.request import Credentials, GenerationRequest, LocalLora, LoraSpec
+from test_folder.conftest import changed_share
 from test_folder.emulators import (
     CivitaiVersion,
     HfRepo,
@@ -216,7 +217,7 @@ def test_two_loras_and_scale_only_change_reloads_nothing(
         rescaled = pixels(engine, with_loras((a, 1.0), (b, 0.3)))
     assert hosts["files"].total() == served, "a scale-only change must not download"
     assert "loaded LoRA" not in caplog.text, "a scale-only change must not reload"
-    assert np.abs(rescaled - both).max() > 0
+    assert changed_share(rescaled, both) > 0.9
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
@@ -484,7 +485,7 @@ def test_pivotal_tuning_tokens(engine: Engine, store: LoraStore, hosts: dict, ba
     tokenizer = engine.models["illustrious-xl"].txt2img.tokenizer
     vocab = len(tokenizer)
     assert np.array_equal(run(plain, "acme/pivotal"), run(plain, "acme/trained"))
-    assert np.abs(run(tok, "acme/pivotal") - run(tok, "acme/trained")).max() > 0
+    assert changed_share(run(tok, "acme/pivotal"), run(tok, "acme/trained")) > 0.9
     literal = replace(BASE, prompt="a photo of <s0><s1> at dusk")
     assert np.array_equal(run(literal, "acme/pivotal"), run(tok, "acme/pivotal"))
     [result] = engine.generate(replace(tok, loras=(LoraSpec("acme/pivotal", 1.0),)))
