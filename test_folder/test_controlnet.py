@@ -23,7 +23,7 @@ from engine.deepcache import DeepFeatureCache
 from engine.errors import InputError
 from engine.generator import Engine
 from engine.request import GenerationRequest
-from test_folder.conftest import CogServer, decode_data_uri, image_data_uri
+from test_folder.conftest import CogServer, changed_share, decode_data_uri, image_data_uri
 from test_folder.test_local_generation import unet_inputs
 from test_folder.test_logs import noisy_lines
 
@@ -193,7 +193,7 @@ def test_both_models_with_a_lora_and_go_fast_off(server: CogServer, lora_files: 
     assert differ(illustrious, sdxl) > 1
     lora = "data:application/octet-stream;base64," + base64.b64encode(lora_files["a"]).decode()
     [(_, with_lora)] = run(server, **control, lora_weights=lora)
-    assert differ(with_lora, illustrious) > 0 and 'Lora: "' in with_lora.text["parameters"]
+    assert changed_share(with_lora, illustrious) > 0.9 and 'Lora: "' in with_lora.text["parameters"]
     [(_, slow)] = run(server, **control, go_fast=False)
     assert differ(slow, illustrious) > 0 and "Deep cache" not in slow.text["parameters"]
     [(_, again)] = run(server, **control)
