@@ -13,7 +13,7 @@ export WEIGHTS_DIR
 MALLOC_ARENA_MAX ?= 2
 MALLOC_MMAP_THRESHOLD_ ?= 1048576
 ONEDNN_PRIMITIVE_CACHE_CAPACITY ?= 64
-LRU_CACHE_CAPACITY ?= 64
+LRU_CACHE_CAPACITY ?= 16
 export MALLOC_ARENA_MAX MALLOC_MMAP_THRESHOLD_ ONEDNN_PRIMITIVE_CACHE_CAPACITY LRU_CACHE_CAPACITY
 # Apple Silicon: an operation MPS lacks runs on the CPU instead of failing; PyTorch reads this at
 # import, so it is set before Python starts (docs/apple-silicon.md). No effect without MPS.

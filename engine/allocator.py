@@ -12,7 +12,8 @@ Three things made a long mixed soak's resident memory creep with no Python objec
   1 MiB, which also stops the rise.
 - Two CPU kernel caches of this torch build, filled by every new tensor shape the mix brings:
   oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) cache, 1,024 entries each by
-  default, the latter per thread. Bounded at 64 entries each. On a GPU they barely fill.
+  default, the latter per thread. Bounded at 64 entries (oneDNN's) and 16 a thread (ideep's).
+  On a GPU they barely fill.
 
 Each is set from inside the process (before the engine loads anything, so before any CPU kernel
 runs), because the runtime starts the worker itself; a value already in the environment wins.
@@ -31,7 +32,11 @@ M_ARENA_MAX = -8  # glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
 MALLOC_ARENAS = 2  # the main arena and one for every other thread
 MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get pages of their own, returned when freed
-KERNEL_CACHE_ENTRIES = 64  # never 0 for ideep's: LRU_CACHE_CAPACITY=0 crashes torch's first convolution
+ONEDNN_CACHE_ENTRIES = 64  # one cache for the process
+# One cache per thread, and coglet runs predictions on any of the threads of its (tokio) pool, so
+# the whole is threads x entries; 16 kept each new thread's fill to a few MiB in the soak at no
+# measured CPU cost. Never 0: LRU_CACHE_CAPACITY=0 crashes torch's first convolution.
+IDEEP_CACHE_ENTRIES = 16
 ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 IDEEP_CACHE = "LRU_CACHE_CAPACITY"
 
@@ -73,11 +78,12 @@ def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
     return bool(done)
 
 
-def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> list[str]:
-    """Bound oneDNN's and ideep's kernel caches at `entries`, each unless the environment already
-    sets it; the names this call set. Both libraries read their variable when the first CPU kernel
-    runs, so this must come before that (importing torch runs none)."""
-    return [name for name in (_default(ONEDNN_CACHE, entries), _default(IDEEP_CACHE, entries)) if name]
+def bound_kernel_caches() -> list[str]:
+    """Bound oneDNN's and ideep's kernel caches, each unless the environment already sets it; the
+    names this call set. Both libraries read their variable when the first CPU kernel runs, so this
+    must come before that (importing torch runs none)."""
+    done = (_default(ONEDNN_CACHE, ONEDNN_CACHE_ENTRIES), _default(IDEEP_CACHE, IDEEP_CACHE_ENTRIES))
+    return [name for name in done if name]
 
 
 def _default(name: str, entries: int) -> str | None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 X86_LINUX = sys.platform.startswith("linux") and platform.machine() == "x86_64"
@@ -161,3 +162,21 @@ def test_ideep_holds_less_after_many_shapes_when_bounded() -> None:
 
     plain, bound = grew("plain"), grew("bound")
     assert bound < plain / 2, (plain, bound)
+
+
+def test_the_image_the_makefile_and_setup_set_the_same_values() -> None:
+    """cog.yaml's ENV lines, the Makefile's exports and what setup sets in their absence agree, so
+    a server runs with the same memory settings however it was started."""
+    from engine.allocator import IDEEP_CACHE_ENTRIES, MALLOC_ARENAS, MMAP_THRESHOLD, ONEDNN_CACHE_ENTRIES
+
+    wanted = {
+        "MALLOC_ARENA_MAX": MALLOC_ARENAS,
+        "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD,
+        "ONEDNN_PRIMITIVE_CACHE_CAPACITY": ONEDNN_CACHE_ENTRIES,
+        "LRU_CACHE_CAPACITY": IDEEP_CACHE_ENTRIES,
+    }
+    image = yaml.safe_load((REPO_ROOT / "cog.yaml").read_text())["environment"]
+    makefile = (REPO_ROOT / "Makefile").read_text().splitlines()
+    for name, value in wanted.items():
+        assert f"{name}={value}" in image, name
+        assert f"{name} ?= {value}" in makefile, name
