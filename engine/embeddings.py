@@ -108,13 +108,12 @@ def word_pattern(word: str) -> str:
 
 
 def swap_words(text: str, pairs: Sequence[tuple[str, str]]) -> str:
-    """Each (word, replacement), case as written: a word of letters and digits where it stands
-    alone (TOK), anything else wherever it appears (<s0><s1>)."""
+    """Each (word, replacement) in any case, as CLIP's tokenizer lowercases and training matched
+    the trigger in any case: a word of letters and digits where it stands alone (TOK, tok), anything
+    else wherever it appears (<s0><s1>)."""
     for word, replacement in pairs:
-        if word.isalnum():
-            text = re.sub(rf"\b{re.escape(word)}\b", replacement.replace("\\", "\\\\"), text)
-        else:
-            text = text.replace(word, replacement)
+        pattern = rf"\b{re.escape(word)}\b" if word.isalnum() else re.escape(word)
+        text = re.sub(pattern, replacement.replace("\\", "\\\\"), text, flags=re.IGNORECASE)
     return text
 
 

@@ -488,6 +488,8 @@ def test_pivotal_tuning_tokens(engine: Engine, store: LoraStore, hosts: dict, ba
     assert changed_share(run(tok, "acme/pivotal"), run(tok, "acme/trained")) > 0.9
     literal = replace(BASE, prompt="a photo of <s0><s1> at dusk")
     assert np.array_equal(run(literal, "acme/pivotal"), run(tok, "acme/pivotal"))
+    lower = replace(BASE, prompt="a photo of tok at dusk")  # CLIP lowercases; training matched any case
+    assert np.array_equal(run(lower, "acme/pivotal"), run(tok, "acme/pivotal"))
     [result] = engine.generate(replace(tok, loras=(LoraSpec("acme/pivotal", 1.0),)))
     assert result.parameters.prompt == "a photo of TOK at dusk", "metadata keeps the prompt as written"
     assert np.array_equal(pixels(engine, BASE), baseline)
