@@ -229,6 +229,7 @@ class CivitaiVersion:
     token: str | None = None  # set: the download needs this token
     login_redirect: bool = False  # refuse by redirecting to a login page, as CivitAI sometimes does
     trained_words: tuple[str, ...] = ()  # the version's trigger words (trainedWords)
+    variants: tuple[bytes, ...] = ()  # more Model files of the version (fp16, pruned ...), not primary
 
 
 def civitai_hashes(data: bytes) -> dict[str, str]:
@@ -244,7 +245,12 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
     """/api/v1/models, /api/v1/model-versions (by id and by-hash), /api/download/models -> 307 to
     signed storage."""
     by_version = {v.id: (mid, v) for mid, versions in models.items() for v in versions}
-    by_hash = {h.lower(): vid for vid, (_, v) in by_version.items() for h in civitai_hashes(v.data).values()}
+    by_hash = {
+        h.lower(): vid
+        for vid, (_, v) in by_version.items()
+        for data in (v.data, *v.variants)
+        for h in civitai_hashes(data).values()
+    }
     holder: dict[str, Loopback] = {}
 
     def version_json(v: CivitaiVersion) -> dict:
@@ -264,6 +270,19 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
                     "hashes": civitai_hashes(v.data),
                     "downloadUrl": f"{base}/api/download/models/{v.id}",
                 },
+                *(
+                    {
+                        "id": v.id * 10 + i,
+                        "name": f"lora-{v.id}-{i}.safetensors",
+                        "type": "Model",
+                        "primary": False,
+                        "metadata": {"format": "SafeTensor"},
+                        "sizeKB": len(data) / 1024,
+                        "hashes": civitai_hashes(data),
+                        "downloadUrl": f"{base}/api/download/models/{v.id}?variant={i}",
+                    }
+                    for i, data in enumerate(v.variants, 1)
+                ),
             ],
         }
 
@@ -285,10 +304,12 @@ def civitai(models: dict[int, list[CivitaiVersion]]) -> Loopback:
                 if v.login_redirect:
                     return Reply(307, headers={"Location": f"{holder['server'].url}/login?returnUrl=/x"})
                 return _json({"error": "Unauthorized"}, 401)
-            return Reply(307, headers={"Location": f"{holder['server'].url}/storage/{v.id}.safetensors?X-Sig=abc"})
+            stored = f"{v.id}-{req.query['variant'][0]}" if "variant" in req.query else str(v.id)
+            return Reply(307, headers={"Location": f"{holder['server'].url}/storage/{stored}.safetensors?X-Sig=abc"})
         if parts[:1] == ["storage"]:
-            vid = int(parts[1].split(".")[0])
-            data = by_version[vid][1].data
+            vid, _, variant = parts[1].split(".")[0].partition("-")
+            v = by_version[int(vid)][1]
+            data = v.variants[int(variant) - 1] if variant else v.data
             return Reply(200, data, {"Content-Disposition": f'attachment; filename="lora-{vid}.safetensors"'})
         if parts[:1] == ["login"]:
             return Reply(200, b"<!DOCTYPE html><html>log in</html>", {"Content-Type": "text/html"})

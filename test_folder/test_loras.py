@@ -29,6 +29,7 @@ from test_folder.emulators import (
     Loopback,
     Reply,
     civitai,
+    civitai_hashes,
     file_host,
     hugging_face,
     point_clients_at,
@@ -120,6 +121,7 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
             200: [CivitaiVersion(2001, "Illustrious", b, token=CIVITAI_TOKEN)],
             300: [CivitaiVersion(3001, "Flux.1 D", a)],
             400: [CivitaiVersion(4001, "Pony", a, token=CIVITAI_TOKEN, login_redirect=True)],
+            500: [CivitaiVersion(5001, "SDXL 1.0", a, variants=(b,))],
         }
     )
     files = file_host(
@@ -442,6 +444,24 @@ def test_civitai_version_forms(engine: Engine, store: LoraStore, hosts: dict, fo
     served = hosts["civitai"].total()
     engine.generate(with_loras((form.format(c=hosts["civitai"].url), 1.0)))
     assert hosts["civitai"].total() == served, "a version id is immutable: the second request is a pure cache hit"
+
+
+def test_civitai_by_hash_takes_the_file_with_that_hash(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict, tmp_path: Path
+) -> None:
+    """A version holding two model files: each one's hash gives that file, not the primary one,
+    and the two are cached apart."""
+    by_hash = hosts["civitai"].url + "/api/v1/model-versions/by-hash/"
+    primary = local_reference(engine, tmp_path, lora_files["a"])
+    variant = local_reference(engine, tmp_path, lora_files["b"])
+    assert not np.array_equal(primary, variant)
+    assert np.array_equal(
+        pixels(engine, with_loras((by_hash + civitai_hashes(lora_files["a"])["AutoV2"], 1.0))), primary
+    )
+    assert np.array_equal(
+        pixels(engine, with_loras((by_hash + civitai_hashes(lora_files["b"])["SHA256"], 1.0))), variant
+    )
+    assert hosts["civitai"].hits["GET /api/download/models/5001"] == 2, "one download each, the variant by its own URL"
 
 
 def test_civitai_other_base_model_is_refused(engine: Engine, store: LoraStore, hosts: dict) -> None:

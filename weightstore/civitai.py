@@ -51,9 +51,19 @@ def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> 
             raise _wrong_base(ref.display, str(version.get("baseModel")))
     files = [f for f in version.get("files") or [] if f.get("type", "Model") == "Model"]
     files.sort(key=lambda f: (not f.get("primary"), (f.get("metadata") or {}).get("format") != "SafeTensor"))
+    vid = version["id"]
+    key = f"civitai:{vid}"
+    if ref.kind == "civitai-hash":
+        # A version may hold several model files (fp16, pruned ...): the one with this hash, which
+        # is not always the primary one, keyed apart from it.
+        hashed = [
+            f for f in files if ref.file_hash.lower() in {str(h).lower() for h in (f.get("hashes") or {}).values()}
+        ]
+        if hashed and hashed[0] is not files[0]:
+            files = hashed
+            key = f"civitai:{vid}:{hashed[0].get('id') or hashed[0].get('name')}"
     if not files or (files[0].get("metadata") or {}).get("format") not in (None, "SafeTensor"):
         raise WeightsError(f"{ref.display} has no .safetensors model file on CivitAI: pick a SafeTensor version")
-    vid = version["id"]
     url = files[0].get("downloadUrl") or f"{config.civitai_endpoint()}/api/download/models/{vid}"
     name = f"civitai version {vid}"
     words = tuple(str(w).strip() for w in version.get("trainedWords") or [] if str(w).strip())
@@ -67,7 +77,7 @@ def resolve_civitai(ref: LoraRef, token: str | None, downloader: Downloader) -> 
     def fetch(dest: Path) -> None:
         downloader.download(url, dest, headers, name, "CivitAI")
 
-    return Resolved(f"civitai:{vid}", fetch, trained_words=words, file_name=str(files[0].get("name") or ""), size=size)
+    return Resolved(key, fetch, trained_words=words, file_name=str(files[0].get("name") or ""), size=size)
 
 
 def _wrong_base(display: str, bases: str) -> WeightsError:
