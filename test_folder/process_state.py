@@ -4,7 +4,8 @@ same pytest run. Order-dependent results hide in this state:
 
 - torch._dynamo: its compiled code and counters (`torch._dynamo.reset()`), and its config, which
   `engine/compiling.py` changes for the whole process (`recompile_limit`, never lowered again);
-- the engine's warm LoRA cache (`engine/warm.py`: one per process, shared by every engine);
+- the engine's warm LoRA cache (`engine/warm.py`: one per process, shared by every engine) and
+  its budget, which `Engine.load(warm_max_bytes=)` sets for the whole process;
 - engine/metadata.py's hash caches (`functools.lru_cache`, keyed by path and cache key);
 - pyparsing's packrat memo, switched on process-wide by engine/prompts.py for Compel's grammar;
 - the global random generators (Python's, numpy's, torch's): lora_factory and the trainer seed
@@ -39,6 +40,7 @@ class Snapshot:
     numpy_rng: dict[str, Any]
     torch_rng: torch.Tensor
     threads: int
+    warm_max_bytes: int
 
 
 def capture() -> Snapshot:
@@ -49,6 +51,7 @@ def capture() -> Snapshot:
         numpy_rng=np.random.get_state(legacy=False),
         torch_rng=torch.random.get_rng_state(),
         threads=torch.get_num_threads(),
+        warm_max_bytes=PROCESS_WARM.max_bytes,
     )
 
 
@@ -61,6 +64,7 @@ def restore(snapshot: Snapshot) -> None:
         if now.get(key) != value:
             setattr(torch._dynamo.config, key, value)
     PROCESS_WARM.entries.clear()
+    PROCESS_WARM.max_bytes = snapshot.warm_max_bytes
     metadata.lora_hash.cache_clear()
     metadata.embedding_hash.cache_clear()
     pyparsing.ParserElement.reset_cache()
