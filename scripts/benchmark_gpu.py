@@ -8,6 +8,8 @@ Builds the full-size random weights first when the folder is empty (see build_ti
 is spent on it; its numbers mean nothing.
 
 Usage: python scripts/benchmark_gpu.py --weights /tmp/full-weights [--steps 30] [--runs 3] [--tiny]
+           [--compile auto|on|off|only] [--json OUT]
+On a lent GPU machine, scripts/gpu_session.sh runs it (docs/performance.md, "Running it on a lent GPU").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -29,11 +32,12 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.compiling import compile_wanted
-from engine.config import SETUP_DIRS, UPSCALER_DIR
+from engine.config import LOCAL_FILES_ENV, MAX_OUTPUTS, SETUP_DIRS, UPSCALER_DIR
 from engine.devices import default_device, default_dtype
 from engine.generator import Engine
 from engine.request import Credentials, GenerationRequest, LoraSpec
 from engine.upscale import Upscaler
+from scripts.benchmark_loras import lycoris_pair
 from scripts.build_tiny_weights import FULL, TINY, build_all
 from test_folder.lora_factory import diffusers_lora
 from weights import lora_store, lora_warm_max_bytes
@@ -128,9 +132,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--tiny", action="store_true", help="check the script on the tiny weights")
-    parser.add_argument("--compile", default="auto", help="also time the compiled UNets: auto (on CUDA), on, off")
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        help="also time the compiled UNets: auto (on CUDA), on, off; only: setup, then the compiled rows alone",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # The LoRA files this script writes are named by path: the operator's folder is opened to them.
+    os.environ[LOCAL_FILES_ENV] = str(args.weights.resolve())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     table = Table(args.json)
     table.add("GPU", device)
@@ -156,6 +166,12 @@ def main() -> None:
     table.add("setup / raw read", f"{setup_s / raw_s:.2f}x")
 
     req = GenerationRequest(prompt="a lighthouse at dusk", num_inference_steps=args.steps, seed=1)
+    if args.compile == "only":  # a second device call: setup again, then the compiled rows alone
+        lora = diffusers_lora(engine.models[req.model].txt2img, args.weights / "bench-lora", seed=7, rank=32)
+        plain = replace(req, go_fast=False)
+        lora_case = replace(plain, loras=(LoraSpec(str(lora), 0.8),))
+        _compiled(engine, {"plain": plain, "one rank-32 LoRA": lora_case}, args.runs, size, args.steps, table)
+        return
     # Interleaved rounds, so clock and neighbour noise hit both settings alike.
     runs: dict[bool, list[float]] = {False: [], True: []}
     outputs = {}
@@ -193,11 +209,15 @@ def main() -> None:
     lora_b = diffusers_lora(pipe, args.weights / "bench-lora-b", seed=8, rank=32)
     long_prompt = "(masterpiece:1.2), [lowres], " + ", ".join(["1girl", "solo", "long hair", "blue eyes"] * 12)
     one = replace(req, go_fast=False, loras=(LoraSpec(str(lora_a), 0.8),))
+    # LyCORIS files as LyCORIS's own modules save them, on every attention projection of the UNet.
+    lokr, dora = lycoris_pair(pipe, args.weights, rank=32)
     cases = {
         "plain": replace(req, go_fast=False),
         "weighted 130-token prompt": replace(req, go_fast=False, prompt=long_prompt),
         "one rank-32 LoRA": one,
         "two rank-32 LoRAs": replace(one, loras=(*one.loras, LoraSpec(str(lora_b), 0.6))),
+        "a rank-32 LoKr (LyCORIS)": replace(one, loras=(LoraSpec(str(lokr.path), 0.8),)),
+        "a rank-32 DoRA LoCon (LyCORIS)": replace(one, loras=(LoraSpec(str(dora.path), 0.8),)),
     }
     # Issue 12's features on the same plain request, when baked: their added latency, interleaved.
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))
@@ -268,6 +288,11 @@ def _memory_rows(engine: Engine, plain: GenerationRequest, size: int, table: Tab
         vae.decode(latents / vae.config.scaling_factor)
     decode = (torch.cuda.max_memory_allocated() - resident) / 2**30
     table.add(f"of which the VAE decode at {size}x{size}, {vae.dtype} (GiB)", f"{decode:.2f}")
+    # The largest request the schema takes at this size: every output at once, in one batch.
+    torch.cuda.reset_peak_memory_stats()
+    engine.generate(replace(plain, num_outputs=MAX_OUTPUTS))
+    largest = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    table.add(f"peak of {MAX_OUTPUTS} outputs at {size}x{size} above the resident weights (GiB)", f"{largest:.2f}")
 
 
 def _compiled(

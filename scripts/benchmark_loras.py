@@ -66,7 +66,7 @@ def _pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[Local
     return a, b
 
 
-def _lycoris_pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[LocalLora, LocalLora]:
+def lycoris_pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tuple[LocalLora, LocalLora]:
     """A LoKr (factor 8, both sides split where the rank allows) and a DoRA LoCon of this rank on
     every attention projection of the UNet, the plain LoRA's weights."""
     targets = [("unet", name) for name, _ in pipe.unet.named_modules() if name.endswith(tuple(UNET_TARGETS))]
@@ -78,7 +78,7 @@ def _lycoris_pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tup
     }
     files = []
     for name, state in made.items():
-        save_file({k: v.to(pipe.unet.dtype) for k, v in state.items()}, root / f"{name}.safetensors")
+        save_file({k: v.to("cpu", pipe.unet.dtype) for k, v in state.items()}, root / f"{name}.safetensors")
         files.append(LocalLora(name, root / f"{name}.safetensors", 1.0, name))
     return files[0], files[1]
 
@@ -246,7 +246,7 @@ def main() -> None:
         a, b = _pair(tiny, root / "tiny", rank=4)
         tiny_switch = switching(tiny, LoraSet(tiny, "tiny"), a, b, args.switch_rounds)
         tiny_memory = memory(tiny, LoraSet(tiny, "tiny"), a, b)
-        tiny_formats = general_path(LoraSet(tiny, "tiny"), a, *_lycoris_pair(tiny, root, 4), args.switch_rounds)
+        tiny_formats = general_path(LoraSet(tiny, "tiny"), a, *lycoris_pair(tiny, root, 4), args.switch_rounds)
         full_switch = [""] * len(switch_names)
         full_steps = [""] * len(step_names)
         full_formats = [""] * len(format_names)
@@ -257,7 +257,7 @@ def main() -> None:
             a, b = _pair(full, root / "full", rank=32)
             loras = LoraSet(full, "SDXL-size")
             full_switch = switching(full, loras, a, b, args.switch_rounds)
-            formats = _lycoris_pair(full, root, 32)
+            formats = lycoris_pair(full, root, 32)
             full_formats = general_path(loras, a, *formats, args.switch_rounds)
             full_steps = steps(full, loras, a, b, formats, args.latent, args.rounds)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, step latent {args.latent}²\n")
