@@ -26,6 +26,7 @@ from diffusers.utils.logging import disable_progress_bar
 
 from engine.config import DEFAULT_MODEL, weights_root
 from test_folder.conftest import CogServer
+from test_folder.emulators import file_host
 from test_folder.lora_factory import diffusers_lora, kohya_lora
 
 
@@ -38,8 +39,14 @@ def main() -> None:
     disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         pipe = StableDiffusionXLPipeline.from_pretrained(root / DEFAULT_MODEL)  # only for the LoRAs' shapes
-        a = str(diffusers_lora(pipe, Path(tmp) / "a", seed=1, text=True))
-        b = str(kohya_lora(pipe, Path(tmp) / "b.safetensors", seed=2, text=True))
+        # Served over loopback HTTP: the server reads no path of its own (docs/reliability.md).
+        host = file_host(
+            {
+                "a.safetensors": diffusers_lora(pipe, Path(tmp) / "a", seed=1, text=True).read_bytes(),
+                "b.safetensors": kohya_lora(pipe, Path(tmp) / "b.safetensors", seed=2, text=True).read_bytes(),
+            }
+        )
+        a, b = f"{host.url}/a.safetensors", f"{host.url}/b.safetensors"
         base = {"prompt": "a lighthouse at dusk", "num_inference_steps": args.steps, "seed": 1, "output_format": "png"}
         cases: dict[str, Any] = {
             "plain": lambda i: base,
