@@ -43,7 +43,9 @@ def files(lora_files: dict[str, bytes]) -> Iterator[Loopback]:
             "c.safetensors": lora_files["te"],
             "plain/trained_model.tar": trained_tar(lora_files["a"]),
             "gzip/trained_model.tar": gzip.compress(trained_tar(lora_files["a"])),
+            "gzip/download": gzip.compress(trained_tar(lora_files["a"])),
             "sparse/trained_model.tar": sparse_tar("lora.safetensors", 50_000_000),
+            "sparse/download": sparse_tar("lora.safetensors", 50_000_000),
         }
     )
     yield host
@@ -155,20 +157,26 @@ def test_a_plain_trained_tar_loads(store: LoraStore, files: Loopback, lora_files
     assert store.fetch(f"{files.url}/plain/trained_model.tar", 1.0, Credentials()).path.read_bytes() == lora_files["a"]
 
 
-def test_a_compressed_tar_is_not_unpacked(store: LoraStore, files: Loopback) -> None:
-    with pytest.raises(WeightsError, match=r"not a readable trained-model tar \(a plain, uncompressed \.tar"):
-        store.fetch(f"{files.url}/gzip/trained_model.tar", 1.0, Credentials())
+@pytest.mark.parametrize("form", ["{files}/gzip/trained_model.tar", "{files}/gzip/download", "data:"])
+def test_a_compressed_tar_is_not_unpacked(store: LoraStore, files: Loopback, lora_files: dict, form: str) -> None:
+    """A .tar.gz, whatever its URL or source, is refused saying to send the plain tar."""
+    if form == "data:":
+        form += "application/gzip;base64," + base64.b64encode(gzip.compress(trained_tar(lora_files["a"]))).decode()
+    with pytest.raises(WeightsError, match=r"is gzip-compressed: send the plain trained_model\.tar as Replicate"):
+        store.fetch(form.format(files=files.url), 1.0, Credentials())
     assert not list(store.files.iterdir())
 
 
+@pytest.mark.parametrize("path", ["sparse/trained_model.tar", "sparse/download"])
 def test_a_member_is_sized_before_it_is_unpacked(
-    tmp_path: Path, files: Loopback, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, files: Loopback, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
-    """2 KiB on the wire, 50 MB unpacked: refused from its header, nothing written."""
+    """2 KiB on the wire, 50 MB unpacked: refused from its header, nothing written, whether the
+    URL says .tar or the bytes alone do."""
     monkeypatch.setenv("LORA_MAX_FILE_BYTES", str(10_000_000))
     store = LoraStore(tmp_path / "cache", Downloader("python"))
     with pytest.raises(WeightsError, match=r"lora\.safetensors unpacks to 50000000 bytes, over the 10000000-byte"):
-        store.fetch(f"{files.url}/sparse/trained_model.tar", 1.0, Credentials())
+        store.fetch(f"{files.url}/{path}", 1.0, Credentials())
     assert not list(store.files.iterdir())
 
 

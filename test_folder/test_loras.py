@@ -59,6 +59,7 @@ PARSE_TABLE = [
         {"repo_id": "acme/style", "filename": "sub/x.safetensors", "revision": "v2"},
     ),
     ("acme/style/x.safetensors", "hf", {"repo_id": "acme/style", "filename": "x.safetensors"}),
+    ("acme/style/trained_model.tar", "hf", {"repo_id": "acme/style", "filename": "trained_model.tar"}),
     ("hf://acme/style", "hf", {"repo_id": "acme/style", "filename": None}),
     ("civitai.com/models/1234", "civitai-model", {"model_id": 1234}),
     ("https://civitai.com/models/1234/some-slug", "civitai-model", {"model_id": 1234}),
@@ -113,6 +114,8 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
             "acme/nested": HfRepo({"sub/dir/x.safetensors": b, "other/y.safetensors": a}),
             "acme/many": HfRepo({"v1.safetensors": a, "v2.safetensors": b}),
             "acme/private": HfRepo({"p.safetensors": b}, token=HF_TOKEN),
+            "acme/tars": HfRepo({"trained_model.tar": trained_tar(b)}),
+            "acme/pivotal-tar": HfRepo({"trained_model.tar": trained_tar(b, embeddings=lora_files["pti"])}),
         }
     )
     civ = civitai(
@@ -136,6 +139,7 @@ def hosts(lora_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> Iter
             "acme-trained/trained_model.tar": trained_tar(b),
             "acme-pivotal/trained_model.tar": trained_tar(b, embeddings=lora_files["pti"]),
             "acme-badpivot/trained_model.tar": trained_tar(b, embeddings=misfit_embeddings(lora_files["pti"])),
+            "download": trained_tar(b),  # a signed or redirecting download URL: no .tar in its path
         }
     )
     point_clients_at(hf, civ, monkeypatch)
@@ -492,6 +496,49 @@ def test_replicate_tar_and_shorthand(
     tar_url = hosts["files"].url + "/acme-trained/trained_model.tar"
     assert np.array_equal(pixels(engine, with_loras((tar_url, 1.0))), expected)
     assert np.array_equal(pixels(engine, with_loras(("acme/trained", 1.0))), expected)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "hf://acme/tars/trained_model.tar",
+        "acme/tars/trained_model.tar",
+        "{hf}/acme/tars/resolve/main/trained_model.tar?download=true",
+        "{files}/download?id=3",
+        "data:",
+        "local",
+    ],
+)
+def test_a_trained_tar_is_known_by_its_bytes_from_any_source(
+    engine: Engine, store: LoraStore, hosts: dict, lora_files: dict, tmp_path: Path, form: str
+) -> None:
+    """The same trained_model.tar, sent unchanged from Hugging Face, a URL without .tar in its
+    path, a data: URI or a local file, gives the image it gives from a .tar URL."""
+    tar = trained_tar(lora_files["b"])
+    if form == "data:":
+        form = "data:application/x-tar;base64," + base64.b64encode(tar).decode()
+    elif form == "local":
+        form = str(tmp_path / "trained_model.tar")
+        Path(form).write_bytes(tar)
+    expected = pixels(engine, with_loras((hosts["files"].url + "/acme-trained/trained_model.tar", 1.0)))
+    source = form.format(hf=hosts["hf"].url, files=hosts["files"].url)
+    assert np.array_equal(pixels(engine, with_loras((source, 1.0))), expected)
+
+
+def test_a_pivotal_tar_from_hugging_face_keeps_its_trigger_on_a_cache_hit(
+    engine: Engine, store: LoraStore, hosts: dict
+) -> None:
+    """The trigger map of a tar that is a tar only by its bytes is cached with the LoRA: the hit
+    (no request at all, in this process or after a restart) still swaps TOK for the tokens."""
+    tok = replace(BASE, prompt="a photo of TOK at dusk")
+    expected = pixels(engine, replace(tok, loras=(LoraSpec("acme/pivotal", 1.0),)))
+    req = replace(tok, loras=(LoraSpec("hf://acme/pivotal-tar/trained_model.tar", 1.0),))
+    assert np.array_equal(pixels(engine, req), expected)
+    served = hosts["hf"].total()
+    assert np.array_equal(pixels(engine, req), expected)
+    restarted = Engine(engine.models, engine.safety, LoraStore(store.root, python_downloader()))
+    assert np.array_equal(pixels(restarted, req), expected)
+    assert hosts["hf"].total() == served, "the cache hits made a request"
 
 
 def test_pivotal_tuning_tokens(engine: Engine, store: LoraStore, hosts: dict, baseline: np.ndarray) -> None:

@@ -46,8 +46,9 @@ def files(lora_files: dict[str, bytes]) -> Iterator[Loopback]:
             "b.safetensors": lora_files["b"],
             "private.safetensors": lora_files["a"],
             "bucket/signed.safetensors": lora_files["b"],
-            "brace.safetensors": unpadded(lora_files["a"], ord("{")),
-            "bracket.safetensors": unpadded(lora_files["b"], ord("[")),
+            "brace.safetensors": unpadded(lora_files["a"], b"{"),
+            "bracket.safetensors": unpadded(lora_files["b"], b"["),
+            "gzip-magic.safetensors": unpadded(lora_files["a"], b"\x1f\x8b"),
             "json.safetensors": b'{"error": "not found"}',
         },
         query_secrets={
@@ -64,12 +65,12 @@ def store(tmp_path: Path) -> LoraStore:
     return LoraStore(tmp_path / "cache", python_downloader())
 
 
-def unpadded(data: bytes, first_byte: int) -> bytes:
-    """The same safetensors file with its JSON header padded to a length whose low byte is first_byte,
+def unpadded(data: bytes, first: bytes) -> bytes:
+    """The same safetensors file with its JSON header padded to a length whose low bytes are `first`,
     as a writer that does not align its header to 8 bytes may produce."""
     size = int.from_bytes(data[:8], "little")
     header = data[8 : 8 + size].rstrip()
-    length = len(header) + (first_byte - len(header)) % 256
+    length = len(header) + (int.from_bytes(first, "little") - len(header)) % 256 ** len(first)
     return length.to_bytes(8, "little") + header.ljust(length) + data[8 + size :]
 
 
@@ -88,13 +89,18 @@ def everything_in(root: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("name", "first", "source"), [("brace.safetensors", b"{", "a"), ("bracket.safetensors", b"[", "b")]
+    ("name", "first", "source"),
+    [
+        ("brace.safetensors", b"{", "a"),
+        ("bracket.safetensors", b"[", "b"),
+        ("gzip-magic.safetensors", b"\x1f\x8b", "a"),
+    ],
 )
 def test_a_valid_file_starting_with_a_brace_is_accepted(
     store: LoraStore, files: Loopback, lora_files: dict[str, bytes], name: str, first: bytes, source: str
 ) -> None:
     lora = store.fetch(f"{files.url}/{name}", 1.0, Credentials())
-    assert lora.path.read_bytes()[:1] == first
+    assert lora.path.read_bytes()[: len(first)] == first
     read, expected = load_file(lora.path), load(lora_files[source])
     assert read.keys() == expected.keys(), "every tensor of the file it pads"
     assert all(np.array_equal(read[key], expected[key]) for key in expected)

@@ -48,7 +48,7 @@ from engine.request import Credentials, LocalLora
 from weightstore import config
 from weightstore.errors import WeightsError, disk_full, is_disk_full
 from weightstore.refs import LoraRef, Resolved, parse_lora
-from weightstore.resolve import credential_for, embeddings_of, resolve
+from weightstore.resolve import credential_for, embeddings_of, is_tar, resolve, unpack_if_trained_tar
 from weightstore.transfer import Downloader
 from weightstore.validate import validate_safetensors
 
@@ -103,9 +103,10 @@ class LoraStore:
         """The cached file when this caller may have it, else what to download."""
         if ref.kind == "local":
             assert ref.path is not None
-            stat = ref.path.stat()
-            key = f"local:{ref.path}:{stat.st_mtime_ns}:{stat.st_size}"
-            return LocalLora(key, ref.path, 1.0, ref.display, file_name=ref.path.name)
+            if not is_tar(ref.path):  # a tar (known by its bytes) is unpacked into the cache, below
+                stat = ref.path.stat()
+                key = f"local:{ref.path}:{stat.st_mtime_ns}:{stat.st_size}"
+                return LocalLora(key, ref.path, 1.0, ref.display, file_name=ref.path.name)
         start = time.perf_counter()
         tag = self._tag(credential_for(ref, credentials))
         with self._index() as index:
@@ -121,8 +122,8 @@ class LoraStore:
     # -- lookups ----------------------------------------------------------------------------
 
     def _by_alias(self, index: dict, ref: LoraRef, tag: str | None) -> tuple[str, dict] | None:
-        link = index["aliases"].get(ref.ident)
-        if not link or (ref.mutable and time.time() - link["at"] >= self.alias_ttl):
+        link = index["aliases"].get(ref.ident)  # a local tar's path names no fixed bytes: its key does
+        if ref.kind == "local" or not link or (ref.mutable and time.time() - link["at"] >= self.alias_ttl):
             return None
         return self._serve(index, link["key"], tag)
 
@@ -168,7 +169,11 @@ class LoraStore:
             part = Path(name)
             try:
                 try:
-                    trigger = resolved.fetch(part) or {}
+                    trigger = (
+                        resolved.fetch(part)
+                        or unpack_if_trained_tar(part, ref.display, self.downloader.limits.max_bytes)
+                        or {}
+                    )
                 except OSError as exc:
                     if is_disk_full(exc):
                         raise disk_full(ref.display) from None

@@ -5,10 +5,11 @@ Forms: Hugging Face (`huggingface.co/owner/repo[/blob|resolve/<rev>/<file>]`, `o
 `hf://owner/repo`), CivitAI (model page, `?modelVersionId=`, download URL, AIR URN,
 `api/v1/model-versions/by-hash/<hash>`), Replicate
 (`owner/model[/<version>]`, a `.tar` URL), any http(s) URL, a `data:` URI, and a local
-`.safetensors` path. A string that looks like a local path is always read as one, so it is never
-sent to the network as a repo or a model name; it is read only inside LOCAL_FILES_DIR
-(`engine.server_files`, the rule every input follows), and refused the same way otherwise,
-without a look at the file.
+`.safetensors` or `.tar` path (a trained_model.tar is known by its bytes, from any source:
+`resolve.unpack_if_trained_tar`). A string that looks like a local path is always read as one,
+so it is never sent to the network as a repo or a model name; it is read only inside
+LOCAL_FILES_DIR (`engine.server_files`, the rule every input follows), and refused the same way
+otherwise, without a look at the file.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _AIR = re.compile(r"^urn:air:[^:]+:[^:]+:civitai:(\d+)@(\d+)$")
 _CIVITAI_HASH = re.compile(r"^[0-9a-f]{8,64}$")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _LOCAL_PREFIXES = ("/", "./", "../", "~")
+_FILE_SUFFIXES = (".safetensors", ".tar")  # a LoRA file, or a trained_model.tar holding one
 _UNSUPPORTED_SCHEMES = {
     "ftp": "serve the file over https instead",
     "s3": "pass a presigned https URL of the object instead",
@@ -114,8 +116,10 @@ def _local_ref(s: str) -> LoraRef:
     path = server_file(s, "the LoRA", "a URL or a data: URI of the file", error=WeightsError)
     if path.is_dir():
         raise WeightsError(f"the LoRA path {s} is a directory: name the .safetensors file inside it")
-    if path.suffix != ".safetensors":
-        raise WeightsError(f"the LoRA path {s} is not a .safetensors file: only .safetensors files are read")
+    if path.suffix not in _FILE_SUFFIXES:
+        raise WeightsError(
+            f"the LoRA path {s} is not a .safetensors file: only .safetensors files (and a trained_model.tar) are read"
+        )
     if not path.is_file():
         raise WeightsError(
             f"local LoRA file {s} not found: check the path (it is read on the machine running the model)"
@@ -172,13 +176,13 @@ def _hf_ref(parts: list[str], display: str) -> LoraRef:
 
 def _bare_ref(s: str) -> LoraRef:
     parts = [p for p in s.split("/") if p]
-    if len(parts) >= 3 and parts[-1].endswith(".safetensors"):
+    if len(parts) >= 3 and parts[-1].endswith(_FILE_SUFFIXES):
         return _hf_ref(parts, s)
-    if len(parts) == 2 and not parts[1].endswith(".safetensors"):
+    if len(parts) == 2 and not parts[1].endswith(_FILE_SUFFIXES):
         return _replicate_model_ref(parts[0], parts[1], None)
     if len(parts) == 3 and _HEX64.match(parts[2]):
         return _replicate_model_ref(parts[0], parts[1], parts[2])
-    if s.endswith(".safetensors"):
+    if s.endswith(_FILE_SUFFIXES):
         return _local_ref(s)
     raise WeightsError(
         f"cannot tell where LoRA {s!r} lives: use a Hugging Face URL (huggingface.co/owner/repo or "
