@@ -503,6 +503,7 @@ def test_replicate_tar_and_shorthand(
     [
         "hf://acme/tars/trained_model.tar",
         "acme/tars/trained_model.tar",
+        "hf://acme/tars",
         "{hf}/acme/tars/resolve/main/trained_model.tar?download=true",
         "{files}/download?id=3",
         "data:",

@@ -159,15 +159,18 @@ def hf_error(exc: Exception, repo_id: str, filename: str | None, revision: str) 
 
 def choose_hf_file(repo_id: str, files: list[str]) -> str:
     """The rule for a repo named without a file: its only .safetensors at the top level, else the
-    diffusers default name `pytorch_lora_weights.safetensors`; otherwise ask, listing them."""
+    diffusers default name `pytorch_lora_weights.safetensors`, else a Replicate trainer's
+    `trained_model.tar` uploaded as it came; otherwise ask, listing them."""
     candidates = sorted(f for f in files if f.endswith(".safetensors"))
     top = [f for f in candidates if "/" not in f]
     if len(top) == 1:
         return top[0]
     if "pytorch_lora_weights.safetensors" in candidates:
         return "pytorch_lora_weights.safetensors"
+    if not candidates and "trained_model.tar" in files:
+        return "trained_model.tar"
     if not candidates:
-        raise WeightsError(f"Hugging Face repo {repo_id} has no .safetensors file")
+        raise WeightsError(f"Hugging Face repo {repo_id} has no .safetensors file (nor a trained_model.tar)")
     listed = ", ".join(candidates[:20])
     raise WeightsError(
         f"Hugging Face repo {repo_id} has several .safetensors files ({listed}): name one, "
