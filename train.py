@@ -1,4 +1,5 @@
-"""Cog adapter for `cog train`: the Flux LoRA trainer's inputs, then SDXL's, into training/.
+"""Cog adapter for `cog train`: the Flux LoRA trainer's inputs, then SDXL's, then the names of
+Replicate's SDXL trainer (cog-sdxl) that Flux's lack, into training/.
 
 The output is trained_model.tar in the layout `lora_weights` reads (Replicate's SDXL trainer
 layout), so a Flux user's round trip works unchanged: train, then pass the tar's URL to predict.
@@ -15,6 +16,8 @@ from cog import BaseModel, Input, Path, Secret
 
 from engine.config import weights_root
 from engine.server_files import server_file
+from training import cog_sdxl
+from training.cog_sdxl import CogSdxlInputs
 from training.request import TrainingRequest
 from training.trainer import train as run_training
 
@@ -131,6 +134,78 @@ def train(
         description="Pivotal tuning: the trigger word becomes new tokens learned in both text encoders",
     ),
     seed: Optional[int] = Input(default=None, description="Random seed; unset or negative means random"),
+    # Replicate's SDXL trainer's names (replicate/cog-sdxl): training/cog_sdxl.py, docs/training.md.
+    train_batch_size: Optional[int] = Input(
+        default=None, ge=1, le=8, description="Replicate's SDXL trainer's name for batch_size"
+    ),
+    num_train_epochs: Optional[int] = Input(
+        default=None,
+        description="Replicate's SDXL trainer's epoch count: not used (steps sets the length, as max_train_steps did there); logged",
+    ),
+    max_train_steps: Optional[int] = Input(
+        default=None, ge=1, le=6000, description="Replicate's SDXL trainer's name for steps"
+    ),
+    is_lora: Optional[bool] = Input(
+        default=None,
+        description="Replicate's SDXL trainer's switch: true (a LoRA) is what this trainer does; false (full fine-tuning) is refused",
+    ),
+    unet_learning_rate: Optional[float] = Input(
+        default=None,
+        ge=0,
+        le=1,
+        description="Replicate's SDXL trainer's rate for full fine-tuning: not used with a LoRA (nor was it there); logged",
+    ),
+    ti_lr: Optional[float] = Input(
+        default=None,
+        ge=0,
+        le=1,
+        description="Learning rate of the trigger's pivotal-tuning tokens (default 0.0003), as in Replicate's SDXL trainer",
+    ),
+    lora_lr: Optional[float] = Input(
+        default=None, ge=0, le=1, description="Replicate's SDXL trainer's name for learning_rate"
+    ),
+    lr_scheduler: Optional[str] = Input(
+        default=None,
+        choices=["constant", "linear"],
+        description="Learning-rate schedule after the warm-up: constant, or linear down to 0 at the last step. Unset: constant after a warm-up of 10% of the steps (at most 100)",
+    ),
+    lr_warmup_steps: Optional[int] = Input(
+        default=None,
+        ge=0,
+        le=6000,
+        description="Steps over which the learning rate rises linearly from 0 (kept with lr_scheduler constant)",
+    ),
+    token_string: Optional[str] = Input(default=None, description="Replicate's SDXL trainer's name for trigger_word"),
+    caption_prefix: Optional[str] = Input(
+        default=None, description="Replicate's SDXL trainer's name for autocaption_prefix"
+    ),
+    mask_target_prompts: Optional[str] = Input(
+        default=None,
+        description="Replicate's SDXL trainer's CLIPSeg loss masks: not made here, so a prompt is refused",
+    ),
+    crop_based_on_salience: Optional[bool] = Input(
+        default=None,
+        description="Replicate's SDXL trainer's square crop: images are centre-cropped in buckets of their own proportions here; logged",
+    ),
+    use_face_detection_instead: Optional[bool] = Input(
+        default=None,
+        description="Replicate's SDXL trainer's face masks: not made here, so true is refused",
+    ),
+    clipseg_temperature: Optional[float] = Input(
+        default=None, description="Replicate's SDXL trainer's CLIPSeg mask blur: not used (no masks); logged"
+    ),
+    verbose: Optional[bool] = Input(
+        default=None, description="Replicate's SDXL trainer's log switch: the log is the same either way; logged"
+    ),
+    checkpointing_steps: Optional[int] = Input(
+        default=None,
+        description="Replicate's SDXL trainer's checkpoint interval: no intermediate checkpoints (its never reached the output either); logged",
+    ),
+    input_images_filetype: Optional[str] = Input(
+        default=None,
+        choices=["zip", "tar", "infer"],
+        description="zip or tar: input_images must be that kind of archive (refused otherwise); infer: read from the file",
+    ),
 ) -> TrainingOutput:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     request = TrainingRequest(
@@ -162,6 +237,29 @@ def train(
         model=model,
         train_text_encoder=train_text_encoder,
         seed=seed,
+    )
+    request = cog_sdxl.apply(
+        request,
+        CogSdxlInputs(
+            train_batch_size=train_batch_size,
+            num_train_epochs=num_train_epochs,
+            max_train_steps=max_train_steps,
+            is_lora=is_lora,
+            unet_learning_rate=unet_learning_rate,
+            ti_lr=ti_lr,
+            lora_lr=lora_lr,
+            lr_scheduler=lr_scheduler,
+            lr_warmup_steps=lr_warmup_steps,
+            token_string=token_string,
+            caption_prefix=caption_prefix,
+            mask_target_prompts=mask_target_prompts,
+            crop_based_on_salience=crop_based_on_salience,
+            use_face_detection_instead=use_face_detection_instead,
+            clipseg_temperature=clipseg_temperature,
+            verbose=verbose,
+            checkpointing_steps=checkpointing_steps,
+            input_images_filetype=input_images_filetype,
+        ),
     )
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     result = run_training(request, weights_root(), OUTPUT_DIR)

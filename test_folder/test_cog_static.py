@@ -156,6 +156,8 @@ def test_declared_literals_equal_the_engine_constants() -> None:
         (predict, "control_type"): list(c.CONTROL_TYPES),
         (predict, "upscale"): list(c.UPSCALE_FACTORS),
         (train, "model"): models,
+        (train, "lr_scheduler"): list(t.TRAIN_LR_SCHEDULERS),
+        (train, "input_images_filetype"): list(t.TRAIN_ARCHIVE_FILETYPES),
     }
     for (kind, name), choices in expected_choices.items():
         assert [v.to_json() for v in read[kind][name].choices] == choices, name
@@ -182,6 +184,13 @@ def test_declared_literals_equal_the_engine_constants() -> None:
         (train, "learning_rate", "le"): t.TRAIN_MAX_LEARNING_RATE,
         (train, "batch_size", "le"): t.TRAIN_MAX_BATCH_SIZE,
         (train, "resolution", "default"): t.TRAIN_DEFAULT_RESOLUTION,
+        # Replicate's SDXL trainer's names: the bounds of the setting each one means.
+        (train, "max_train_steps", "le"): t.TRAIN_MAX_STEPS,
+        (train, "lr_warmup_steps", "le"): t.TRAIN_MAX_STEPS,
+        (train, "train_batch_size", "le"): t.TRAIN_MAX_BATCH_SIZE,
+        (train, "lora_lr", "le"): t.TRAIN_MAX_LEARNING_RATE,
+        (train, "ti_lr", "le"): t.TRAIN_MAX_LEARNING_RATE,
+        (train, "unet_learning_rate", "le"): t.TRAIN_MAX_LEARNING_RATE,
     }
     for (kind, name, key), value in expected_values.items():
         declared = getattr(read[kind][name], key)
@@ -197,6 +206,10 @@ def test_declared_literals_equal_the_engine_constants() -> None:
         (predict, "embeddings"): f"up to {c.MAX_EMBEDDINGS}, ",
         (predict, "upscale"): f"Refused past {c.UPSCALE_MAX_PIXELS / 1e6:.1f} megapixels",
         (train, "input_images"): f"at least {t.TRAIN_MIN_IMAGES} ",
+        (train, "ti_lr"): f"(default {t.TRAIN_EMBEDDING_LEARNING_RATE:g})",
+        (train, "lr_scheduler"): (
+            f"a warm-up of {t.TRAIN_WARMUP_FRACTION:.0%} of the steps (at most {t.TRAIN_WARMUP_MAX_STEPS})"
+        ),
     }
     for (kind, name), text in expected_text.items():
         assert text in (read[kind][name].description or ""), f"{kind}.{name}"

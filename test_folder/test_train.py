@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 import tarfile
@@ -31,7 +32,8 @@ from engine.request import GenerationRequest, LoraSpec
 from scripts.cog_schema import SCHEMA_PATH
 from test_folder.conftest import REPO_ROOT, CogServer, decode_data_uri
 from test_folder.emulators import HfRepo, file_host, hugging_face, point_hub_client_at
-from training import tagger, trainer
+from training import cog_sdxl, tagger, trainer
+from training.cog_sdxl import CogSdxlInputs
 from training.config import TRAIN_EMBEDDING_NORM_PULL
 from training.data import ArchiveLimits, TrainingImage, caption_all, read_archive
 from training.optimizers import build_optimizer, refuse_where_it_cannot_run
@@ -69,6 +71,34 @@ FLUX_TRAINER_INPUTS = [
     "wandb_save_interval",
     "skip_training_and_use_pretrained_hf_lora_url",
 ]
+
+# replicate/cog-sdxl train.py (Replicate's SDXL trainer, `stability-ai/sdxl`; commit c79cb3c), in its order.
+COG_SDXL_TRAINER_INPUTS = [
+    "input_images",
+    "seed",
+    "resolution",
+    "train_batch_size",
+    "num_train_epochs",
+    "max_train_steps",
+    "is_lora",
+    "unet_learning_rate",
+    "ti_lr",
+    "lora_lr",
+    "lora_rank",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "token_string",
+    "caption_prefix",
+    "mask_target_prompts",
+    "crop_based_on_salience",
+    "use_face_detection_instead",
+    "clipseg_temperature",
+    "verbose",
+    "checkpointing_steps",
+    "input_images_filetype",
+]
+# Its names that Flux's trainer (and our seed) lack: declared after those, in its order.
+COG_SDXL_ONLY = [name for name in COG_SDXL_TRAINER_INPUTS if name not in (*FLUX_TRAINER_INPUTS, "seed")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -352,6 +382,172 @@ def test_flux_trainer_json_with_the_skip_url_packages_that_lora(
         assert tar.extractfile("lora.safetensors").read() == lora  # type: ignore[union-attr]
 
 
+def cog_sdxl_trainer_json() -> dict:
+    """Every input of Replicate's SDXL trainer, as its clients send them: values changed from its
+    defaults where they are honoured (a 3-step run at 256), the masks off (refused when on)."""
+    return {
+        "input_images": zip_data_uri(dataset()),
+        "seed": 7,
+        "resolution": "256",  # its integer form (768) gets coglet's 422 on this string input
+        "train_batch_size": 2,
+        "num_train_epochs": 3000,
+        "max_train_steps": 3,
+        "is_lora": True,
+        "unet_learning_rate": 4e-6,
+        "ti_lr": 2e-3,
+        "lora_lr": 1e-3,
+        "lora_rank": 8,
+        "lr_scheduler": "linear",
+        "lr_warmup_steps": 1,
+        "token_string": "zwx",
+        "caption_prefix": "a photo of zwx",
+        "mask_target_prompts": "",  # no prompt: no mask, as in cog-sdxl
+        "crop_based_on_salience": False,
+        "use_face_detection_instead": False,
+        "clipseg_temperature": 0.5,
+        "verbose": False,
+        "checkpointing_steps": 200,
+        "input_images_filetype": "zip",
+    }
+
+
+def test_cog_sdxl_trainer_json_every_input_honoured_through_cog(train_server: CogServer) -> None:
+    """coglet drops undeclared inputs: before they were declared, this trained 1000 steps at batch 1
+    with the trigger TOK."""
+    inputs = cog_sdxl_trainer_json()
+    assert list(inputs) == COG_SDXL_TRAINER_INPUTS
+    status, body = train_server.predict(inputs, path="/trainings")
+    assert status == 200 and body["status"] == "succeeded", body.get("error")
+    logs = body["logs"]
+    for line in (
+        "Replicate's SDXL trainer's names: max_train_steps -> steps, train_batch_size -> batch_size, "
+        "token_string -> trigger_word, caption_prefix -> autocaption_prefix, lora_lr -> learning_rate",
+        "seed: 7",
+        "4 images, 3 steps, batch 2, rank 8, lr 0.001, pivotal tuning on",
+        "the trigger's tokens learn for the first 2 steps at lr 0.002",
+        "learning rate: linear schedule, 1 warm-up step(s) from 0, then down to 0 at step 3",
+        "unet_learning_rate is not used: it is cog-sdxl's rate for full fine-tuning",
+        "num_train_epochs is not used",
+        "verbose is not used",
+        "checkpointing_steps is not used",
+        "crop_based_on_salience is not used",
+        "clipseg_temperature is not used",
+        "model: illustrious-xl (the default here)",
+        "trained 3 steps",
+    ):
+        assert line in logs, line
+    # The linear schedule seen: the full rate after the warm-up step, 0 after the last.
+    assert re.search(r"step 1/3, loss [\d.]+, lr 0\.001, ", logs) and re.search(r"step 3/3, loss [\d.]+, lr 0, ", logs)
+    _, data = decode_data_uri(body["output"]["weights"])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        read = {name: tar.extractfile(name).read() for name in tar.getnames()}  # type: ignore[union-attr]
+    assert json.loads(read["special_params.json"]) == {"zwx": "<s0><s1>"}
+    assert "embeddings/zwx.safetensors" in read
+    assert read["captions/set/img0.txt"] == b"zwx, a grid drawing of TOK\n", "a .txt caption gets the trigger in front"
+    assert read["captions/set/img1.txt"].startswith(b"a photo of zwx "), "caption_prefix before the automatic caption"
+    params = json.loads(read["training_params.json"])
+    expected = {"steps": 3, "batch_size": 2, "lora_rank": 8, "learning_rate": 1e-3, "ti_lr": 2e-3, "seed": 7}
+    expected |= {"trigger_word": "zwx", "autocaption_prefix": "a photo of zwx", "resolution": "256"}
+    expected |= {"lr_scheduler": "linear", "lr_warmup_steps": 1}
+    assert {k: params[k] for k in expected} == expected
+    lora = load_file_bytes(read["lora.safetensors"])
+    assert {v.shape[0] for k, v in lora.items() if ".down." in k} == {8}, "lora_rank 8"
+
+
+def test_cog_sdxl_refusals_and_conflicts_through_cog(train_server: CogServer) -> None:
+    """What cannot be honoured fails by name before any step; both spellings of one setting with two
+    values fail; its integer resolution gets coglet's 422."""
+    base = {"input_images": zip_data_uri(dataset()), "resolution": "256", "autocaption": False}
+    for change, message in (
+        ({"steps": 2, "max_train_steps": 1800}, "steps (2) and max_train_steps (1800) are both set and differ"),
+        ({"steps": 2, "is_lora": False}, "is_lora false asks for full fine-tuning"),
+        ({"steps": 2, "mask_target_prompts": "a photo of a dog"}, "this trainer makes no CLIPSeg masks"),
+        ({"steps": 2, "use_face_detection_instead": True}, "this trainer makes no face masks"),
+    ):
+        status, body = train_server.predict({**base, **change}, path="/trainings")
+        assert status == 200 and body["status"] == "failed", (change, body.get("logs"))
+        assert "InputError: " in body["error"] and message in body["error"], body["error"]
+        assert "step 1/" not in body["logs"] and "input_images:" not in body["logs"], "refused before the archive"
+    status, body = train_server.predict({**base, "train_batch_size": 9}, path="/trainings")
+    assert status == 422, body
+    status, body = train_server.predict({**base, "resolution": 768}, path="/trainings")
+    assert status == 422 and body["detail"][0]["loc"][-1] == "resolution", body
+    assert '768 is not of type "string"' in body["detail"][0]["msg"], body
+
+
+@pytest.mark.parametrize(
+    ("sent", "flux", "message"),
+    [
+        ({"max_train_steps": 1800}, {"steps": 500}, r"steps \(500\) and max_train_steps \(1800\) are both set"),
+        ({"train_batch_size": 4}, {"batch_size": 2}, r"batch_size \(2\) and train_batch_size \(4\)"),
+        ({"token_string": "zwx"}, {"trigger_word": "abc"}, r"trigger_word \('abc'\) and token_string \('zwx'\)"),
+        ({"caption_prefix": "a photo of"}, {"autocaption_prefix": "a drawing of"}, "and caption_prefix"),
+        ({"lora_lr": 1e-4}, {"learning_rate": 4e-4}, r"learning_rate \(0.0004\) and lora_lr \(0.0001\)"),
+        ({"is_lora": False}, {}, "is_lora false asks for full fine-tuning, which this trainer does not do"),
+        ({"mask_target_prompts": "a dog"}, {}, "mask_target_prompts 'a dog': this trainer makes no CLIPSeg masks"),
+        ({"use_face_detection_instead": True}, {}, "use_face_detection_instead true: this trainer makes no face"),
+        ({"input_images_filetype": "tar"}, {}, "input_images_filetype is 'tar' but input_images is a zip archive"),
+        ({"input_images_filetype": "rar"}, {}, "input_images_filetype 'rar' is not known: use one of zip, tar"),
+        ({"lora_lr": 0.0}, {}, "lora_lr must be above 0"),
+        ({"ti_lr": 0.0}, {}, "ti_lr must be above 0"),
+        ({"lr_scheduler": "cosine"}, {}, "lr_scheduler 'cosine' is not known: use one of constant, linear"),
+        ({"lr_warmup_steps": 6001}, {}, "lr_warmup_steps must be between 0 and 6000"),
+    ],
+)
+def test_cog_sdxl_names_are_refused_by_name_before_any_step(
+    sent: dict, flux: dict, message: str, weights_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    request = replace(_small(tmp_path), **flux)
+    with pytest.raises(InputError, match=message):
+        train(cog_sdxl.apply(request, CogSdxlInputs(**sent)), weights_dir, tmp_path / "out")
+    assert "step 1/" not in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_cog_sdxl_names_map_onto_flux_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Flux name at its default counts as not sent (Cog fills defaults in); the same value under
+    both names is one setting; an empty mask prompt is no mask, as in cog-sdxl; nothing sent, nothing
+    changed or logged."""
+    caplog.set_level(logging.INFO)
+    plain = _small(tmp_path)
+    assert cog_sdxl.apply(plain, CogSdxlInputs()) is plain and not caplog.text
+    at_defaults = replace(plain, steps=1000, batch_size=1, trigger_word="TOK")
+    sent = CogSdxlInputs(max_train_steps=1800, train_batch_size=4, token_string="zwx", lora_lr=3e-4, is_lora=True)
+    mapped = cog_sdxl.apply(at_defaults, sent)
+    assert (mapped.steps, mapped.batch_size, mapped.trigger, mapped.learning_rate) == (1800, 4, "zwx", 3e-4)
+    same = cog_sdxl.apply(replace(plain, steps=1800), CogSdxlInputs(max_train_steps=1800, mask_target_prompts=" "))
+    assert same.steps == 1800
+    (tmp_path / "a.png").write_bytes(encoded(grid(64, 64)))
+    tar = _tar(tmp_path / "set.tar", lambda t: t.add(tmp_path / "a.png", "set/a.png"))
+    assert cog_sdxl.apply(replace(plain, input_images=tar), CogSdxlInputs(input_images_filetype="tar"))
+    settings = cog_sdxl.apply(plain, CogSdxlInputs(ti_lr=1e-3, lr_scheduler="constant", lr_warmup_steps=0))
+    assert (settings.ti_lr, settings.lr_scheduler, settings.lr_warmup_steps) == (1e-3, "constant", 0)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "warmup", "rates"),
+    [
+        (None, None, [1.0, 1.0, 1.0, 1.0, 1.0]),  # unasked: 10% of 5 steps rounds to a 1-step warm-up that learns
+        ("constant", 2, [0.0, 0.5, 1.0, 1.0, 1.0]),  # kept, where diffusers' plain "constant" has none
+        ("constant", 0, [1.0] * 5),
+        ("linear", 1, [0.0, 1.0, 0.75, 0.5, 0.25]),
+        (None, 4, [0.0, 0.25, 0.5, 0.75, 1.0]),  # a warm-up alone: constant after it
+    ],
+)
+def test_lr_scheduler_and_warmup_give_the_schedule(scheduler: str | None, warmup: int | None, rates: list) -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    request = TrainingRequest(steps=5, lr_scheduler=scheduler, lr_warmup_steps=warmup)
+    schedule = trainer._lr_schedule(optimizer, request)
+    seen = []
+    for _ in range(5):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx(rates)
+
+
 def zip_data_uri(files: dict[str, bytes]) -> str:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as archive:
@@ -395,7 +591,8 @@ def test_cog_predict_uses_the_tar_with_its_trigger_word(cog_trained: dict, cog_s
 def test_the_training_schema_has_the_flux_trainers_inputs_in_its_order() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     props = schema["components"]["schemas"]["TrainingInput"]["properties"]
-    assert list(props) == [*FLUX_TRAINER_INPUTS, "model", "train_text_encoder", "seed"]
+    assert list(props) == [*FLUX_TRAINER_INPUTS, "model", "train_text_encoder", "seed", *COG_SDXL_ONLY]
+    assert all(props[name]["default"] is None and props[name]["nullable"] for name in COG_SDXL_ONLY)
     assert "required" not in schema["components"]["schemas"]["TrainingInput"], "input_images is optional, as Flux's"
     assert (props["steps"]["minimum"], props["steps"]["maximum"], props["trigger_word"]["default"]) == (1, 6000, "TOK")
     assert props["hf_token"]["format"] == props["wandb_api_key"]["format"] == "password"

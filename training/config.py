@@ -37,6 +37,10 @@ TRAIN_PIVOTAL_TOKENS = 2  # new tokens per trigger word, <s0><s1>, as in cog-sdx
 TRAIN_MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (Hang et al. 2023)
 TRAIN_WARMUP_FRACTION = 0.1  # linear LR warm-up over this share of the steps, at most 100 steps
 TRAIN_WARMUP_MAX_STEPS = 100
+# Replicate's SDXL trainer's (cog-sdxl) lr_scheduler choices, run by diffusers' get_scheduler, and
+# its input_images_filetype choices ("infer": the archive's bytes say which it is).
+TRAIN_LR_SCHEDULERS = ("constant", "linear")
+TRAIN_ARCHIVE_FILETYPES = ("zip", "tar", "infer")
 TRAIN_LOG_SECONDS = 10.0  # one progress line at most this often (first and last step always)
 TRAIN_TRIGGER_MAX_TOKENS = 4  # a trigger word the tokenizer splits into more pieces is refused
 TRAIN_TRIGGER_MAX_CHARS = 64

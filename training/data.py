@@ -115,6 +115,17 @@ def _entries(path: Path, max_bytes: int) -> Iterator[tuple[str, Callable[[], IO[
             yield name, lambda member=member: archive.extractfile(member)  # type: ignore[return-value]
 
 
+def archive_kind(path: Path) -> str | None:
+    """The archive's kind by its bytes ("zip" or "tar"), as `_entries` reads it (a zip first); None for neither."""
+    if zipfile.is_zipfile(path):
+        return "zip"
+    try:
+        with tarfile.open(path):
+            return "tar"
+    except (tarfile.TarError, OSError):
+        return None
+
+
 def _read_bounded(opener: Callable[[], IO[bytes]], name: str, budget: int, limit: int) -> bytes:
     """The entry's bytes, stopping as soon as the archive's total would pass its bound."""
     chunks = []

@@ -17,6 +17,8 @@ from training.config import (
     TRAIN_DEFAULT_RANK,
     TRAIN_DEFAULT_RESOLUTION,
     TRAIN_DEFAULT_STEPS,
+    TRAIN_EMBEDDING_LEARNING_RATE,
+    TRAIN_LR_SCHEDULERS,
     TRAIN_MAX_BATCH_SIZE,
     TRAIN_MAX_LEARNING_RATE,
     TRAIN_MAX_RANK,
@@ -40,7 +42,9 @@ class TrainingRequest:
     """Everything one training needs, independent of how it arrived (Cog, a test, a script).
 
     Field names are the Flux trainer's (replicate/flux-fine-tuner), plus model, train_text_encoder
-    and seed. Secrets never appear in repr() or in record().
+    and seed, and three settings only Replicate's SDXL trainer (cog-sdxl) names: ti_lr,
+    lr_scheduler, lr_warmup_steps (training/cog_sdxl.py maps its other names onto Flux's).
+    Secrets never appear in repr() or in record().
     """
 
     input_images: Path | None = None
@@ -71,6 +75,9 @@ class TrainingRequest:
     model: str = DEFAULT_MODEL
     train_text_encoder: bool = True
     seed: int | None = None
+    ti_lr: float = TRAIN_EMBEDDING_LEARNING_RATE  # the pivotal tokens' learning rate
+    lr_scheduler: str | None = None  # None (and no lr_warmup_steps): the default warm-up, then constant
+    lr_warmup_steps: int | None = None  # None: TRAIN_WARMUP_FRACTION of the steps, at most TRAIN_WARMUP_MAX_STEPS
 
     @property
     def trigger(self) -> str:
@@ -108,6 +115,14 @@ class TrainingRequest:
             raise InputError(f"lora_rank must be between 1 and {TRAIN_MAX_RANK}, got {self.lora_rank}")
         if not 0 < self.learning_rate <= TRAIN_MAX_LEARNING_RATE:
             raise InputError(f"learning_rate must be above 0 and at most {TRAIN_MAX_LEARNING_RATE:g}")
+        if not 0 < self.ti_lr <= TRAIN_MAX_LEARNING_RATE:
+            raise InputError(f"ti_lr must be above 0 and at most {TRAIN_MAX_LEARNING_RATE:g}, got {self.ti_lr:g}")
+        if self.lr_scheduler is not None and self.lr_scheduler not in TRAIN_LR_SCHEDULERS:
+            raise InputError(
+                f"lr_scheduler {self.lr_scheduler!r} is not known: use one of {', '.join(TRAIN_LR_SCHEDULERS)}"
+            )
+        if self.lr_warmup_steps is not None and not 0 <= self.lr_warmup_steps <= TRAIN_MAX_STEPS:
+            raise InputError(f"lr_warmup_steps must be between 0 and {TRAIN_MAX_STEPS}, got {self.lr_warmup_steps}")
         if not 1 <= self.batch_size <= TRAIN_MAX_BATCH_SIZE:
             raise InputError(f"batch_size must be between 1 and {TRAIN_MAX_BATCH_SIZE}, got {self.batch_size}")
         if not 0 <= self.caption_dropout_rate <= 1:

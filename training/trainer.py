@@ -13,7 +13,8 @@ What it does, and why:
   disk with cache_latents_to_disk), then sampled each step; images are cropped to the bucket of
   nearest proportions, never squashed. Each epoch uses every cached latent once (no replacement).
 - Loss: noise-prediction MSE weighted by min-SNR-gamma (gamma 5; an SNR of 0, a zero-terminal
-  timestep, weighs 1 instead of dividing by zero); a linear learning-rate warm-up, then constant.
+  timestep, weighs 1 instead of dividing by zero); a linear learning-rate warm-up, then constant,
+  or the schedule lr_scheduler / lr_warmup_steps ask for (diffusers' get_scheduler, as cog-sdxl).
 - On CUDA: bf16 base weights and autocast where the GPU has bf16 (no grad scaler), else fp16 with
   a grad scaler; fp32 trainable weights. Gradient checkpointing only when asked or when the GPU is
   small (TRAIN_CHECKPOINTING_BELOW_GIB). On CPU everything is fp32.
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
@@ -59,7 +61,6 @@ from training.config import (
     TAGGER_DIR,
     TAGGER_MODELS,
     TRAIN_CHECKPOINTING_BELOW_GIB,
-    TRAIN_EMBEDDING_LEARNING_RATE,
     TRAIN_EMBEDDING_NORM_PULL,
     TRAIN_EMBEDDING_TRAIN_FRACTION,
     TRAIN_LOG_SECONDS,
@@ -477,6 +478,8 @@ def train(
     pivotal_on = request.train_text_encoder and bool(trigger)
     if request.train_text_encoder and not trigger:
         log.info("train_text_encoder: no trigger word, so there are no new tokens to learn: the LoRA alone trains")
+    if not pivotal_on and request.ti_lr != TrainingRequest.ti_lr:
+        log.info("ti_lr is not used: without pivotal tuning there are no new tokens to learn")
     if not pivotal_on and trigger:  # with pivotal tuning the word becomes new tokens instead
         _check_trigger(CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True), trigger)
     if request.wandb_api_key is None and (request.wandb_run or request.wandb_entity or request.wandb_sample_prompts):
@@ -631,13 +634,16 @@ def _fit(
     stop_tokens_after = request.steps
     if run.pivotal is not None:
         embeddings = run.pivotal.parameters()
-        param_groups.append({"params": embeddings, "lr": TRAIN_EMBEDDING_LEARNING_RATE, "weight_decay": 0.0})
+        param_groups.append({"params": embeddings, "lr": request.ti_lr, "weight_decay": 0.0})
         trainable += embeddings
         stop_tokens_after = max(1, round(request.steps * TRAIN_EMBEDDING_TRAIN_FRACTION))
-        log.info("pivotal tuning: the trigger's tokens learn for the first %d steps", stop_tokens_after)
+        log.info(
+            "pivotal tuning: the trigger's tokens learn for the first %d steps at lr %g",
+            stop_tokens_after,
+            request.ti_lr,
+        )
     optimizer = build_optimizer(request.optimizer_name, param_groups, settings.eight_bit_optimizers)
-    warmup = max(1, min(TRAIN_WARMUP_MAX_STEPS, int(request.steps * TRAIN_WARMUP_FRACTION)))
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    lr_schedule = _lr_schedule(optimizer, request)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision.scaler)
     prompts = request.sample_prompts() if tracker is not None else []
     timesteps = run.scheduler.config.num_train_timesteps
@@ -689,6 +695,29 @@ def _fit(
             recent.clear()
             last_log = now
     return time.perf_counter() - start
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, request: TrainingRequest) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate step by step (a factor on every group's rate).
+
+    Unasked: a linear warm-up over TRAIN_WARMUP_FRACTION of the steps (at most
+    TRAIN_WARMUP_MAX_STEPS; the first step already learns), then constant. lr_scheduler /
+    lr_warmup_steps (Replicate's SDXL trainer's inputs): diffusers' get_scheduler, as that trainer
+    runs it, except that "constant" keeps the warm-up asked for (diffusers' plain "constant" has none).
+    """
+    default_warmup = max(1, min(TRAIN_WARMUP_MAX_STEPS, int(request.steps * TRAIN_WARMUP_FRACTION)))
+    if request.lr_scheduler is None and request.lr_warmup_steps is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / default_warmup))
+    name = request.lr_scheduler or "constant"
+    warmup = default_warmup if request.lr_warmup_steps is None else request.lr_warmup_steps
+    after = "" if name == "constant" else f", then down to 0 at step {request.steps}"
+    log.info("learning rate: %s schedule, %d warm-up step(s) from 0%s", name, warmup, after)
+    return get_scheduler(
+        "constant_with_warmup" if name == "constant" else name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=request.steps,
+    )
 
 
 def _samples(run: _Run, prompts: list[str], trigger: str) -> list[tuple[str, Image.Image]]:
