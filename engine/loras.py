@@ -63,7 +63,7 @@ def check_format(path: Path, name: str) -> None:
     if refused := adapters.refusal(list(shapes)):
         raise InputError(
             f"LoRA {name} is a LyCORIS {refused} file, a type this predictor does not apply: use a LoRA, "
-            "LoCon, LoHa, LoKr, DoRA or full-difference file (docs/loras.md)"
+            "LoCon, LoHa, LoKr, DoRA, OFT / BOFT, GLoRA or full-difference file (docs/loras.md)"
         )
     if what := adapters.identify(shapes):
         raise InputError(
@@ -72,8 +72,8 @@ def check_format(path: Path, name: str) -> None:
     if not any(adapters.is_adapter_key(key) for key in shapes):
         shown = ", ".join(list(shapes)[:3]) or "none"
         raise InputError(
-            f"LoRA {name} holds no LoRA weights (no lora_up / lora_A / hada_ / lokr_ / diff keys; its first "
-            f"keys are: {shown}): check that the link points at the LoRA file"
+            f"LoRA {name} holds no LoRA weights (no lora_up / lora_A / hada_ / lokr_ / oft_blocks / diff keys; "
+            f"its first keys are: {shown}): check that the link points at the LoRA file"
         )
 
 

@@ -138,24 +138,38 @@ def lycoris_state(
     **options: object,
 ) -> dict[str, torch.Tensor]:
     """One LyCORIS module per target as LyCORIS builds and saves it (`custom_state_dict`), every
-    factor drawn at random (LyCORIS starts one factor at zero, a file that changes nothing) and
-    every DoRA magnitude moved off the base's norms. algo: locon, loha, lokr or full."""
+    factor drawn at random (LyCORIS starts one factor at zero, or OFT's blocks at the identity
+    rotation, a file that changes nothing), OFT's row rescale drawn around 1, and every DoRA
+    magnitude moved off the base's norms. algo: locon, loha, lokr, full, diag-oft, boft or glora."""
+    from lycoris.modules.boft import ButterflyOFTModule
+    from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.full import FullModule
+    from lycoris.modules.glora import GLoRAModule
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
-    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule, "full": FullModule}[algo]
+    cls = {
+        "locon": LoConModule,
+        "loha": LohaModule,
+        "lokr": LokrModule,
+        "full": FullModule,
+        "diag-oft": DiagOFTModule,
+        "boft": ButterflyOFTModule,
+        "glora": GLoRAModule,
+    }[algo]
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for component, path in targets:
         layer = layer_of(pipe, component, path)
         name = kohya_name(component, path)
-        extra = {} if algo == "full" else {"weight_decompose": dora, "wd_on_out": wd_on_out}
+        plain = algo in ("full", "diag-oft", "boft", "glora")  # no DoRA option (LyCORIS ignores it there)
+        extra = {} if plain else {"weight_decompose": dora, "wd_on_out": wd_on_out}
         module = cls(name, layer, **extra, **options)
         with torch.no_grad():
-            for param in module.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            for param_name, param in module.named_parameters():
+                drawn = torch.randn(param.shape, generator=generator) * 0.2
+                param.copy_(1 + drawn / 2 if param_name == "rescale" else drawn)
             if dora:
                 module.dora_scale.mul_(1.5)
         for key, value in module.state_dict().items():

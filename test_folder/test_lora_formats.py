@@ -9,6 +9,7 @@ must equal that LoRA's image. Engine-level: no Cog server in this module.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -249,6 +250,146 @@ def test_a_lycoris_file_and_a_plain_lora_together(
 
 
 # ---------------------------------------------------------------------------------------------
+# OFT, BOFT and GLoRA: updates computed from the base weight at fuse time. The oracle is the
+# LyCORIS module itself, rebuilt from the file's tensors (`make_module_from_state_dict`) on a copy
+# of the engine's base layer, and its `get_merged_weight`.
+
+# (LyCORIS algo, its options): linear and conv layers, with and without rescale / constraint. A
+# constraint of 0.01 per row bounds ‖Q‖ at 0.32-1.28 on these layers, below the drawn blocks' norm.
+BASE_AWARE = {
+    "diag-oft": ("diag-oft", {"lora_dim": 4}),
+    "diag-oft-rescale-constraint": ("diag-oft", {"lora_dim": 8, "rescaled": True, "constraint": 0.01}),
+    "boft": ("boft", {"lora_dim": 4}),
+    "boft-rescale-constraint": ("boft", {"lora_dim": 2, "rescaled": True, "constraint": 0.01}),
+    "glora": ("glora", {"lora_dim": 4, "alpha": 2}),
+}
+
+
+def base_layers(engine: Engine) -> dict[str, torch.nn.Module]:
+    """Copies of the engine's target layers as they are now (the base), for LyCORIS to wrap."""
+    return {name: copy.deepcopy(layer_of(engine.models[MODEL].txt2img, *target)) for name, target in TARGETS.items()}
+
+
+def lycoris_merged(
+    state: dict[str, torch.Tensor], layers: dict[str, torch.nn.Module], multiplier: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Each module's merged weight by the LyCORIS module that reads the file's tensors."""
+    out = {}
+    with torch.no_grad():
+        for name, p in by_module(state).items():
+            layer = layers[name]
+            if "a1.weight" in p:
+                factors = (p["a1.weight"], p["a2.weight"], p["b1.weight"], p["b2.weight"], p.get("bm.weight"))
+                module = GLoRAModule.make_module_from_state_dict(name, layer, *factors, p["alpha"])
+            else:
+                cls = DiagOFTModule if p["oft_blocks"].ndim == 3 else ButterflyOFTModule
+                module = cls.make_module_from_state_dict(name, layer, p["oft_blocks"], p.get("rescale"), p["alpha"])
+            out[name] = module.get_merged_weight(multiplier, layer.weight.shape, "cpu")[0]
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(BASE_AWARE))
+def test_oft_boft_and_glora_are_lycoris_merged_weights(
+    engine: Engine, pipe: StableDiffusionXLPipeline, tmp_path: Path, baseline: np.ndarray, fmt: str
+) -> None:
+    """Each fused weight is LyCORIS's merged weight for its module within fp32 rounding (R by a
+    solve where LyCORIS inverts, Rᵀ·W0 where it adds (R - I)ᵀ·W0 to W0); the image changes, is
+    the image of the same ΔW as a plain LoRA within one 8-bit level, and the base returns exactly."""
+    algo, options = BASE_AWARE[fmt]
+    state = lycoris_state(pipe, algo, seed=len(fmt), **options)
+    if "constraint" in options:  # the bound acts: every module's ‖Q‖ is above alpha·out
+        for p in by_module(state).values():
+            q = p["oft_blocks"] - p["oft_blocks"].transpose(-1, -2)
+            assert q.norm() > float(p["alpha"]) * p["rescale"].shape[0]
+    bases = {name: weight(engine, name) for name in TARGETS}
+    expected = lycoris_merged(state, base_layers(engine))
+
+    image = pixels(engine, with_file(write(tmp_path, fmt, state)))
+    for name, merged in expected.items():
+        fused = weight(engine, name)
+        torch.testing.assert_close(fused, merged, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(fused, bases[name]), f"{name} is changed"
+    plain = write(tmp_path, f"{fmt}-plain", plain_lora_of({n: expected[n] - bases[n] for n in expected}))
+    assert np.abs(image - baseline).max() > 2, "the format changes the image"
+    assert np.abs(image - pixels(engine, with_file(plain))).max() <= 1
+    assert np.array_equal(pixels(engine, BASE), baseline)
+    assert all(torch.equal(weight(engine, n), bases[n]) for n in TARGETS), "every weight is the base's again"
+
+
+def test_a_scale_blends_oft_as_lycoris_does_without_rescale_and_linearly_with_it(
+    engine: Engine, pipe: StableDiffusionXLPipeline, tmp_path: Path, baseline: np.ndarray
+) -> None:
+    """At scale 0.5: diag-OFT without rescale and GLoRA are LyCORIS's multiplier 0.5 (R_s = I +
+    s(R - I), resp. W0 + s·ΔW); BOFT and a rescaled OFT are W0 + s·(W' - W0) (LyCORIS scales BOFT
+    stage by stage and keeps the rescale whole, so its scale 0 would not be the base)."""
+    layers = base_layers(engine)
+    bases = {name: weight(engine, name) for name in TARGETS}
+    for fmt in ("diag-oft", "glora", "boft-rescale-constraint"):
+        algo, options = BASE_AWARE[fmt]
+        state = lycoris_state(pipe, algo, seed=len(fmt), **options)
+        path = write(tmp_path, fmt, state)
+        pixels(engine, with_file(path))
+        full = {name: weight(engine, name) for name in TARGETS}
+        pixels(engine, with_file(path, 0.5))
+        if fmt == "boft-rescale-constraint":
+            for name in TARGETS:
+                assert torch.equal(weight(engine, name), torch.lerp(bases[name], full[name], 0.5)), name
+        else:
+            for name, merged in lycoris_merged(state, layers, 0.5).items():
+                torch.testing.assert_close(weight(engine, name), merged, rtol=1e-5, atol=1e-6)
+        pixels(engine, with_file(path, 0.0))
+        assert all(torch.equal(weight(engine, n), bases[n]) for n in TARGETS), f"{fmt} at scale 0 is the base"
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def sd_scripts_oft(blocks: torch.Tensor, alpha: float, base: torch.Tensor) -> torch.Tensor:
+    """sd-scripts networks/oft.py, OFTInfModule.merge_to at multiplier 1, written from its maths:
+    Q = B - Bᵀ held to alpha·out by Q·(min(‖Q‖, alpha·out) + 1e-8) / (‖Q‖ + 1e-8), R by Cayley with
+    an inverse, and W'[k, m] = Σ_n R[k, n, m] W[k, n] over groups of b output rows."""
+    k, b, _ = blocks.shape
+    q = blocks - blocks.transpose(1, 2)
+    norm = torch.norm(q.flatten())
+    q = q * ((torch.clamp(norm, max=alpha * base.shape[0]) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(b).expand(k, b, b)
+    r = (eye + q) @ (eye - q).inverse()
+    return torch.einsum("k n m, k n i -> k m i", r, base.reshape(k, b, -1)).reshape(base.shape)
+
+
+def test_sd_scripts_oft_files_apply_by_their_own_clamp(engine: Engine, tmp_path: Path, baseline: np.ndarray) -> None:
+    """sd-scripts' own OFT (networks/oft.py) saves `oft_unet_<module>.oft_blocks` (num_blocks, b, b)
+    and `.alpha` for UNet layers only. Same Cayley rotation, orientation and alpha·out bound as
+    LyCORIS's diag-OFT, but its clamp always applies: alpha 0 there means no rotation, where
+    LyCORIS's alpha 0 means no bound. Checked unconstrained (alpha 1), clamped (alpha 0.005) and
+    at alpha 0, against that formula."""
+    generator = torch.Generator().manual_seed(11)
+    unet = {name: target for name, target in TARGETS.items() if target[0] == "unet"}
+    bases = {name: weight(engine, name) for name in unet}
+    blocks = {
+        name: torch.randn(8, base.shape[0] // 8, base.shape[0] // 8, generator=generator) * 0.2
+        for name, base in bases.items()
+    }
+    sd_name = {name: "oft_unet_" + name.removeprefix("lora_unet_") for name in unet}
+    for alpha in (1.0, 0.005, 0.0):
+        state = {f"{sd_name[n]}.oft_blocks": b for n, b in blocks.items()}
+        state |= {f"{sd_name[n]}.alpha": torch.tensor(alpha) for n in blocks}
+        image = pixels(engine, with_file(write(tmp_path, f"sd-scripts-{alpha}", state)))
+        for name, base in bases.items():
+            torch.testing.assert_close(
+                weight(engine, name), sd_scripts_oft(blocks[name], alpha, base), rtol=1e-5, atol=1e-6
+            )
+        if alpha:
+            assert np.abs(image - baseline).max() > 2, alpha
+    lycoris_names = {f"{n}.oft_blocks": b for n, b in blocks.items()} | {
+        f"{n}.alpha": torch.tensor(0.0) for n in blocks
+    }
+    pixels(engine, with_file(write(tmp_path, "lycoris-alpha-0", lycoris_names)))
+    unbounded = {n: sd_scripts_oft(b, 1e9, bases[n]) for n, b in blocks.items()}
+    for name in unet:
+        torch.testing.assert_close(weight(engine, name), unbounded[name], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+# ---------------------------------------------------------------------------------------------
 # Refusals: by the type's real name, before any weight is touched.
 
 
@@ -260,43 +401,118 @@ def refused_state(pipe: StableDiffusionXLPipeline, cls: type, **options: object)
     return {f"{name}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items() if "org_" not in k}
 
 
+OFT_NAME = kohya_name(*LYCORIS_TARGETS[0])  # a 64-row attention projection
+
+
 @pytest.mark.parametrize(
-    ("cls", "options", "named"),
+    ("state", "named"),
     [
-        (IA3Module, {}, r"\(IA\)\^3"),
-        (GLoRAModule, {"lora_dim": 4}, "GLoRA"),
-        (DiagOFTModule, {"lora_dim": 4}, "OFT / BOFT"),
-        (ButterflyOFTModule, {"lora_dim": 4}, "OFT / BOFT"),
+        ("ia3", r"is a LyCORIS \(IA\)\^3 file, a type this predictor does not apply"),
+        (
+            {f"{OFT_NAME}.oft_diag": torch.zeros(16, 4, 4), f"{OFT_NAME}.alpha": torch.tensor(0.0)},
+            "is a LyCORIS OFT in the old oft_diag layout file, a type this predictor does not apply",
+        ),
+        ({f"{OFT_NAME}.lambda_layer": torch.zeros(4)}, "is a LyCORIS T-LoRA file"),
     ],
 )
-def test_lycoris_types_that_are_no_weight_difference_are_refused_by_name(
-    engine: Engine,
-    pipe: StableDiffusionXLPipeline,
-    tmp_path: Path,
-    baseline: np.ndarray,
-    cls: type,
-    options: dict,
-    named: str,
+def test_lycoris_types_this_predictor_does_not_apply_are_refused_by_name(
+    engine: Engine, pipe: StableDiffusionXLPipeline, tmp_path: Path, baseline: np.ndarray, state: object, named: str
 ) -> None:
-    state = refused_state(pipe, cls, **options)
-    path = write(tmp_path, cls.__name__, state)
+    if state == "ia3":
+        state = refused_state(pipe, IA3Module)
+    path = write(tmp_path, "refused", state)
     loras = engine.models[MODEL].lora_set
-    with pytest.raises(InputError, match=f"is a LyCORIS {named} file, a type this predictor does not apply"):
+    with pytest.raises(InputError, match=named):
         engine.generate(with_file(path))
     assert not loras.merged and loras.active == ()
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
-def test_the_refused_types_are_named_by_their_real_keys(pipe: StableDiffusionXLPipeline) -> None:
-    """The keys the refusals read are the ones LyCORIS saves (not `glora_`, which no file has)."""
-    assert {k.partition(".")[2] for k in refused_state(pipe, GLoRAModule, lora_dim=4)} >= {
-        "a1.weight",
-        "a2.weight",
-        "b1.weight",
-        "b2.weight",
-    }
-    assert {k.partition(".")[2] for k in refused_state(pipe, IA3Module)} >= {"weight", "on_input"}
-    assert "oft_blocks" in {k.partition(".")[2] for k in refused_state(pipe, DiagOFTModule, lora_dim=4)}
+def oft_module(pipe: StableDiffusionXLPipeline, algo: str, target: tuple[str, str], **options: object) -> dict:
+    return lycoris_state(pipe, algo, seed=1, targets=[target], **options)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # DoRA beside OFT: LyCORIS's OFT / BOFT / GLoRA modules have no weight_decompose
+        (
+            lambda pipe: (
+                oft_module(pipe, "diag-oft", LYCORIS_TARGETS[0], lora_dim=4)
+                | {f"{OFT_NAME}.dora_scale": torch.ones(64, 1)}
+            ),
+            "damaged .*: a LyCORIS OFT module holds dora_scale: LyCORIS makes no DoRA for OFT / BOFT",
+        ),
+        (
+            lambda pipe: (
+                oft_module(pipe, "glora", LYCORIS_TARGETS[0], lora_dim=4)
+                | {f"{OFT_NAME}.dora_scale": torch.ones(64, 1)}
+            ),
+            "damaged .*: a LyCORIS GLoRA module holds dora_scale",
+        ),
+        # a rescale that is not one number per rotated row
+        (
+            lambda pipe: (
+                oft_module(pipe, "diag-oft", LYCORIS_TARGETS[0], lora_dim=4, rescaled=True)
+                | {f"{OFT_NAME}.rescale": torch.ones(63, 1)}
+            ),
+            rf"damaged .*{OFT_NAME}: rescale \[63, 1\] does not fit oft_blocks",
+        ),
+        # BOFT blocks that make no butterfly (3 stages need 4 to divide the block count)
+        (
+            lambda pipe: {f"{OFT_NAME}.oft_blocks": torch.zeros(3, 2, 32, 32), f"{OFT_NAME}.alpha": torch.tensor(0.0)},
+            "damaged .*are no butterfly",
+        ),
+        # blocks made for a 128-row layer under a 64-row layer's name: another model's file
+        (
+            lambda pipe: {
+                k.replace(kohya_name(*LYCORIS_TARGETS[10]), OFT_NAME): v
+                for k, v in oft_module(pipe, "boft", LYCORIS_TARGETS[10], lora_dim=4).items()
+            },
+            r"does not fit .*the LyCORIS BOFT blocks \[\d+, 32, 4, 4\] rotate 128 output rows, "
+            r"the model's weight is \[64, 64\]",
+        ),
+        # GLoRA factors that do not chain
+        (
+            lambda pipe: {
+                f"{OFT_NAME}.a1.weight": torch.ones(64, 4),
+                f"{OFT_NAME}.a2.weight": torch.ones(4, 64),
+                f"{OFT_NAME}.b1.weight": torch.ones(64, 4),
+                f"{OFT_NAME}.b2.weight": torch.ones(3, 64),
+            },
+            "damaged .*GLoRA factors .* do not make W·a1·a2 \\+ b1·b2",
+        ),
+        # the older LyCORIS GLoRA arrangement (a1 (rank, in), ..., b2 (out, rank)), which ComfyUI
+        # also reads: named, not applied
+        (
+            lambda pipe: {
+                f"{OFT_NAME}.a1.weight": torch.ones(4, 64),
+                f"{OFT_NAME}.a2.weight": torch.ones(64, 4),
+                f"{OFT_NAME}.b1.weight": torch.ones(4, 64),
+                f"{OFT_NAME}.b2.weight": torch.ones(64, 4),
+            },
+            "GLoRA factors are in an older LyCORIS layout",
+        ),
+    ],
+)
+def test_oft_and_glora_modules_that_cannot_apply_say_why(
+    engine: Engine, pipe: StableDiffusionXLPipeline, tmp_path: Path, baseline: np.ndarray, make, message: str
+) -> None:
+    path = write(tmp_path, "bad", make(pipe))
+    with pytest.raises(InputError, match=message):
+        engine.generate(with_file(path))
+    assert not engine.models[MODEL].lora_set.merged
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_the_types_are_read_by_their_real_keys(pipe: StableDiffusionXLPipeline) -> None:
+    """The keys the readers and the refusals use are the ones LyCORIS saves (not `glora_`, which no
+    file has)."""
+    keys = lambda cls, **options: {k.partition(".")[2] for k in refused_state(pipe, cls, **options)}  # noqa: E731
+    assert keys(GLoRAModule, lora_dim=4) == {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}
+    assert keys(IA3Module) >= {"weight", "on_input"}
+    assert keys(DiagOFTModule, lora_dim=4, rescaled=True) == {"oft_blocks", "rescale", "alpha"}
+    assert keys(ButterflyOFTModule, lora_dim=4, rescaled=True) == {"oft_blocks", "rescale", "alpha"}
 
 
 # What other files are, read from keys and shapes alone (each a layout only that kind of file has).

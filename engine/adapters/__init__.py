@@ -1,6 +1,6 @@
 """LoRA-family files read into per-module recipes for ΔW, and every other file named for what it is.
 
-One module a type (base, lora, loha, lokr, full), in the spirit of ComfyUI's comfy/weight_adapter/.
+One module a type (base, lora, loha, lokr, full, oft, glora), in the spirit of ComfyUI's comfy/weight_adapter/.
 `read_modules` groups a kohya / LyCORIS file's keys by module and reads each with the type its keys
 name (a file may mix types); `refusal` names the LyCORIS types this predictor does not apply and
 `identify` says, from keys and shapes only, what a file that is no SDXL LoRA is instead.
@@ -8,19 +8,26 @@ name (a file may mix types); `refusal` names the LyCORIS types this predictor do
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from engine.adapters.base import Adapter, FormatError
 from engine.adapters.full import Full
+from engine.adapters.glora import GLoRA
 from engine.adapters.loha import LoHa
 from engine.adapters.lokr import LoKr
 from engine.adapters.lora import LoRA
+from engine.adapters.oft import BOFT, OFT
 
 __all__ = [
+    "BOFT",
     "KOHYA_PREFIXES",
+    "OFT",
     "Adapter",
     "FormatError",
     "Full",
+    "GLoRA",
     "LoHa",
     "LoKr",
     "LoRA",
@@ -31,21 +38,18 @@ __all__ = [
     "refusal",
 ]
 
-TYPES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, Full)
+TYPES: tuple[type[Adapter], ...] = (LoRA, LoHa, LoKr, Full, OFT, BOFT, GLoRA)
+# sd-scripts' networks/oft.py names its (UNet-only) modules so; read as lora_unet_ names.
+KOHYA_OFT_PREFIX = "oft_unet_"
 # kohya-ss / LyCORIS module names: the model part, then the module path with "_" for ".".
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", KOHYA_OFT_PREFIX)
 # Types that change a layer's computation, not its weight by a ΔW, so a fused merge cannot apply
-# them; each is named by the keys LyCORIS (lycoris/modules/*.py weight_list) and kohya save.
+# them, or a layout no reference here defines; each is named by the keys LyCORIS
+# (lycoris/modules/*.py weight_list) and kohya save.
 REFUSED = {
     "on_input": "(IA)^3",
-    "a1.weight": "GLoRA",
-    "a2.weight": "GLoRA",
-    "b1.weight": "GLoRA",
-    "b2.weight": "GLoRA",
-    "bm.weight": "GLoRA",
-    "oft_blocks": "OFT / BOFT",
-    "oft_diag": "OFT / BOFT",
-    "rescale": "OFT / BOFT",
+    # LyCORIS 2.0's OFT layout; LyCORIS 4 (the reference the tests hold OFT to) writes oft_blocks
+    "oft_diag": "OFT in the old oft_diag layout",
     "lambda_layer": "T-LoRA",
     "q_layer.weight": "T-LoRA",
     "p_layer.weight": "T-LoRA",
@@ -85,7 +89,7 @@ def read_module(tensors: dict[str, torch.Tensor]) -> dict[str, Adapter]:
     unknown = sorted(set(tensors) - {s for t in TYPES for s in t.suffixes} - {"scalar"})
     if unknown:
         raise FormatError(f"it holds keys of no known LoRA type ({', '.join(unknown[:3])})")
-    kinds = [t for t in TYPES if any(s in tensors for s in t.marks)]
+    kinds = [t for t in TYPES if t.claims(tensors)]
     if not kinds:
         raise FormatError(f"a module holds no factors, only {', '.join(sorted(tensors))}")
     if len(kinds) > 1:
@@ -110,10 +114,27 @@ def read_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, Adapter]
     modules = {}
     for module, tensors in grouped.items():
         try:
-            modules[module] = read_module(tensors)
+            parts = read_module(tensors)
+            if module.startswith(KOHYA_OFT_PREFIX):
+                parts = {param: _kohya_oft(adapter) for param, adapter in parts.items()}
         except FormatError as exc:
             raise FormatError(f"{module}: {exc}") from None
+        modules[_module_name(module)] = parts
     return modules
+
+
+def _module_name(module: str) -> str:
+    """An sd-scripts OFT module is named like a kohya LoRA's, under its own prefix."""
+    if module.startswith(KOHYA_OFT_PREFIX):
+        return "lora_unet_" + module.removeprefix(KOHYA_OFT_PREFIX)
+    return module
+
+
+def _kohya_oft(adapter: Adapter) -> OFT:
+    """sd-scripts' networks/oft.py saves only oft_blocks (k, b, b) and alpha under oft_unet_."""
+    if not isinstance(adapter, OFT) or adapter.rescale is not None:
+        raise FormatError(f"sd-scripts' OFT names ({KOHYA_OFT_PREFIX}) hold a {adapter.kind} module, not its OFT")
+    return replace(adapter, kohya=True)
 
 
 def _width(shapes: dict[str, tuple[int, ...]], *fragments: str) -> int | None:

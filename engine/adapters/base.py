@@ -38,6 +38,11 @@ class Adapter:
     marks: ClassVar[tuple[str, ...]]  # any of these suffixes makes a module this type
 
     @classmethod
+    def claims(cls, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether one module's tensors (keyed by suffix) are of this type."""
+        return any(s in tensors for s in cls.marks)
+
+    @classmethod
     def read(cls, tensors: dict[str, torch.Tensor]) -> Adapter:
         """The adapter of one module, from its tensors keyed by suffix (alpha, dora_scale, ...)."""
         raise NotImplementedError
