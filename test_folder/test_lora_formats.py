@@ -21,7 +21,7 @@ from diffusers import StableDiffusionXLPipeline
 from lycoris.functional import locon, loha, lokr, weight_decompose
 from lycoris.modules.boft import ButterflyOFTModule
 from lycoris.modules.diag_oft import DiagOFTModule
-from lycoris.modules.glora import GLoRAModule
+from lycoris.modules.glora import GLoRAModule, _glora_weight
 from lycoris.modules.ia3 import IA3Module
 from safetensors.torch import save, save_file
 
@@ -339,6 +339,29 @@ def test_a_scale_blends_oft_as_lycoris_does_without_rescale_and_linearly_with_it
                 torch.testing.assert_close(weight(engine, name), merged, rtol=1e-5, atol=1e-6)
         pixels(engine, with_file(path, 0.0))
         assert all(torch.equal(weight(engine, n), bases[n]) for n in TARGETS), f"{fmt} at scale 0 is the base"
+    assert np.array_equal(pixels(engine, BASE), baseline)
+
+
+def test_a_glora_tucker_middle_is_lycoris_glora_weight(engine: Engine, tmp_path: Path, baseline: np.ndarray) -> None:
+    """GLoRA's Tucker form (`bm.weight` with 1x1 b2) on a 3x3 convolution: LyCORIS 4.1.3's module
+    cannot make it (its use_tucker asks for 1x1 and for larger kernels at once), so the oracle is
+    its merge function, `lycoris.modules.glora._glora_weight`, on the file's tensors."""
+    name, rank = kohya_name("unet", "mid_block.resnets.0.conv2"), 4
+    base = weight(engine, name)
+    generator = torch.Generator().manual_seed(12)
+    drawn = lambda *shape: torch.randn(*shape, generator=generator) * 0.2  # noqa: E731
+    factors = {
+        "a1.weight": drawn(64, rank, 1, 1),
+        "a2.weight": drawn(rank, 64, 1, 1),
+        "b1.weight": drawn(64, rank, 1, 1),
+        "b2.weight": drawn(rank, 64, 1, 1),
+        "bm.weight": drawn(rank, rank, 3, 3),
+    }
+    state = {f"{name}.{k}": v for k, v in factors.items()} | {f"{name}.alpha": torch.tensor(2.0)}
+    image = pixels(engine, with_file(write(tmp_path, "glora-tucker", state)))
+    delta = _glora_weight(base, *(factors[f"{k}.weight"] for k in ("a1", "a2", "b1", "b2", "bm")), 2.0 / rank)
+    torch.testing.assert_close(weight(engine, name), base + delta, rtol=1e-5, atol=1e-6)
+    assert np.abs(image - baseline).max() > 2
     assert np.array_equal(pixels(engine, BASE), baseline)
 
 
