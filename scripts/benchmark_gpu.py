@@ -37,7 +37,7 @@ from engine.devices import default_device, default_dtype
 from engine.generator import Engine
 from engine.request import Credentials, GenerationRequest, LoraSpec
 from engine.upscale import Upscaler
-from scripts.benchmark_loras import lycoris_pair
+from scripts.benchmark_loras import lycoris_pair, oft_lora
 from scripts.build_tiny_weights import FULL, TINY, build_all
 from test_folder.lora_factory import diffusers_lora
 from weights import lora_store, lora_warm_max_bytes
@@ -211,6 +211,7 @@ def main() -> None:
     one = replace(req, go_fast=False, loras=(LoraSpec(str(lora_a), 0.8),))
     # LyCORIS files as LyCORIS's own modules save them, on every attention projection of the UNet.
     lokr, dora = lycoris_pair(pipe, args.weights, rank=32)
+    oft = oft_lora(pipe, args.weights, block=32)
     cases = {
         "plain": replace(req, go_fast=False),
         "weighted 130-token prompt": replace(req, go_fast=False, prompt=long_prompt),
@@ -218,6 +219,7 @@ def main() -> None:
         "two rank-32 LoRAs": replace(one, loras=(*one.loras, LoraSpec(str(lora_b), 0.6))),
         "a rank-32 LoKr (LyCORIS)": replace(one, loras=(LoraSpec(str(lokr.path), 0.8),)),
         "a rank-32 DoRA LoCon (LyCORIS)": replace(one, loras=(LoraSpec(str(dora.path), 0.8),)),
+        "a block-32 diag-OFT (LyCORIS)": replace(one, loras=(LoraSpec(str(oft.path), 0.8),)),
     }
     # Issue 12's features on the same plain request, when baked: their added latency, interleaved.
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8))

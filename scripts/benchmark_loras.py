@@ -76,11 +76,20 @@ def lycoris_pair(pipe: StableDiffusionXLPipeline, root: Path, rank: int) -> tupl
         ),
         "dora": lycoris_state(pipe, "locon", 4, targets=targets, lora_dim=rank, alpha=rank, dora=True),
     }
-    files = []
-    for name, state in made.items():
-        save_file({k: v.to("cpu", pipe.unet.dtype) for k, v in state.items()}, root / f"{name}.safetensors")
-        files.append(LocalLora(name, root / f"{name}.safetensors", 1.0, name))
+    files = [_saved(pipe, root, name, state) for name, state in made.items()]
     return files[0], files[1]
+
+
+def oft_lora(pipe: StableDiffusionXLPipeline, root: Path, block: int) -> LocalLora:
+    """A LyCORIS diag-OFT of this block size on every attention projection of the UNet: its W' is
+    a rotation of W0, computed at fuse time."""
+    targets = [("unet", name) for name, _ in pipe.unet.named_modules() if name.endswith(tuple(UNET_TARGETS))]
+    return _saved(pipe, root, "oft", lycoris_state(pipe, "diag-oft", 5, targets=targets, lora_dim=block))
+
+
+def _saved(pipe: StableDiffusionXLPipeline, root: Path, name: str, state: dict[str, torch.Tensor]) -> LocalLora:
+    save_file({k: v.to("cpu", pipe.unet.dtype) for k, v in state.items()}, root / f"{name}.safetensors")
+    return LocalLora(name, root / f"{name}.safetensors", 1.0, name)
 
 
 def general_path(loras: LoraSet, plain: LocalLora, lokr: LocalLora, dora: LocalLora, rounds: int) -> list[str]:
