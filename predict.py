@@ -16,10 +16,10 @@ from engine.config import (
     weights_root,
 )
 from engine.generator import Engine
-from engine.infotext import apply_generation_data
+from engine.infotext import apply_generation_data, one_generation_data
 from engine.request import Credentials, GenerationRequest, cfg_from_flux, loras_from_flux
 from engine.server_files import server_file
-from utils import OutputFolders, load_image, save_image
+from utils import OutputFolders, load_image, read_generation_data, save_image
 from weights import lora_store, lora_warm_max_bytes
 
 if TYPE_CHECKING:
@@ -29,14 +29,17 @@ log = logging.getLogger("predict")
 
 
 def _image(value: Path | str | None, input_name: str) -> Image.Image | None:
-    """An image input, read only when the caller sent it. coglet stores a URL or data: URI in a
-    temporary file and passes that as a cog Path; any other string reaches predict() exactly as
-    sent, i.e. a path on this server: `engine/server_files.py` refuses it before it is opened."""
-    if value is None:
-        return None
-    if not isinstance(value, Path):
-        value = server_file(str(value), input_name, "the image as an https URL or a data: URI")
-    return load_image(value, input_name)
+    """An image input, read only when the caller sent it."""
+    return None if value is None else load_image(_image_file(value, input_name), input_name)
+
+
+def _image_file(value: Path | str, input_name: str) -> Path:
+    """coglet stores a URL or data: URI in a temporary file and passes that as a cog Path; any
+    other string reaches predict() exactly as sent, i.e. a path on this server:
+    `engine/server_files.py` refuses it before it is opened."""
+    if isinstance(value, Path):
+        return value
+    return server_file(str(value), input_name, "the image as an https URL or a data: URI")
 
 
 class Predictor(BasePredictor):
@@ -170,12 +173,19 @@ class Predictor(BasePredictor):
             default=None,
             description="Generation data (parameters) as A1111, Forge or CivitAI show it: the prompt, a 'Negative prompt: ...' line and the 'Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ...' line. It sets every input left at its default; an input sent with another value wins (send an empty prompt to take the text's). <lora:NAME:weight> tags become LoRAs through CivitAI (Civitai resources or Lora hashes), up to 4. go_fast is off unless the text holds this model's go_fast fields. See docs/generation-data.md",
         ),
+        generation_data_image: Optional[Path] = Input(
+            default=None,
+            description="An image whose embedded generation data is used as generation_data is: a PNG with A1111's 'parameters' text, or a JPEG/WebP with it in EXIF UserComment, as A1111 and Forge save them, CivitAI's downloads keep them and this model's outputs write them (send an output back to reproduce it). Send this or generation_data, not both with different text. ComfyUI workflows are not read. See docs/generation-data.md",
+        ),
         embeddings: Optional[list[str]] = Input(
             default=None,
             description="Textual-inversion embeddings (SDXL files with clip_l and clip_g), up to 4, each in any form lora_weights takes. Call one in prompt or negative_prompt by its file name without the extension (as A1111 does), as embedding:NAME (as ComfyUI does), or by its CivitAI trigger word; e.g. a negative embedding in negative_prompt. Used for this prediction only. See docs/loras.md",
         ),
     ) -> list[Path]:
         defaulted = _at_default(locals())
+        if generation_data_image is not None:
+            file = _image_file(generation_data_image, "generation_data_image")
+            generation_data = one_generation_data(generation_data, read_generation_data(file, "generation_data_image"))
         request = GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,

@@ -1,5 +1,6 @@
 """Image files at the predictor's edge: reading input images, writing outputs with their
-generation parameters embedded (and reading them back), and the folders outputs are written to.
+generation parameters embedded (and reading them back, from an output or from an A1111 / Forge /
+CivitAI image sent as generation_data_image), and the folders outputs are written to.
 Nothing else belongs here.
 
 PNG carries A1111's `parameters` text chunk; JPEG and WebP carry the same text in EXIF
@@ -8,6 +9,7 @@ UserComment, where A1111, ComfyUI loaders and CivitAI look for it.
 
 from __future__ import annotations
 
+import codecs
 import shutil
 import struct
 import tempfile
@@ -22,6 +24,10 @@ from engine.errors import InputError
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
 UNICODE_PREFIX = b"UNICODE\x00"
+# EXIF UserComment's 8-byte character codes (Exif 2.3, table 9) and the codec of each; A1111 writes
+# UNICODE through piexif, which means UTF-16 big-endian (some other tools write little-endian).
+COMMENT_CODES = {UNICODE_PREFIX: "utf-16", b"ASCII\x00\x00\x00": "utf-8", b"JIS\x00\x00\x00\x00\x00": "shift_jis"}
+COMFYUI_CHUNKS = ("prompt", "workflow")
 PIL_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 # What PIL raises on files that are not images or are damaged (decoders differ in what they raise).
 _UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -41,7 +47,8 @@ def load_image(path: Path, input_name: str) -> Image.Image:
         return _read_bounded(path, input_name)
 
 
-def _read_bounded(path: Path, input_name: str) -> Image.Image:
+def _open_bounded(path: Path, input_name: str) -> Image.Image:
+    """The opened (not decoded) input image, refused past INPUT_IMAGE_MAX_PIXELS from its header."""
     too_big = f"at most {INPUT_IMAGE_MAX_PIXELS / 1e6:.0f} megapixels are read: downscale it and send it again"
     try:
         image = Image.open(path)
@@ -49,9 +56,14 @@ def _read_bounded(path: Path, input_name: str) -> Image.Image:
         raise InputError(f"{input_name} is too large: {too_big}") from exc
     except _UNREADABLE as exc:
         raise _unreadable(input_name) from exc
-    with image:
-        if image.width * image.height > INPUT_IMAGE_MAX_PIXELS:
-            raise InputError(f"{input_name} is {image.width}x{image.height}, too large: {too_big}")
+    if image.width * image.height > INPUT_IMAGE_MAX_PIXELS:
+        image.close()
+        raise InputError(f"{input_name} is {image.width}x{image.height}, too large: {too_big}")
+    return image
+
+
+def _read_bounded(path: Path, input_name: str) -> Image.Image:
+    with _open_bounded(path, input_name) as image:
         try:
             image.thumbnail((INPUT_IMAGE_MAX_SIDE, INPUT_IMAGE_MAX_SIDE))
             image.load()
@@ -85,12 +97,61 @@ def save_image(image: Image.Image, parameters: str, output_format: str, quality:
 def read_parameters(path: Path) -> str | None:
     """The embedded generation parameters of a file written by save_image, if any."""
     with Image.open(path) as image:
-        if "parameters" in image.info:
-            return image.info["parameters"]
-        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-    if isinstance(comment, bytes) and comment.startswith(UNICODE_PREFIX):
-        return comment[len(UNICODE_PREFIX) :].decode("utf-16-be")
-    return comment
+        return _embedded(image)[0]
+
+
+def read_generation_data(path: Path, input_name: str) -> str:
+    """The generation data an input image carries as A1111 / Forge write it (CivitAI's downloads
+    and this model's outputs keep it), read under the input-image limits; else a refusal that
+    says what was looked for. A ComfyUI image counts only with an A1111-style `parameters` text."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's warnings about a damaged file's metadata: refused below
+        with _open_bounded(path, input_name) as image:
+            try:
+                text, comfyui = _embedded(image)
+            except _UNREADABLE as exc:
+                raise _unreadable(input_name) from exc
+    if text and text.strip():
+        return text
+    if comfyui:
+        raise InputError(
+            f"{input_name} carries a ComfyUI workflow but no A1111-style 'parameters' text, and ComfyUI "
+            "workflows are not read: paste the image's parameters text as generation_data instead"
+        )
+    raise InputError(
+        f"{input_name} carries no generation data: no PNG 'parameters' text, no EXIF UserComment; "
+        "paste the text as generation_data instead"
+    )
+
+
+def _embedded(image: Image.Image) -> tuple[str | None, bool]:
+    """The image's `parameters` text (PNG text chunk, else EXIF UserComment) and whether it holds
+    ComfyUI's workflow chunks."""
+    chunks = dict(image.info)
+    if "parameters" not in chunks and image.format == "PNG":
+        chunks.update(image.text)  # chunks after the pixel data: read with them, within the pixel cap
+    comfyui = any(key in chunks for key in COMFYUI_CHUNKS)
+    if "parameters" in chunks:
+        return str(chunks["parameters"]), comfyui
+    return _user_comment(image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)), comfyui
+
+
+def _user_comment(value: object) -> str | None:
+    """EXIF UserComment as text: an 8-byte character code, then the text (A1111's `parse` of it
+    falls back to UTF-8 for a code it does not know)."""
+    if isinstance(value, str):  # a comment stored with the ASCII type, which PIL decodes
+        return value.strip("\x00")
+    if not isinstance(value, bytes):
+        return None
+    codec = COMMENT_CODES.get(value[:8])
+    if codec is None:
+        return value.decode("utf-8", errors="ignore").strip("\x00")
+    body = value[8:]
+    if codec == "utf-16" and body[:2] not in (codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE):
+        body = body[: len(body) // 2 * 2]
+        # ASCII characters have a zero high byte: first in big-endian (A1111's), second in little-endian.
+        codec = "utf-16-le" if body[1::2].count(0) > body[0::2].count(0) else "utf-16-be"
+    return body.decode(codec, errors="replace").strip("\x00")
 
 
 class OutputFolders:

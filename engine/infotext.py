@@ -199,6 +199,24 @@ class _Reading:
         return [*self.notes, *left, *(f"tag {tag}" for tag in self.info.other_tags)]
 
 
+def one_generation_data(pasted: str | None, from_image: str | None) -> str | None:
+    """The request's generation data: the pasted text (generation_data) or the text read from
+    generation_data_image. Both only when they are the same text (line endings and the blank
+    around it aside); anything else is refused, as neither can be said to win."""
+    if from_image is None:
+        return pasted
+    if pasted and _plain(pasted) != _plain(from_image):
+        raise InputError(
+            "generation_data and generation_data_image were both sent and hold different generation data: "
+            "send one of them (the image's own parameters come from generation_data_image alone)"
+        )
+    return from_image
+
+
+def _plain(text: str) -> str:
+    return text.replace("\r\n", "\n").strip()
+
+
 def apply_generation_data(
     request: GenerationRequest, text: str, defaulted: frozenset[str], models: Mapping[str, ModelFacts]
 ) -> GenerationRequest:

@@ -7,11 +7,13 @@ CivitAI's API emulated on loopback (by-hash lookups, version ids, downloads coun
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import logging
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,17 +21,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from engine.errors import InputError
-from engine.infotext import apply_generation_data, parse_infotext
+from engine.infotext import apply_generation_data, one_generation_data, parse_infotext
 from engine.metadata import GenerationParameters, checkpoint_hash, embedding_hash, lora_hash
 from engine.request import GenerationRequest, LoraSpec
 from engine.schedulers import SCHEDULERS, from_a1111
-from test_folder.conftest import CogServer, changed_share, decode_data_uri
+from test_folder.conftest import CogServer, changed_share, decode_data_uri, image_data_uri
 from test_folder.emulators import CivitaiVersion, civitai, civitai_hashes
 from test_folder.test_embeddings import sdxl_embedding
-from utils import read_parameters
+from utils import read_generation_data, read_parameters
 
 # Every Flux input that the tests below leave at its default (predict.py computes this set).
 ALL_DEFAULT = frozenset(
@@ -372,6 +374,112 @@ def test_bad_values_are_refused_with_what_to_do(text: str, message: str) -> None
         apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
 
 
+# -- generation_data_image: the text read from the image itself ---------------------------------
+
+A1111_TEXT = (
+    "a lighthouse at dusk, (film grain:1.2), 桜\n"
+    "Negative prompt: lowres, blurry\n"
+    "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 991, Size: 96x128, "
+    "Model hash: 0123456789, Model: waiIllustriousSDXL_v140, Clip skip: 2, Version: v1.10.1"
+)
+# What piexif.helper.UserComment.dump(text, encoding=...) returns (A1111 passes "unicode"), and
+# the little-endian UTF-16 some other tools write after the same code.
+COMMENTS = {
+    "unicode": lambda text: b"UNICODE\x00" + text.encode("utf-16-be"),
+    "unicode-le": lambda text: b"UNICODE\x00" + text.encode("utf-16-le"),
+    "ascii": lambda text: b"ASCII\x00\x00\x00" + text.encode("ascii"),
+}
+
+
+def piexif_dump(user_comment: bytes) -> bytes:
+    """piexif.dump({"Exif": {UserComment: ...}}), as A1111 writes it into a JPEG or WebP: big-endian
+    TIFF, IFD0 holding only the Exif IFD's pointer, the Exif IFD only the UserComment (UNDEFINED)."""
+    ifd_size = 2 + 12 + 4
+    exif_ifd = 8 + ifd_size
+    ifd0 = struct.pack(">HHHII", 1, 0x8769, 4, 1, exif_ifd) + b"\0\0\0\0"
+    ifd = struct.pack(">HHHII", 1, 0x9286, 7, len(user_comment), exif_ifd + ifd_size) + b"\0\0\0\0"
+    return b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd0 + ifd + user_comment
+
+
+def a1111_image(fmt: str, text: str | None = None, comment: str = "unicode", **png_chunks: str) -> bytes:
+    """An image file as A1111 saves one (modules/images.py `save_image_with_geninfo`): PNG with a
+    `parameters` text chunk (PngInfo), JPEG and WebP with the EXIF UserComment."""
+    buf = io.BytesIO()
+    image = Image.new("RGB", (64, 48), (200, 90, 30))
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        for key, value in ({"parameters": text} if text is not None else {}).items() | png_chunks.items():
+            info.add_text(key, value)
+        image.save(buf, "PNG", pnginfo=info)
+    elif text is None:
+        image.save(buf, fmt)
+    else:
+        image.save(buf, fmt, exif=piexif_dump(COMMENTS[comment](text)))
+    return buf.getvalue()
+
+
+def saved(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "fmt, comment",
+    [("PNG", ""), ("JPEG", "unicode"), ("WEBP", "unicode"), ("JPEG", "unicode-le"), ("WEBP", "ascii")],
+)
+def test_an_a1111_image_sets_what_its_pasted_text_sets(tmp_path: Path, fmt: str, comment: str) -> None:
+    text = A1111_TEXT.replace(", 桜", "") if comment == "ascii" else A1111_TEXT
+    path = saved(tmp_path, a1111_image(fmt, text, comment))
+    read = read_generation_data(path, "generation_data_image")
+    assert read == text
+    request = GenerationRequest(prompt="")
+    from_image = apply_generation_data(request, one_generation_data(None, read), ALL_DEFAULT, TINY)
+    assert from_image == apply_generation_data(request, text, ALL_DEFAULT, TINY)
+    assert (
+        from_image.seed == 991
+        and from_image.scheduler == "DPM++ 2M Karras"
+        and from_image.prompt == text.split("\n")[0]
+    )
+
+
+def test_a_comfyui_png_counts_only_with_a1111_parameters(tmp_path: Path) -> None:
+    workflow = {"prompt": json.dumps({"3": {"class_type": "KSampler"}}), "workflow": json.dumps({"nodes": []})}
+    both = saved(tmp_path, a1111_image("PNG", A1111_TEXT, **workflow))
+    assert read_generation_data(both, "generation_data_image") == A1111_TEXT
+    only_comfyui = saved(tmp_path, a1111_image("PNG", **workflow))
+    with pytest.raises(InputError, match="ComfyUI workflows are not read: paste the image's parameters text"):
+        read_generation_data(only_comfyui, "generation_data_image")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_an_image_without_generation_data_is_refused_saying_what_was_looked_for(tmp_path: Path, fmt: str) -> None:
+    with pytest.raises(InputError) as caught:
+        read_generation_data(saved(tmp_path, a1111_image(fmt)), "generation_data_image")
+    assert str(caught.value) == (
+        "generation_data_image carries no generation data: no PNG 'parameters' text, no EXIF UserComment; "
+        "paste the text as generation_data instead"
+    )
+    assert str(tmp_path) not in str(caught.value)
+
+
+def test_the_image_is_read_under_the_input_image_limits(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")  # 400 megapixels: refused from its header
+    with pytest.raises(InputError, match=r"generation_data_image is .*too large"):
+        read_generation_data(saved(tmp_path, buf.getvalue()), "generation_data_image")
+    with pytest.raises(InputError, match="generation_data_image could not be read as an image"):
+        read_generation_data(saved(tmp_path, b"Steps: 2, Sampler: Euler a"), "generation_data_image")
+
+
+def test_both_generation_data_inputs_must_hold_the_same_text() -> None:
+    assert one_generation_data("a cat\nSteps: 2", None) == "a cat\nSteps: 2"
+    assert one_generation_data(None, A1111_TEXT) == A1111_TEXT
+    assert one_generation_data(A1111_TEXT.replace("\n", "\r\n") + "\n", A1111_TEXT) == A1111_TEXT
+    with pytest.raises(InputError, match="generation_data and generation_data_image were both sent and hold different"):
+        one_generation_data("a cat\nSteps: 2, Seed: 1", A1111_TEXT)
+
+
 # -- through the real Cog server, CivitAI emulated ----------------------------------------------
 
 
@@ -456,6 +564,17 @@ def test_an_unknown_hash_fails_naming_its_tag(civitai_server: tuple[CogServer, o
     assert "CivitAI has no file with hash 0badc0ffee00 (the LoRA <lora:gone>)" in body["error"]
 
 
+# Settings an output of this model is made with, to be reproduced from what it writes.
+OWN_SETTINGS = {
+    "num_inference_steps": 3,
+    "scheduler": "DPM++ 2M Karras",
+    "cfg_scale": 5.5,
+    "seed": 4242,
+    "megapixels": "0.25",
+    "clip_skip": 1,
+}
+
+
 @pytest.mark.parametrize("go_fast", [True, False])
 def test_an_outputs_own_metadata_reproduces_it_byte_for_byte(
     civitai_server: tuple[CogServer, object], go_fast: bool
@@ -465,12 +584,7 @@ def test_an_outputs_own_metadata_reproduces_it_byte_for_byte(
         server,
         prompt="a lighthouse, (dusk:1.2), film grain",
         negative_prompt="blurry, text: watermark, embedding:lora-7001",
-        num_inference_steps=3,
-        scheduler="DPM++ 2M Karras",
-        cfg_scale=5.5,
-        seed=4242,
-        megapixels="0.25",
-        clip_skip=1,
+        **OWN_SETTINGS,
         go_fast=go_fast,
         lora_weights=civ.url + "/models/100?modelVersionId=1001",
         lora_scale=0.7,
@@ -510,3 +624,33 @@ def test_a_ti_hash_calls_the_embedding_by_the_texts_name(
     )
     assert np.array_equal(pixels(with_ti), pixels(explicit))
     assert a1111_reading(read_parameters(io.BytesIO(with_ti)))["TI hashes"] == f"negWord: {digest}"
+
+
+@pytest.mark.parametrize("output_format", ["png", "webp", "jpg"])
+def test_an_output_sent_back_as_generation_data_image_reproduces_itself(
+    civitai_server: tuple[CogServer, object], output_format: str
+) -> None:
+    server, _ = civitai_server
+    settings = {**OWN_SETTINGS, "negative_prompt": "blurry", "output_format": output_format}
+    first, _ = run(server, prompt="a lighthouse, (dusk:1.2), 桜", **settings)
+    mime = {"jpg": "jpeg"}.get(output_format, output_format)
+    uri = f"data:image/{mime};base64," + base64.b64encode(first).decode()
+    again, body = run(server, prompt="", generation_data_image=uri, output_format=output_format)
+    assert np.array_equal(pixels(again), pixels(first))
+    assert again == first
+    assert "not used" not in body["logs"]
+
+
+def test_generation_data_image_refusals_through_the_server(civitai_server: tuple[CogServer, object]) -> None:
+    server, _ = civitai_server
+    plain = image_data_uri(Image.new("RGB", (64, 48)))
+    status, body = server.predict({"prompt": "", "generation_data_image": plain})
+    assert status == 200 and body["status"] == "failed" and body.get("output") is None
+    assert "InputError" in body["error"] and "generation_data_image carries no generation data" in body["error"]
+    a1111 = "data:image/png;base64," + base64.b64encode(a1111_image("PNG", A1111_TEXT)).decode()
+    inputs = {"prompt": "", "generation_data_image": a1111, "generation_data": "a cat\nSteps: 2, Seed: 1"}
+    status, body = server.predict(inputs)
+    assert body["status"] == "failed" and body.get("output") is None
+    assert "generation_data and generation_data_image were both sent" in body["error"]
+    # The same text in both is one request; the server is ready after the refusals.
+    run(server, **{**inputs, "generation_data": A1111_TEXT, "num_inference_steps": 2, "megapixels": "0.25"})

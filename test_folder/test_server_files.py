@@ -62,7 +62,7 @@ def refusal(server: CogServer, inputs: dict[str, Any]) -> str:
     return body["error"]
 
 
-@pytest.mark.parametrize("name", ["image", "mask", "control_image", "ip_adapter_image"])
+@pytest.mark.parametrize("name", ["image", "mask", "control_image", "ip_adapter_image", "generation_data_image"])
 def test_a_server_path_gets_one_answer_whatever_it_names(
     cog_server: CogServer, server_paths: dict[str, str], name: str
 ) -> None:
