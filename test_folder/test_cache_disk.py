@@ -11,20 +11,25 @@ where the machine allows no user namespace.
 from __future__ import annotations
 
 import base64
+import bz2
 import gzip
+import io
 import json
 import logging
+import lzma
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from test_folder.emulators import HfRepo, Loopback, file_host, hugging_face, point_hub_client_at, trained_tar
 from test_folder.test_weights import wait_for
@@ -164,6 +169,40 @@ def test_a_compressed_tar_is_not_unpacked(store: LoraStore, files: Loopback, lor
         form += "application/gzip;base64," + base64.b64encode(gzip.compress(trained_tar(lora_files["a"]))).decode()
     with pytest.raises(WeightsError, match=r"is gzip-compressed: send the plain trained_model\.tar as Replicate"):
         store.fetch(form.format(files=files.url), 1.0, Credentials())
+    assert not list(store.files.iterdir())
+
+
+def _zipped(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("style.safetensors", data)
+    return buf.getvalue()
+
+
+def _torch_file(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("pack", "message"),
+    [
+        (lambda lora: bz2.compress(trained_tar(lora)), r"is bzip2-compressed: send the plain trained_model\.tar"),
+        (lambda lora: lzma.compress(trained_tar(lora)), r"is xz-compressed: send the plain trained_model\.tar"),
+        (_zipped, r"is a zip archive \(a PyTorch \.ckpt/\.pt file is a zip too\): send the \.safetensors"),
+        (_torch_file, r"is a zip archive \(a PyTorch \.ckpt/\.pt file is a zip too\)"),
+    ],
+    ids=["tar.bz2", "tar.xz", "zip", "torch.save"],
+)
+def test_an_archive_or_pickle_is_refused_by_what_it_is(
+    store: LoraStore, lora_files: dict, pack: Any, message: str
+) -> None:
+    """Made by Python's own bz2, lzma, zipfile and torch.save, as people pack what they send:
+    each is named for what it is, not called a broken .safetensors, and nothing is kept."""
+    data = "data:application/octet-stream;base64," + base64.b64encode(pack(lora_files["a"])).decode()
+    with pytest.raises(WeightsError, match=message):
+        store.fetch(data, 1.0, Credentials())
     assert not list(store.files.iterdir())
 
 

@@ -26,7 +26,7 @@ from weightstore.huggingface import hf_token, resolve_hf
 from weightstore.redact import split_credentials
 from weightstore.refs import LoraRef, Resolved
 from weightstore.transfer import Downloader
-from weightstore.validate import compressed, is_gzip, validate_safetensors
+from weightstore.validate import archive_refusal, validate_safetensors
 
 
 def credential_for(ref: LoraRef, credentials: Credentials) -> str | None:
@@ -148,8 +148,8 @@ def unpack_trained_tar(archive: Path, dest: Path, name: str, cap: int) -> dict[s
     far more than the download cap allowed. The members used are sized from their headers before
     a byte is written (a GNU sparse member states more than the archive holds), each within
     `cap` (LORA_MAX_FILE_BYTES) and all of them together too."""
-    if is_gzip(archive):
-        raise WeightsError(compressed(name))
+    if refusal := archive_refusal(archive, name):
+        raise WeightsError(refusal)
     try:
         with tarfile.open(archive, "r:") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}

@@ -14,33 +14,45 @@ def _looks_like_a_page(head: bytes) -> bool:
     return start.startswith((b"<!doctype", b"<html", b"<?xml", b"{", b"["))
 
 
-def is_gzip(path: Path) -> bool:
+# What a LoRA sent as an archive starts with. A tar compressed by any of the first four could
+# unpack to far more than the download cap allowed, so only the plain tar is read.
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+_ARCHIVES = ((b"PK\x03\x04", "zip"), (b"7z\xbc\xaf\x27\x1c", "7-Zip"), (b"Rar!\x1a\x07", "RAR"))
+
+
+def archive_refusal(path: Path, name: str) -> str | None:
+    """The refusal of a compressed file or an archive, by its first bytes; None for anything else."""
     with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
-def compressed(name: str) -> str:
-    """The refusal of a gzip file (a .tar.gz): only the plain tar Replicate's trainers write is read."""
-    return (
-        f"{name} is gzip-compressed: send the plain trained_model.tar as Replicate's trainers write it "
-        "(uncompressed), or the .safetensors file itself"
-    )
+        head = f.read(8)
+    for magic, kind in _COMPRESSED:
+        if head.startswith(magic):
+            return (
+                f"{name} is {kind}-compressed: send the plain trained_model.tar as Replicate's trainers write it "
+                "(uncompressed), or the .safetensors file itself"
+            )
+    for magic, kind in _ARCHIVES:
+        if head.startswith(magic):
+            return (
+                f"{name} is a {kind} archive (a PyTorch .ckpt/.pt file is a zip too): send the .safetensors "
+                "file itself, unpacked"
+            )
+    return None
 
 
 def validate_safetensors(path: Path, name: str) -> None:
     """The header must parse and the data it describes must all be there.
 
-    Only a file that fails to parse is sniffed for an HTML or JSON page or a gzip file: the first
+    Only a file that fails to parse is sniffed for an HTML or JSON page or an archive: the first
     bytes of a valid safetensors file are its header length, which can read as `{`, `[` or 1f 8b.
     """
     try:
         with safe_open(str(path), "pt") as f:
             f.keys()
     except Exception:
+        if refusal := archive_refusal(path, name):
+            raise WeightsError(refusal) from None
         with open(path, "rb") as f:
             head = f.read(64)
-        if head.startswith(b"\x1f\x8b"):
-            raise WeightsError(compressed(name)) from None
         if _looks_like_a_page(head):
             raise WeightsError(
                 f"{name} answered with an HTML or JSON page instead of a file: check the URL or token"
