@@ -175,7 +175,7 @@ class Predictor(BasePredictor):
         ),
         generation_data_image: Optional[Path] = Input(
             default=None,
-            description="An image whose embedded generation data is used as generation_data is: a PNG with A1111's 'parameters' text, or a JPEG/WebP with it in EXIF UserComment, as A1111 and Forge save them, CivitAI's downloads keep them and this model's outputs write them (send an output back to reproduce it). Send this or generation_data, not both with different text. ComfyUI workflows are not read. See docs/generation-data.md",
+            description="An image whose embedded generation data is used as generation_data is: a PNG with A1111's 'parameters' text, or a JPEG/WebP with it in EXIF UserComment, as A1111 and Forge save them, CivitAI's downloads keep them and this model's outputs write them (send an output back to reproduce it). A ComfyUI PNG without that text is read from its graph (one KSampler, stock nodes; others are refused). Send this or generation_data, not both with different text. See docs/generation-data.md",
         ),
         embeddings: Optional[list[str]] = Input(
             default=None,

@@ -1,6 +1,6 @@
 """Image files at the predictor's edge: reading input images, writing outputs with their
 generation parameters embedded (and reading them back, from an output or from an A1111 / Forge /
-CivitAI image sent as generation_data_image), and the folders outputs are written to.
+CivitAI / ComfyUI image sent as generation_data_image), and the folders outputs are written to.
 Nothing else belongs here.
 
 PNG carries A1111's `parameters` text chunk; JPEG and WebP carry the same text in EXIF
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from engine.comfy_graph import read_comfy_prompt
 from engine.config import INPUT_IMAGE_MAX_PIXELS, INPUT_IMAGE_MAX_SIDE
 from engine.errors import InputError
 
@@ -102,8 +103,9 @@ def read_parameters(path: Path) -> str | None:
 
 def read_generation_data(path: Path, input_name: str) -> str:
     """The generation data an input image carries as A1111 / Forge write it (CivitAI's downloads
-    and this model's outputs keep it), read under the input-image limits; else a refusal that
-    says what was looked for. A ComfyUI image counts only with an A1111-style `parameters` text."""
+    and this model's outputs keep it), read under the input-image limits; for a ComfyUI image
+    without that text, the A1111-style text of its `prompt` graph (engine/comfy_graph.py); else a
+    refusal that says what was looked for."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings about a damaged file's metadata: refused below
         with _open_bounded(path, input_name) as image:
@@ -113,10 +115,12 @@ def read_generation_data(path: Path, input_name: str) -> str:
                 raise _unreadable(input_name) from exc
     if text and text.strip():
         return text
+    if comfyui.get("prompt") is not None:
+        return read_comfy_prompt(str(comfyui["prompt"]), input_name)
     if comfyui:
         raise InputError(
-            f"{input_name} carries a ComfyUI workflow but no A1111-style 'parameters' text, and ComfyUI "
-            "workflows are not read: paste the image's parameters text as generation_data instead"
+            f"{input_name} carries a ComfyUI workflow but neither its 'prompt' graph nor an A1111-style "
+            "'parameters' text: paste the image's parameters text as generation_data instead"
         )
     raise InputError(
         f"{input_name} carries no generation data: no PNG 'parameters' text, no EXIF UserComment; "
@@ -124,13 +128,13 @@ def read_generation_data(path: Path, input_name: str) -> str:
     )
 
 
-def _embedded(image: Image.Image) -> tuple[str | None, bool]:
-    """The image's `parameters` text (PNG text chunk, else EXIF UserComment) and whether it holds
-    ComfyUI's workflow chunks."""
+def _embedded(image: Image.Image) -> tuple[str | None, dict[str, object]]:
+    """The image's `parameters` text (PNG text chunk, else EXIF UserComment) and its ComfyUI
+    chunks (`prompt`, `workflow`), if any."""
     chunks = dict(image.info)
     if "parameters" not in chunks and image.format == "PNG":
         chunks.update(image.text)  # chunks after the pixel data: read with them, within the pixel cap
-    comfyui = any(key in chunks for key in COMFYUI_CHUNKS)
+    comfyui = {key: chunks[key] for key in COMFYUI_CHUNKS if key in chunks}
     if "parameters" in chunks:
         return str(chunks["parameters"]), comfyui
     return _user_comment(image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)), comfyui

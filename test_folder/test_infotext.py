@@ -444,12 +444,185 @@ def test_an_a1111_image_sets_what_its_pasted_text_sets(tmp_path: Path, fmt: str,
 
 
 def test_a_comfyui_png_counts_only_with_a1111_parameters(tmp_path: Path) -> None:
-    workflow = {"prompt": json.dumps({"3": {"class_type": "KSampler"}}), "workflow": json.dumps({"nodes": []})}
-    both = saved(tmp_path, a1111_image("PNG", A1111_TEXT, **workflow))
+    """Its A1111 text wins over its graph; a workflow without the `prompt` graph is refused."""
+    both = saved(tmp_path, comfyui_png(comfy_graph(), parameters=A1111_TEXT))
     assert read_generation_data(both, "generation_data_image") == A1111_TEXT
-    only_comfyui = saved(tmp_path, a1111_image("PNG", **workflow))
-    with pytest.raises(InputError, match="ComfyUI workflows are not read: paste the image's parameters text"):
-        read_generation_data(only_comfyui, "generation_data_image")
+    workflow_only = saved(tmp_path, a1111_image("PNG", workflow=json.dumps({"nodes": []})))
+    with pytest.raises(InputError, match="carries a ComfyUI workflow but neither its 'prompt' graph nor an A1111"):
+        read_generation_data(workflow_only, "generation_data_image")
+
+
+# -- ComfyUI's graph: the API-format `prompt` chunk ComfyUI's SaveImage writes --------------------
+
+COMFY_PROMPT = "a lighthouse at dusk, (film grain:1.2), 桜"
+COMFY_NEGATIVE = "lowres, blurry"
+
+
+def comfy_graph(
+    advanced: bool = False, clip_layer: int | None = None, loras: tuple[tuple[str, float], ...] = ()
+) -> dict[str, dict]:
+    """An API-format graph as ComfyUI's default txt2img workflow makes it (node ids and input names
+    as ComfyUI's nodes.py declares them); optionally LoraLoaders after the checkpoint, a
+    CLIPSetLastLayer before the text encoders and a KSamplerAdvanced for the KSampler."""
+    graph: dict[str, dict] = {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "SDXL/sd_xl_base_1.0.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 128, "batch_size": 1}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }
+    model, clip = ["4", 0], ["4", 1]
+    for index, (name, strength) in enumerate(loras):
+        key = str(10 + index)
+        graph[key] = {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "lora_name": f"styles/{name}.safetensors",
+                "strength_model": strength,
+                "strength_clip": strength,
+                "model": model,
+                "clip": clip,
+            },
+        }
+        model, clip = [key, 0], [key, 1]
+    if clip_layer is not None:
+        graph["20"] = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": clip_layer, "clip": clip}}
+        clip = ["20", 0]
+    graph["6"] = {"class_type": "CLIPTextEncode", "inputs": {"text": COMFY_PROMPT, "clip": clip}}
+    graph["7"] = {"class_type": "CLIPTextEncode", "inputs": {"text": COMFY_NEGATIVE, "clip": clip}}
+    links = {"model": model, "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}
+    settings = {"steps": 2, "cfg": 5.5, "sampler_name": "dpmpp_2m", "scheduler": "karras"}
+    if advanced:
+        extra = {"add_noise": "enable", "noise_seed": 991, "start_at_step": 0, "end_at_step": 10000}
+        inputs = {**extra, **settings, "return_with_leftover_noise": "disable", **links}
+        graph["3"] = {"class_type": "KSamplerAdvanced", "inputs": inputs}
+    else:
+        graph["3"] = {"class_type": "KSampler", "inputs": {"seed": 991, **settings, "denoise": 1.0, **links}}
+    return graph
+
+
+def comfyui_png(graph: dict | str, **chunks: str) -> bytes:
+    """A PNG as ComfyUI's SaveImage writes it: the graph as JSON in a `prompt` text chunk, the UI
+    workflow (extra_pnginfo) in a `workflow` one (PngInfo.add_text)."""
+    prompt = graph if isinstance(graph, str) else json.dumps(graph)
+    return a1111_image("PNG", prompt=prompt, workflow=json.dumps({"nodes": [], "links": []}), **chunks)
+
+
+# The A1111 text of the same settings: DPM++ 2M with the Karras schedule is ComfyUI's dpmpp_2m + karras.
+COMFY_EQUIVALENT = (
+    f"{COMFY_PROMPT}\nNegative prompt: {COMFY_NEGATIVE}\n"
+    "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 991, Size: 96x128"
+)
+
+
+@pytest.mark.parametrize(
+    "advanced, clip_layer, clip_skip",
+    [(False, None, ""), (True, -3, ", Clip skip: 3"), (False, -2, ", Clip skip: 2"), (True, -1, ", Clip skip: 1")],
+)
+def test_a_comfyui_graph_sets_what_the_same_a1111_text_sets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, advanced: bool, clip_layer: int | None, clip_skip: str
+) -> None:
+    path = saved(tmp_path, comfyui_png(comfy_graph(advanced, clip_layer)))
+    with caplog.at_level(logging.INFO):
+        read = read_generation_data(path, "generation_data_image")
+    request = GenerationRequest(prompt="")
+    from_image = apply_generation_data(request, one_generation_data(None, read), ALL_DEFAULT, TINY)
+    assert from_image == apply_generation_data(request, COMFY_EQUIVALENT + clip_skip, ALL_DEFAULT, TINY)
+    assert (from_image.prompt, from_image.negative_prompt) == (COMFY_PROMPT, COMFY_NEGATIVE)
+    assert (from_image.num_inference_steps, from_image.cfg_scale, from_image.seed) == (2, 5.5, 991)
+    assert (from_image.scheduler, from_image.width, from_image.height) == ("DPM++ 2M Karras", 768, 1024)
+    assert from_image.clip_skip == (1 if clip_layer == -3 else 0)
+    sampler = "node 3 (KSamplerAdvanced)" if advanced else "node 3 (KSampler)"
+    assert f"ComfyUI graph read from {sampler}, node 5 (EmptyLatentImage), " in caplog.text
+    assert a1111_reading(read)["Model"] == "sd_xl_base_1.0", "the checkpoint's name, as A1111 writes it"
+    assert ("stop_at_clip_layer -1" in caplog.text) is (clip_layer == -1), "ComfyUI's last layer is not run here"
+
+
+def test_a_comfyui_graphs_loras_are_tags_treated_as_pasted_tags_are(tmp_path: Path) -> None:
+    """LoraLoaders become <lora:> tags (checkpoint side first, strength_model): ComfyUI names no
+    hash, so each is refused as the same tag in pasted text is, naming the LoRA."""
+    loras = (("inkStyle", 0.8), ("hatDetail_v2", 0.5))
+    path = saved(tmp_path, comfyui_png(comfy_graph(advanced=True, clip_layer=-2, loras=loras)))
+    read = read_generation_data(path, "generation_data_image")
+    info = parse_infotext(read)
+    assert [(tag.name, tag.weight) for tag in info.loras] == list(loras)
+    pasted = COMFY_EQUIVALENT.replace(COMFY_PROMPT, COMFY_PROMPT + ", <lora:inkStyle:0.8><lora:hatDetail_v2:0.5>")
+    assert parse_infotext(pasted).prompt == info.prompt
+    messages = []
+    for text in (read, pasted + ", Clip skip: 2"):
+        with pytest.raises(InputError) as caught:
+            apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "<lora:inkStyle:0.8> names a LoRA without a hash" in messages[0]
+    # With their hashes (CivitAI's generator writes them), the same tags resolve as pasted ones do.
+    hashes = ', Lora hashes: "inkStyle: 0123456789ab, hatDetail_v2: ba9876543210"'
+    from_image = apply_generation_data(GenerationRequest(prompt=""), read + hashes, ALL_DEFAULT, TINY)
+    assert from_image == apply_generation_data(GenerationRequest(prompt=""), pasted + hashes, ALL_DEFAULT, TINY)
+    assert [lora.scale for lora in from_image.loras] == [0.8, 0.5]
+
+
+def test_a_comfyui_text_from_a_plain_string_node_is_followed_one_hop(tmp_path: Path) -> None:
+    graph = comfy_graph()
+    graph["30"] = {"class_type": "PrimitiveString", "inputs": {"value": "a red boat"}}
+    graph["6"]["inputs"]["text"] = ["30", 0]
+    text = read_generation_data(saved(tmp_path, comfyui_png(graph)), "generation_data_image")
+    assert parse_infotext(text).prompt == "a red boat"
+
+
+def test_a_comfyui_img2img_graph_gives_denoising_strength(tmp_path: Path) -> None:
+    graph = comfy_graph()
+    graph["10"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png"}}
+    graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    graph["3"]["inputs"]["denoise"] = 0.6
+    text = read_generation_data(saved(tmp_path, comfyui_png(graph)), "generation_data_image")
+    assert a1111_reading(text)["Denoising strength"] == "0.6" and "Size" not in a1111_reading(text)
+    request = GenerationRequest(prompt="", image=Image.new("RGB", (64, 64)))
+    assert apply_generation_data(request, text, ALL_DEFAULT, TINY).prompt_strength == 0.6
+
+
+def _two_samplers(graph: dict) -> None:
+    graph["13"] = {"class_type": "KSampler", "inputs": {**graph["3"]["inputs"], "latent_image": ["3", 0]}}
+
+
+def _custom_sampler(graph: dict) -> None:
+    graph["3"]["class_type"] = "KSampler (Efficient)"
+
+
+def _linked_text(graph: dict) -> None:
+    graph["30"] = {"class_type": "StringConcatenate", "inputs": {"string_a": "a", "string_b": "b", "delimiter": ""}}
+    graph["6"]["inputs"]["text"] = ["30", 0]
+
+
+def _no_sampler(graph: dict) -> None:
+    del graph["3"]
+
+
+def _part_of_the_steps(graph: dict) -> None:
+    graph["3"]["inputs"]["end_at_step"] = 1
+
+
+@pytest.mark.parametrize(
+    "change, advanced, message",
+    [
+        (_two_samplers, False, r"samples more than once \(node 3 \(KSampler\), node 13 \(KSampler\): a hires-fix"),
+        (_custom_sampler, False, r"samples with node 3 \(KSampler \(Efficient\)\), a sampler node other than"),
+        (_linked_text, False, r"'text' of node 6 \(CLIPTextEncode\) comes from node 30 \(StringConcatenate\)"),
+        (_no_sampler, False, "has no KSampler node"),
+        (_part_of_the_steps, True, r"node 3 \(KSamplerAdvanced\) .* runs part of a sampling .*steps 0 to 1 of 2"),
+        (None, False, r"ComfyUI graph \(its 'prompt' text\) is not readable JSON"),
+    ],
+)
+def test_a_comfyui_graph_one_text_cannot_hold_is_refused_by_node(
+    tmp_path: Path, change: object, advanced: bool, message: str
+) -> None:
+    graph: dict | str = comfy_graph(advanced)
+    if change is None:
+        graph = json.dumps(graph)[:-40]  # cut short
+    else:
+        change(graph)
+    with pytest.raises(InputError, match=message) as caught:
+        read_generation_data(saved(tmp_path, comfyui_png(graph)), "generation_data_image")
+    assert "write the image's settings as generation_data text instead" in str(caught.value)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
@@ -654,3 +827,13 @@ def test_generation_data_image_refusals_through_the_server(civitai_server: tuple
     assert "generation_data and generation_data_image were both sent" in body["error"]
     # The same text in both is one request; the server is ready after the refusals.
     run(server, **{**inputs, "generation_data": A1111_TEXT, "num_inference_steps": 2, "megapixels": "0.25"})
+
+
+def test_a_comfyui_png_gives_the_image_of_the_same_a1111_text(civitai_server: tuple[CogServer, object]) -> None:
+    server, _ = civitai_server
+    uri = "data:image/png;base64," + base64.b64encode(comfyui_png(comfy_graph(True, -3))).decode()
+    from_graph, body = run(server, prompt="", generation_data_image=uri)
+    assert "ComfyUI graph read from node 3 (KSamplerAdvanced)" in body["logs"]
+    from_text, _ = run(server, prompt="", generation_data=COMFY_EQUIVALENT + ", Clip skip: 3")
+    assert np.array_equal(pixels(from_graph), pixels(from_text))
+    assert from_graph == from_text
