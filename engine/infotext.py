@@ -272,7 +272,7 @@ def apply_generation_data(
         reading.used.update(key for key in GO_FAST_KEYS if key in info.fields)
         changes["go_fast"] = any(key in info.fields for key in GO_FAST_KEYS)
     _upscale(reading, changes)
-    loras = _loras(reading)
+    loras = _loras(reading, sent=bool(request.loras))
     if loras:
         changes["loras"] = (*loras, *request.loras)
     embeddings = _embeddings(reading)
@@ -361,9 +361,11 @@ def _upscale(reading: _Reading, changes: dict[str, Any]) -> None:
     reading.used.add("Postprocess upscaler")
 
 
-def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
+def _loras(reading: _Reading, sent: bool) -> tuple[LoraSpec, ...]:
     """The text's LoRAs: this project's `Lora` field, else CivitAI's exact version ids, else each
-    `<lora:>` tag's hash looked up on CivitAI; a tag with none of them is refused by name."""
+    `<lora:>` tag's hash looked up on CivitAI. A tag with none of them is refused by name, unless
+    the request sent LoRAs of its own (`sent`): they stand for it then, and the tag is listed as
+    not used (a ComfyUI image names its LoRAs by file name only, and cannot be edited)."""
     fields, tags = reading.fields, reading.info.loras
     if "Lora" in fields:
         specs = tuple(LoraSpec(name, float(scale)) for name, scale in _OWN_LORA.findall(str(fields["Lora"])))
@@ -382,7 +384,16 @@ def _loras(reading: _Reading) -> tuple[LoraSpec, ...]:
                 f"{len(tags)} <lora:> tag(s) for {len(specs)} LoRA(s) in Civitai resources: the resources' were applied"
             )
     else:
-        specs = tuple(_by_hash(reading, tag) for tag in tags)
+        found = [(tag, _by_hash(reading, tag)) for tag in tags]
+        for tag, spec in found:
+            if spec is None and not sent:
+                raise InputError(
+                    f"generation_data's tag {tag} names a LoRA without a hash or CivitAI id in the text (no "
+                    f"'Lora hashes' entry for {tag.name!r}): add it, or send the LoRA as lora_weights, which "
+                    "then stands for the tags without one"
+                )
+        reading.notes.extend(f"tag {tag} (no hash; the LoRAs sent stand for it)" for tag, spec in found if spec is None)
+        specs = tuple(spec for _, spec in found if spec is not None)
     if len(specs) > GENERATION_DATA_MAX_LORAS:
         raise InputError(
             f"generation_data names {len(specs)} LoRAs; at most {GENERATION_DATA_MAX_LORAS} are applied from one text: "
@@ -451,8 +462,8 @@ def _embeddings(reading: _Reading) -> tuple[str, ...]:
     return tuple(f"civitai.com/api/download/models/{vid}" for vid, _ in versions)
 
 
-def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec:
-    """A tag's LoRA through its hash in `Lora hashes` (A1111) or `Hashes` (Forge)."""
+def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec | None:
+    """A tag's LoRA through its hash in `Lora hashes` (A1111) or `Hashes` (Forge); None without one."""
     forge = reading.fields.get("Hashes")
     named = {
         str(key).lower().removeprefix("lora:"): value
@@ -463,10 +474,7 @@ def _by_hash(reading: _Reading, tag: LoraTag) -> LoraSpec:
     named.update({name.lower(): digest for name, digest in _pairs(reading.fields.get("Lora hashes")).items()})
     digest = named.get(a1111_name(tag.name).lower())
     if not digest or not re.fullmatch(r"[0-9a-fA-F]{8,64}", str(digest)):
-        raise InputError(
-            f"generation_data's tag {tag} names a LoRA without a hash or CivitAI id in the text (no "
-            f"'Lora hashes' entry for {tag.name!r}): add it, or send the LoRA as lora_weights and remove the tag"
-        )
+        return None
     reading.used.update(k for k in ("Lora hashes", "Hashes") if k in reading.fields)
     digest = str(digest).lower()
     log.info("generation_data: %s is the CivitAI file with hash %s", tag, digest)

@@ -317,6 +317,20 @@ def test_an_unresolvable_tag_is_refused_by_name() -> None:
         apply_generation_data(GenerationRequest(prompt=""), text, ALL_DEFAULT, TINY)
 
 
+def test_loras_sent_stand_for_tags_without_a_hash(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """A tag the text cannot resolve gives way to the LoRAs the request sends (an image's text,
+    a ComfyUI graph above all, cannot be edited); a tag with a hash is still applied beside them."""
+    sent = (LoraSpec("acme/ink/ink.safetensors", 0.7),)
+    text = 'a cat <lora:mystery:0.6> <lora:hat:1>\nSteps: 2, Sampler: Euler a, Lora hashes: "hat: 0123456789ab"'
+    with caplog.at_level(logging.INFO, logger="engine.infotext"):
+        request = apply_generation_data(GenerationRequest(prompt="", loras=sent), text, ALL_DEFAULT, TINY)
+    assert [spec.source.split("/")[-1] for spec in request.loras] == ["0123456789ab#hat", "ink.safetensors"]
+    assert "tag <lora:mystery:0.6> (no hash; the LoRAs sent stand for it)" in caplog.text
+    graph = comfy_graph(advanced=True, clip_layer=-2, loras=(("inkStyle", 0.8),))
+    read = read_generation_data(saved(tmp_path, comfyui_png(graph)), "generation_data_image")
+    assert apply_generation_data(GenerationRequest(prompt="", loras=sent), read, ALL_DEFAULT, TINY).loras == sent
+
+
 def test_a_lora_sent_as_data_uri_is_asked_for_again() -> None:
     text = params(loras=(("data: URI", 0.5, "0123456789ab"),)).to_a1111()
     with pytest.raises(InputError, match=r"sent as a data: URI.*send it again as lora_weights"):
