@@ -31,9 +31,11 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 install: $(BIN)/.installed
 
-# Tiny SDXL-shaped weights, built offline for every model folder that is missing.
+# Tiny SDXL-shaped weights, built offline for every model folder that is missing. transformers'
+# notice that its image processors fall back to PIL without torchvision is silenced here: this
+# script only writes their configs, and the image has no torchvision either.
 weights: install
-	$(BIN)/python scripts/build_tiny_weights.py
+	TRANSFORMERS_VERBOSITY=error $(BIN)/python scripts/build_tiny_weights.py
 
 schema: install
 	$(BIN)/python scripts/cog_schema.py
