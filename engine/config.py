@@ -14,6 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Base models, each a diffusers folder under the weights root. The first is the default.
 MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
+# The checkpoint files people generate with whose weights a baked model holds, so generation data
+# made with them (A1111's `Model` and `Model hash`, ComfyUI's ckpt_name) picks that model: file
+# names without the extension, any case, and A1111 model hashes (CivitAI's AutoV2: the first 10
+# hex digits of the file's sha256). SDXL base is baked from its diffusers folders, which name no
+# hash of their own; a model baked from one checkpoint file also answers to that file's hash.
+CHECKPOINT_NAMES: dict[str, tuple[str, ...]] = {
+    "sdxl": ("sd_xl_base_1.0", "sd_xl_base_1.0_0.9vae"),
+    "illustrious-xl": ("Illustrious-XL-v0.1",),
+}
+CHECKPOINT_HASHES: dict[str, tuple[str, ...]] = {"sdxl": ("31e35c80fc", "e6bb9ea85b")}
 # Baked only on request (scripts/bake.py with CUSTOM_CHECKPOINT_URL), loaded when present.
 CUSTOM_MODEL_ID = "custom"
 DEFAULT_MODEL = "illustrious-xl"

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from engine.config import (
+    CHECKPOINT_HASHES,
+    CHECKPOINT_NAMES,
     CUSTOM_ASPECT,
     GENERATION_DATA_MAX_LORAS,
     MAX_CFG_SCALE,
@@ -285,14 +287,21 @@ def apply_generation_data(
 
 
 def _model(reading: _Reading, request: GenerationRequest, models: Mapping[str, ModelFacts]) -> str:
-    """A baked model the text names (this project's model id) or whose checkpoint hash it gives;
-    another checkpoint's name and hash are left unused."""
+    """A baked model the text names (this project's model id), or whose checkpoint it names: by
+    hash when the text gives one (its baked file's, or a public file with its weights,
+    CHECKPOINT_HASHES), else by that file's name (CHECKPOINT_NAMES). A hash outranks a name, as a
+    renamed file keeps its hash; another checkpoint's name and hash are left unused."""
     name = str(reading.fields.get("Model", "")).strip()
     forge = reading.fields.get("Hashes")
     digest = str(reading.fields.get("Model hash") or (forge.get("model") if isinstance(forge, dict) else "") or "")
     digest = digest.strip().lower()
-    by_hash = [m for m, facts in models.items() if digest and facts.model_hash and facts.model_hash.lower() == digest]
-    found = name if name in models else by_hash[0] if by_hash else None
+    by_hash = [
+        m
+        for m, facts in models.items()
+        if digest and ((facts.model_hash or "").lower() == digest or digest in CHECKPOINT_HASHES.get(m, ()))
+    ]
+    by_name = [m for m in models if name.lower() in (n.lower() for n in CHECKPOINT_NAMES.get(m, ()))]
+    found = name if name in models else (by_hash or ([] if digest else by_name) or [None])[0]
     if found is None:
         return request.model
     if not {"model", "use_standard_sdxl"} <= reading.defaulted:

@@ -57,7 +57,7 @@ ALL_DEFAULT = frozenset(
 )
 TINY = {
     "illustrious-xl": SimpleNamespace(native_resolution=128, model_hash=None),
-    "sdxl": SimpleNamespace(native_resolution=128, model_hash="31e35c80fc"),
+    "sdxl": SimpleNamespace(native_resolution=128, model_hash=None),  # baked from diffusers folders, as in the image
 }
 CIVITAI_TEXT = (
     "masterpiece, 1girl, <lora:inkStyle:0.8> ink wash, <lora:hatDetail_v2:0.5>\n"
@@ -289,6 +289,31 @@ def test_a_model_is_chosen_by_its_id_or_its_checkpoint_hash() -> None:
     assert apply_generation_data(GenerationRequest(prompt=""), forge, ALL_DEFAULT, TINY).model == "sdxl"
     other = "a cat\nSteps: 2, Sampler: Euler a, Model hash: 0123456789, Model: another"
     assert apply_generation_data(GenerationRequest(prompt=""), other, ALL_DEFAULT, TINY).model == "illustrious-xl"
+    baked = {**TINY, "illustrious-xl": SimpleNamespace(native_resolution=128, model_hash="abcdef0123")}
+    own = "a cat\nSteps: 2, Sampler: Euler a, Model hash: ABCDEF0123, Model: renamed"
+    assert apply_generation_data(GenerationRequest(model="sdxl", prompt=""), own, ALL_DEFAULT, baked).model == (
+        "illustrious-xl"
+    ), "a model baked from one checkpoint file answers to that file's hash"
+
+
+@pytest.mark.parametrize(
+    ("fields", "start", "model"),
+    [
+        ("Model: sd_xl_base_1.0", "illustrious-xl", "sdxl"),  # ComfyUI's ckpt_name, or A1111 without hashes
+        ("Model: SD_XL_BASE_1.0_0.9vae", "illustrious-xl", "sdxl"),
+        ("Model hash: e6bb9ea85b, Model: anything", "illustrious-xl", "sdxl"),
+        ("Model: Illustrious-XL-v0.1", "sdxl", "illustrious-xl"),
+        # A renamed file keeps its hash: a name alone does not outrank it.
+        ("Model hash: 0123456789, Model: sd_xl_base_1.0", "illustrious-xl", "illustrious-xl"),
+    ],
+)
+def test_public_checkpoints_pick_the_baked_model_with_their_weights(fields: str, start: str, model: str) -> None:
+    """SDXL base is baked from diffusers folders, which carry no file hash: its public single file's
+    name and A1111 hash still pick it (another model would draw another image). `start` is the
+    model input, at its default as far as the text can tell."""
+    text = f"a cat\nSteps: 2, Sampler: Euler a, {fields}"
+    request = apply_generation_data(GenerationRequest(model=start, prompt=""), text, ALL_DEFAULT, TINY)
+    assert request.model == model
 
 
 def test_civitai_resources_give_exact_versions() -> None:
@@ -524,7 +549,8 @@ def comfyui_png(graph: dict | str, **chunks: str) -> bytes:
 # The A1111 text of the same settings: DPM++ 2M with the Karras schedule is ComfyUI's dpmpp_2m + karras.
 COMFY_EQUIVALENT = (
     f"{COMFY_PROMPT}\nNegative prompt: {COMFY_NEGATIVE}\n"
-    "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 991, Size: 96x128"
+    "Steps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 991, Size: 96x128, "
+    "Model: sd_xl_base_1.0"
 )
 
 
@@ -545,6 +571,7 @@ def test_a_comfyui_graph_sets_what_the_same_a1111_text_sets(
     assert (from_image.num_inference_steps, from_image.cfg_scale, from_image.seed) == (2, 5.5, 991)
     assert (from_image.scheduler, from_image.width, from_image.height) == ("DPM++ 2M Karras", 768, 1024)
     assert from_image.clip_skip == (1 if clip_layer == -3 else 0)
+    assert from_image.model == "sdxl", "the graph's checkpoint, sd_xl_base_1.0, is the baked SDXL base"
     sampler = "node 3 (KSamplerAdvanced)" if advanced else "node 3 (KSampler)"
     assert f"ComfyUI graph read from {sampler}, node 5 (EmptyLatentImage), " in caplog.text
     assert a1111_reading(read)["Model"] == "sd_xl_base_1.0", "the checkpoint's name, as A1111 writes it"
