@@ -14,7 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Base models, each a diffusers folder under the weights root. The first is the default.
 MODEL_IDS: tuple[str, ...] = ("illustrious-xl", "sdxl")
-# The checkpoint files people generate with whose weights a baked model holds, so generation data
+# The checkpoint files people generate with whose UNet and text encoders a baked model holds (its
+# VAE is the fp16-fix one, which decodes the same latents to nearly the same pixels), so generation data
 # made with them (A1111's `Model` and `Model hash`, ComfyUI's ckpt_name) picks that model: file
 # names without the extension, any case, and A1111 model hashes (CivitAI's AutoV2: the first 10
 # hex digits of the file's sha256). SDXL base is baked from its diffusers folders, which name no
