@@ -48,7 +48,7 @@ from engine.request import Credentials, LocalLora
 from weightstore import config
 from weightstore.errors import WeightsError, disk_full, is_disk_full
 from weightstore.refs import LoraRef, Resolved, parse_lora
-from weightstore.resolve import credential_for, embeddings_of, is_tar, resolve, unpack_if_trained_tar
+from weightstore.resolve import credential_for, embeddings_of, is_tar, local_key, resolve, unpack_if_trained_tar
 from weightstore.transfer import Downloader
 from weightstore.validate import validate_safetensors
 
@@ -104,9 +104,7 @@ class LoraStore:
         if ref.kind == "local":
             assert ref.path is not None
             if not is_tar(ref.path):  # a tar (known by its bytes) is unpacked into the cache, below
-                stat = ref.path.stat()
-                key = f"local:{ref.path}:{stat.st_mtime_ns}:{stat.st_size}"
-                return LocalLora(key, ref.path, 1.0, ref.display, file_name=ref.path.name)
+                return LocalLora(local_key(ref.path), ref.path, 1.0, ref.display, file_name=ref.path.name)
         start = time.perf_counter()
         tag = self._tag(credential_for(ref, credentials))
         with self._index() as index:

@@ -40,6 +40,12 @@ def credential_for(ref: LoraRef, credentials: Credentials) -> str | None:
     return None
 
 
+def local_key(path: Path) -> str:
+    """A local file's cache identity: its path and its state, as the bytes at a path can change."""
+    stat = path.stat()
+    return f"local:{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
 def resolve(ref: LoraRef, credentials: Credentials, downloader: Downloader) -> Resolved:
     if ref.kind == "hf":
         return resolve_hf(ref, credentials.hf, downloader)
@@ -47,14 +53,13 @@ def resolve(ref: LoraRef, credentials: Credentials, downloader: Downloader) -> R
         return resolve_civitai(ref, credentials.civitai, downloader)
     if ref.kind == "local":  # a local tar: unpacked into the cache, named by the file's state
         assert ref.path is not None
-        path, stat = ref.path, ref.path.stat()
-        downloader.check_size(stat.st_size, ref.display)
+        path, size = ref.path, ref.path.stat().st_size
+        downloader.check_size(size, ref.display)
 
         def copy(dest: Path) -> None:
             shutil.copyfile(path, dest)
 
-        key = f"local:{path}:{stat.st_mtime_ns}:{stat.st_size}"
-        return Resolved(key, copy, size=stat.st_size, file_name=path.name)
+        return Resolved(local_key(path), copy, size=size, file_name=path.name)
     assert ref.url is not None
     url = ref.url
     if ref.kind == "data":
